@@ -1,0 +1,276 @@
+"""The ``hfmirror`` command line. The only place where errors become messages and exit codes.
+
+Exit codes (also in the README):
+
+====  =====================================================================
+0     success
+1     ``compare`` found a stage that does not match; or an unexpected bug
+2     bad input: usage errors, malformed repo id, unsafe names, unsupported model
+3     not found: repository, revision or file
+4     access denied: gated or private repository (try ``--token``)
+5     network: no endpoint reachable, or retries ran out
+6     integrity: a file's size or checksum never matched
+7     storage: not enough disk space, or the target is not writable
+8     the server sent a listing that would write outside the target
+130   interrupted (Ctrl-C); partial data is kept and a re-run resumes
+====  =====================================================================
+
+Heavy modules (torch, transformers, the server stack) are imported inside the commands that need
+them, so ``hfmirror --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import (
+    AccessDeniedError,
+    BadInputError,
+    DownloadInterrupted,
+    HfMirrorError,
+    IntegrityError,
+    NetworkError,
+    RemoteError,
+    StorageError,
+    UnsafeListingError,
+    UnsupportedModelError,
+    WeightLoadError,
+)
+
+EXIT_OK = 0
+EXIT_MISMATCH = 1
+EXIT_BAD_INPUT = 2
+EXIT_NOT_FOUND = 3
+EXIT_ACCESS_DENIED = 4
+EXIT_NETWORK = 5
+EXIT_INTEGRITY = 6
+EXIT_STORAGE = 7
+EXIT_UNSAFE_LISTING = 8
+EXIT_INTERRUPTED = 130
+
+# Most specific first: the first class an error is an instance of decides its exit code.
+_EXIT_CODES: list[tuple[type[BaseException], int]] = [
+    (UnsafeListingError, EXIT_UNSAFE_LISTING),
+    (AccessDeniedError, EXIT_ACCESS_DENIED),
+    (RemoteError, EXIT_NOT_FOUND),
+    (BadInputError, EXIT_BAD_INPUT),
+    (UnsupportedModelError, EXIT_BAD_INPUT),
+    (WeightLoadError, EXIT_BAD_INPUT),
+    (NetworkError, EXIT_NETWORK),
+    (IntegrityError, EXIT_INTEGRITY),
+    (StorageError, EXIT_STORAGE),
+    (DownloadInterrupted, EXIT_INTERRUPTED),
+]
+
+
+def exit_code_for(error: BaseException) -> int:
+    """The documented exit code for an error (1 for anything unexpected)."""
+    for error_class, code in _EXIT_CODES:
+        if isinstance(error, error_class):
+            return code
+    return EXIT_MISMATCH
+
+
+def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn hfmirror errors into one line on stderr and an exit code; tracebacks only with --debug."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(click.get_current_context().find_root().params.get("debug"))
+        try:
+            return command(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("hfmirror: interrupted.", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except HfMirrorError as error:
+            if debug:
+                raise
+            click.echo(f"hfmirror: error: {error}", err=True)
+            sys.exit(exit_code_for(error))
+        except Exception as error:  # a bug: still one line unless asked for more
+            if debug:
+                raise
+            click.echo(
+                f"hfmirror: unexpected error: {type(error).__name__}: {error} (re-run with --debug for details)",
+                err=True,
+            )
+            sys.exit(EXIT_MISMATCH)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="hfmirror")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+def cli(debug: bool) -> None:
+    """Download Hugging Face models through mirrors, resumably; serve them; and check a
+    from-scratch transformer against the transformers library.
+
+    \b
+    Examples:
+      hfmirror download Qwen/Qwen-7B
+      hfmirror download bert-base-uncased config.json --local-dir ./bert
+      hfmirror serve ./models --port 8000
+      hfmirror compare bert-base-uncased
+      hfmirror demo
+    """
+
+
+# --------------------------------------------------------------------------------------- download
+
+
+@cli.command()
+@click.argument("repo_id")
+@click.argument("filenames", nargs=-1)
+@click.option("--revision", default="main", show_default=True, help="Branch, tag or commit sha.")
+@click.option(
+    "--repo-type",
+    type=click.Choice(["model", "dataset"]),
+    default="model",
+    show_default=True,
+    help="What kind of repository REPO_ID names.",
+)
+@click.option("--include", multiple=True, metavar="GLOB", help="Only files matching GLOB (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching GLOB (repeatable).")
+@click.option(
+    "--local-dir",
+    type=click.Path(file_okay=False),
+    help="Write plain files into DIR instead of the Hugging Face cache.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    help="Hugging Face cache folder [default: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub].",
+)
+@click.option(
+    "--endpoint",
+    "endpoints",
+    multiple=True,
+    metavar="URL",
+    help="Mirror to use; repeat for failover order "
+    "[default: HF_ENDPOINT, else https://hf-mirror.com then https://huggingface.co].",
+)
+@click.option("--token", help="Access token [default: HF_TOKEN, else huggingface_hub's stored token].")
+@click.option("--max-workers", type=click.IntRange(1, 64), default=8, show_default=True, help="Files at once.")
+@click.option(
+    "--connections",
+    type=click.IntRange(1, 64),
+    default=8,
+    show_default=True,
+    help="Connections at once within one large file.",
+)
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(0.1, 3600),
+    default=30.0,
+    show_default=True,
+    help="Seconds without a byte before a connection is dropped and resumed.",
+)
+@click.option("--dry-run", is_flag=True, help="Show what would be fetched, and what is already here.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars; only errors and the final path.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary as JSON.")
+@_handle_errors
+def download(
+    repo_id: str,
+    filenames: tuple[str, ...],
+    revision: str,
+    repo_type: str,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    local_dir: str | None,
+    cache_dir: str | None,
+    endpoints: tuple[str, ...],
+    token: str | None,
+    max_workers: int,
+    connections: int,
+    stall_timeout: float,
+    dry_run: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Download REPO_ID (or only FILENAMES from it), resuming whatever was left unfinished.
+
+    Prints the snapshot (or --local-dir) path last on stdout.
+
+    \b
+    Examples:
+      hfmirror download Qwen/Qwen-7B
+      hfmirror download Qwen/Qwen-7B --include "*.json" --include "*.py"
+      hfmirror download bert-base-uncased --local-dir ./bert --endpoint http://127.0.0.1:8000
+      hfmirror download wikitext --repo-type dataset --dry-run
+    """
+    from .download import download as run_download
+
+    result = run_download(
+        repo_id,
+        filenames=list(filenames) or None,
+        revision=revision,
+        repo_type=repo_type,
+        include=list(include) or None,
+        exclude=list(exclude) or None,
+        local_dir=local_dir,
+        cache_dir=cache_dir,
+        endpoints=list(endpoints) or None,
+        token=token,
+        max_workers=max_workers,
+        connections=connections,
+        stall_timeout=stall_timeout,
+        dry_run=dry_run,
+        progress=not (quiet or as_json),
+    )
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif not quiet:
+        click.echo(result.describe(), err=True)
+    if not as_json:
+        click.echo(str(result.path))
+
+
+# ------------------------------------------------------------------------------------------ serve
+
+
+@cli.command()
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free).")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    help="Where remembered checksums are kept [default: ~/.cache/hfmirror].",
+)
+@_handle_errors
+def serve(root: str, host: str, port: int, state_dir: str | None) -> None:
+    """Serve the models under ROOT with the Hugging Face Hub's HTTP API.
+
+    ROOT is a plain tree (ROOT/org/name/..., ROOT/datasets/org/name/..., ROOT/name/...) or a
+    Hugging Face cache folder (models--org--name/snapshots/...). Point clients at it with
+    HF_ENDPOINT=http://HOST:PORT.
+
+    \b
+    Examples:
+      hfmirror serve ./models
+      hfmirror serve ~/.cache/huggingface/hub --host 0.0.0.0 --port 8080
+    """
+    from .server.app import run_server
+
+    run_server(root, host=host, port=port, state_dir=state_dir)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="hfmirror")
+
+
+if __name__ == "__main__":
+    main()

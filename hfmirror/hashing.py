@@ -1,0 +1,87 @@
+"""The two checksums the Hub uses to name file contents.
+
+* Regular (small, non-LFS) files are named by their **git blob sha1**:
+  ``sha1(b"blob <size>\\0" + content)``, 40 hex digits.
+* LFS files (weights, anything large) are named by the **sha256** of their content, 64 hex digits.
+
+The Hub sends one of these as a file's ETag, and the Hugging Face cache names blobs after it, so the
+length of the hex string tells which hash to compute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+__all__ = [
+    "ContentHasher",
+    "file_digest",
+    "git_blob_sha1",
+    "is_git_sha1",
+    "is_sha256",
+    "sha256_of_file",
+]
+
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_READ_BLOCK = 8 * 1024 * 1024
+
+
+def is_git_sha1(value: str) -> bool:
+    """True for 40 lowercase hex digits (a git blob or commit id)."""
+    return bool(_HEX40.match(value))
+
+
+def is_sha256(value: str) -> bool:
+    """True for 64 lowercase hex digits (an LFS object id)."""
+    return bool(_HEX64.match(value))
+
+
+class ContentHasher:
+    """Incremental hasher that computes whichever checksum ``expected`` is written in.
+
+    Feed it the file's bytes in order with :meth:`update`; :meth:`hexdigest` gives the same kind of
+    value as ``expected`` (git blob sha1 for 40 hex digits, sha256 for 64).
+    """
+
+    def __init__(self, expected: str, size: int) -> None:
+        if is_sha256(expected):
+            self.kind = "sha256"
+            self._hash = hashlib.sha256()
+        elif is_git_sha1(expected):
+            self.kind = "git-sha1"
+            self._hash = hashlib.sha1()
+            self._hash.update(b"blob %d\0" % size)
+        else:
+            raise ValueError(f"not a sha1 or sha256 hex digest: {expected!r}")
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._hash.update(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def git_blob_sha1(data: bytes) -> str:
+    """The git blob id of ``data`` (what ``git hash-object`` prints)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def file_digest(path: str | os.PathLike[str], expected: str) -> str:
+    """Hash the file at ``path`` with the algorithm ``expected`` is written in; return the hex digest."""
+    size = os.path.getsize(path)
+    hasher = ContentHasher(expected, size)
+    with open(path, "rb") as f:
+        while block := f.read(_READ_BLOCK):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def sha256_of_file(path: str | os.PathLike[str]) -> str:
+    """The sha256 of the file at ``path`` (the LFS object id)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_READ_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,61 @@
+"""Safe handling of file names that come from the network.
+
+Both the server (names in a URL) and the downloader (names in a listing) take relative file names
+from untrusted peers and join them onto a root folder. Everything that could make such a name leave
+its root is refused here, in one place: absolute paths, ``..`` and ``.`` segments, empty segments,
+backslashes, drive letters, NUL and other control characters, and symlinks that resolve elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import UnsafePathError
+
+__all__ = ["safe_join", "validate_relative_path"]
+
+_DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
+_MAX_NAME_LENGTH = 4096
+
+
+def validate_relative_path(name: str) -> str:
+    """Return ``name`` if it is a plain, relative, forward-slash path that stays inside its root.
+
+    Raises:
+        UnsafePathError: naming the offending input, if it could leave the root or is malformed.
+    """
+    if not isinstance(name, str) or not name:
+        raise UnsafePathError("empty file name")
+    shown = name if len(name) <= 200 else name[:200] + "..."
+    if len(name) > _MAX_NAME_LENGTH:
+        raise UnsafePathError(f"file name too long: {shown!r}")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+        raise UnsafePathError(f"control character in file name: {shown!r}")
+    if "\\" in name:
+        raise UnsafePathError(f"backslash in file name: {shown!r}")
+    if name.startswith("/") or _DRIVE_LETTER.match(name):
+        raise UnsafePathError(f"absolute file name: {shown!r}")
+    for segment in name.split("/"):
+        if segment in ("", ".", ".."):
+            raise UnsafePathError(f"file name with an empty, '.' or '..' segment: {shown!r}")
+    return name
+
+
+def safe_join(root: str | os.PathLike[str], name: str) -> Path:
+    """Join a validated relative ``name`` onto ``root`` and check the result is still inside ``root``.
+
+    Symlinks along the way are followed: a link that points outside ``root`` is refused, a link that
+    stays inside is fine (the Hugging Face cache is made of such links). The path need not exist.
+
+    Raises:
+        UnsafePathError: if ``name`` is malformed or the joined path resolves outside ``root``.
+    """
+    validate_relative_path(name)
+    real_root = Path(os.path.realpath(root))
+    joined = Path(root, *name.split("/"))
+    real = Path(os.path.realpath(joined))
+    if real != real_root and real_root not in real.parents:
+        raise UnsafePathError(f"file name resolves outside its root: {name!r}")
+    return joined
