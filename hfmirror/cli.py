@@ -102,7 +102,8 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             if debug:
                 raise
             click.echo(
-                f"hfmirror: unexpected error: {type(error).__name__}: {error} (re-run with --debug for details)",
+                f"hfmirror: unexpected error: {type(error).__name__}: {error} "
+                "(re-run with --debug for details)",
                 err=True,
             )
             sys.exit(EXIT_MISMATCH)
@@ -151,7 +152,8 @@ def cli(debug: bool) -> None:
 @click.option(
     "--cache-dir",
     type=click.Path(file_okay=False),
-    help="Hugging Face cache folder [default: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub].",
+    help="Hugging Face cache folder "
+    "[default: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub].",
 )
 @click.option(
     "--endpoint",
@@ -162,7 +164,9 @@ def cli(debug: bool) -> None:
     "[default: HF_ENDPOINT, else https://hf-mirror.com then https://huggingface.co].",
 )
 @click.option("--token", help="Access token [default: HF_TOKEN, else huggingface_hub's stored token].")
-@click.option("--max-workers", type=click.IntRange(1, 64), default=8, show_default=True, help="Files at once.")
+@click.option(
+    "--max-workers", type=click.IntRange(1, 64), default=8, show_default=True, help="Files at once."
+)
 @click.option(
     "--connections",
     type=click.IntRange(1, 64),
@@ -243,7 +247,9 @@ def download(
 @cli.command()
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free).")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free)."
+)
 @click.option(
     "--state-dir",
     type=click.Path(file_okay=False),

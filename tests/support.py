@@ -92,8 +92,9 @@ def write_random_file(path: str | os.PathLike[str], size: int, *, seed: int = 0)
     return path
 
 
-def make_repo(root: str | os.PathLike[str], repo_id: str, files: dict[str, bytes | int], *,
-              repo_type: str = "model") -> Path:
+def make_repo(
+    root: str | os.PathLike[str], repo_id: str, files: dict[str, bytes | int], *, repo_type: str = "model"
+) -> Path:
     """Create a plain-tree repo under a served ``root``.
 
     ``files`` maps a relative path to its content (bytes) or to a size (int: random bytes of that size,

@@ -1,0 +1,57 @@
+"""Tunable numbers of the downloader, in one module so that tests and benchmarks can patch them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Mirrors first: our users often cannot reach huggingface.co, or reach it slowly.
+DEFAULT_ENDPOINTS: tuple[str, ...] = ("https://hf-mirror.com", "https://huggingface.co")
+
+USER_AGENT = "hfmirror/0.1.0"
+
+# Files at least this large are fetched over several connections, in segments of at least MIN_SEGMENT.
+MULTI_CONNECTION_THRESHOLD = 16 * 1024 * 1024
+# A running segment is split in two (the "slow tail" re-split) only if both halves keep at least this.
+MIN_SEGMENT = 4 * 1024 * 1024
+# How much one read from the socket asks for.
+READ_BLOCK = 1024 * 1024
+
+# Partial-download state is written at most this often (seconds): the most work a kill -9 can lose
+# is what arrived on each connection since the last save.
+CHECKPOINT_INTERVAL = 1.0
+
+CONNECT_TIMEOUT = 10.0
+# No byte for this long on an open connection means it has stalled: drop it and resume.
+DEFAULT_STALL_TIMEOUT = 30.0
+
+# Retries of one request that makes no progress (a request that delivers bytes resets the count).
+MAX_RETRIES = 8
+# A file whose checksum or size does not match is fetched again this many times before giving up.
+MAX_VERIFY_ATTEMPTS = 3
+# Consecutive connection-level failures on an endpoint before we fail over to the next one.
+FAILOVER_AFTER = 3
+BACKOFF_BASE = 0.5
+BACKOFF_MAX = 30.0
+# Longest Retry-After we honour; a server asking for more is treated as failing.
+MAX_RETRY_AFTER = 300.0
+# Disk space kept free beyond what the download needs.
+FREE_SPACE_MARGIN = 64 * 1024 * 1024
+
+PARTIAL_SUFFIX = ".hfmirror.incomplete"
+STATE_SUFFIX = ".hfmirror.json"
+
+
+def default_cache_dir() -> Path:
+    """The Hugging Face cache: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path("~/.cache/huggingface/hub").expanduser()
+
+
+def default_endpoints() -> list[str]:
+    """HF_ENDPOINT if set (a single endpoint, as huggingface_hub reads it), else the mirror-first list."""
+    env = os.environ.get("HF_ENDPOINT", "").strip()
+    return [env] if env else list(DEFAULT_ENDPOINTS)

@@ -1,0 +1,581 @@
+"""Fetch one file into a partial file, over one or several ranged connections, and verify it.
+
+How a file is fetched
+---------------------
+The file is cut into **segments** ``[start, end)``; each remembers ``pos``, how far it has been written.
+Worker threads each take a segment, ask for ``Range: bytes=pos-(end-1)``, and write what arrives at
+its offset with ``os.pwrite``. A worker that runs out of segments takes the second half of the largest
+one still running (the *slow-tail re-split*), so the last few percent never crawl along one slow
+connection.
+
+How it resumes
+--------------
+Every ``CHECKPOINT_INTERVAL`` seconds the coordinator copies the segment table, flushes the data file
+(``fdatasync``), and only then writes the table to ``<partial>.hfmirror.json``. So the table never
+claims a byte that is not on disk, even after a power cut; after ``kill -9`` the next run loses at most
+what arrived since the last checkpoint. On resume, requests carry ``If-Range`` with the validator the
+same host gave before: if the file changed, the server sends it whole (200) and we start over.
+
+How it is verified
+------------------
+The coordinator hashes the contiguous finished prefix of the file while the rest is still arriving
+(sha256 for LFS files, git blob sha1 for the others), so verification costs little extra time. A
+mismatch discards the partial file and fetches it again, a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+import urllib3
+
+from . import constants
+from .endpoints import Endpoint, EndpointPool
+from .errors import (
+    AccessDeniedError,
+    DownloadInterrupted,
+    EntryNotFoundError,
+    HfMirrorError,
+    IntegrityError,
+    NetworkError,
+    RemoteError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+    StorageError,
+)
+from .hashing import ContentHasher, is_git_sha1, is_sha256
+from .listing import RemoteFile, RepoListing
+from .retry import RETRYABLE_STATUS, backoff_delay, server_requested_delay
+
+__all__ = ["FileTransfer", "ResumeState", "Segment", "TransferOptions", "TransferStats"]
+
+logger = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+_HASH_BLOCK = 8 * 1024 * 1024
+
+
+@dataclass
+class Segment:
+    """Bytes ``[start, end)`` of the file, of which ``[start, pos)`` are written."""
+
+    start: int
+    pos: int
+    end: int
+    claimed: bool = False
+
+    @property
+    def remaining(self) -> int:
+        return self.end - self.pos
+
+
+@dataclass
+class TransferOptions:
+    connections: int = 8
+    stall_timeout: float = constants.DEFAULT_STALL_TIMEOUT
+    token: str | None = None
+
+
+@dataclass
+class TransferStats:
+    """Counters shared by every transfer of one download (updated under ``lock``)."""
+
+    bytes_fetched: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    verify_failures: int = 0
+    restarts: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, **counts: int) -> None:
+        with self.lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+
+class ResumeState:
+    """The segment table of one partial file, saved as JSON beside it."""
+
+    def __init__(
+        self,
+        path: Path,
+        file: RemoteFile,
+        segments: list[Segment],
+        *,
+        validators: dict[str, str] | None = None,
+        ranges_supported: bool = True,
+    ) -> None:
+        self.path = path
+        self.file = file
+        self.segments = segments
+        self.validators = dict(validators or {})  # host -> strong ETag of the bytes we hold
+        self.ranges_supported = ranges_supported
+
+    @classmethod
+    def fresh(cls, path: Path, file: RemoteFile, connections: int) -> ResumeState:
+        """Cut the file into ``connections`` segments (one for small files)."""
+        size = file.size
+        count = 1
+        if size >= constants.MULTI_CONNECTION_THRESHOLD:
+            count = max(1, min(connections, size // constants.MIN_SEGMENT))
+        bounds = [size * i // count for i in range(count + 1)]
+        return cls(path, file, [Segment(a, a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a])
+
+    @classmethod
+    def load(cls, path: Path, file: RemoteFile) -> ResumeState | None:
+        """The saved state, or None if there is none or it is for other content, or damaged."""
+        try:
+            data = json.loads(path.read_text())
+            if data["version"] != _STATE_VERSION or data["oid"] != file.oid or data["size"] != file.size:
+                return None
+            segments = [Segment(int(a), int(p), int(b)) for a, p, b in data["segments"]]
+            covered = 0
+            for segment in sorted(segments, key=lambda s: s.start):
+                if segment.start != covered or not segment.start <= segment.pos <= segment.end:
+                    return None
+                covered = segment.end
+            if covered != file.size:
+                return None
+            return cls(
+                path,
+                file,
+                segments,
+                validators=dict(data.get("validators", {})),
+                ranges_supported=bool(data.get("ranges_supported", True)),
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "version": _STATE_VERSION,
+            "path": self.file.path,
+            "oid": self.file.oid,
+            "size": self.file.size,
+            "ranges_supported": self.ranges_supported,
+            "validators": dict(self.validators),
+            "segments": [[s.start, s.pos, s.end] for s in sorted(self.segments, key=lambda s: s.start)],
+        }
+
+    @staticmethod
+    def write(path: Path, snapshot: dict[str, object]) -> None:
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(snapshot))
+        os.replace(temporary, path)
+
+    @property
+    def done_bytes(self) -> int:
+        return sum(s.pos - s.start for s in self.segments)
+
+    def prefix_end(self) -> int:
+        """End of the contiguous finished run from byte 0."""
+        for segment in sorted(self.segments, key=lambda s: s.start):
+            if segment.pos < segment.end:
+                return segment.pos
+        return self.file.size
+
+
+class _Retry(Exception):
+    """This request failed in a way worth trying again."""
+
+    def __init__(self, message: str, *, delay: float | None = None, endpoint_failed: bool = False) -> None:
+        super().__init__(message)
+        self.delay = delay
+        self.endpoint_failed = endpoint_failed
+
+
+class _StartOver(Exception):
+    """The bytes we hold cannot be continued: start this file again from zero."""
+
+    def __init__(self, message: str, *, ranges_supported: bool = True) -> None:
+        super().__init__(message)
+        self.ranges_supported = ranges_supported
+
+
+_TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
+
+
+class FileTransfer:
+    """Downloads one RemoteFile into ``partial_path`` and verifies it.
+
+    ``run()`` returns when the partial file holds exactly the listed content; the caller renames it.
+    """
+
+    def __init__(
+        self,
+        file: RemoteFile,
+        listing: RepoListing,
+        *,
+        partial_path: Path,
+        state_path: Path,
+        pool: EndpointPool,
+        session_for: Callable[[], requests.Session],
+        options: TransferOptions,
+        stats: TransferStats,
+        cancel: threading.Event,
+        on_bytes: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        self.file = file
+        self.listing = listing
+        self.partial_path = partial_path
+        self.state_path = state_path
+        self.pool = pool
+        self.session_for = session_for
+        self.options = options
+        self.stats = stats
+        self.cancel = cancel
+        self.on_bytes = on_bytes
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------ the file as a whole
+
+    def resumable_bytes(self) -> int:
+        """How many bytes a previous run left that this one will keep."""
+        state = ResumeState.load(self.state_path, self.file)
+        if state is None or not self.partial_path.exists():
+            return 0
+        return state.done_bytes
+
+    def run(self) -> None:
+        """Fetch and verify, starting over on a checksum mismatch at most MAX_VERIFY_ATTEMPTS times.
+
+        Raises:
+            IntegrityError: if the content never matched; NetworkError, RemoteError, StorageError,
+            DownloadInterrupted as they arise. Partial data and state are kept for all but IntegrityError.
+        """
+        self.partial_path.parent.mkdir(parents=True, exist_ok=True)
+        last_problem = ""
+        attempts = 0
+        ranges_supported = True
+        while attempts < constants.MAX_VERIFY_ATTEMPTS:
+            state = ResumeState.load(self.state_path, self.file) if self.partial_path.exists() else None
+            if state is None:
+                state = ResumeState.fresh(self.state_path, self.file, self.options.connections)
+                state.ranges_supported = ranges_supported
+                if not state.ranges_supported:
+                    state.segments = [Segment(0, 0, self.file.size)]
+                self._discard()
+            try:
+                digest = self._fetch(state)
+            except _StartOver as restart:
+                logger.info("%s: starting over: %s", self.file.path, restart)
+                self.stats.add(restarts=1)
+                ranges_supported = restart.ranges_supported
+                self._discard()
+                attempts += 1
+                last_problem = str(restart)
+                continue
+            if digest == self.file.oid:
+                self.state_path.unlink(missing_ok=True)
+                return
+            attempts += 1
+            self.stats.add(verify_failures=1)
+            last_problem = f"checksum {digest} instead of {self.file.oid}"
+            logger.warning("%s: %s; fetching it again", self.file.path, last_problem)
+            self._discard()
+        raise IntegrityError(
+            f"{self.file.path}: content never matched after {attempts} attempts ({last_problem})"
+        )
+
+    def _discard(self) -> None:
+        self.partial_path.unlink(missing_ok=True)
+        self.state_path.unlink(missing_ok=True)
+
+    def _fetch(self, state: ResumeState) -> str:
+        """Run the workers until every segment is written; hash along the way; return the digest."""
+        self._error = None
+        self._stop.clear()
+        self._state = state
+        hasher = ContentHasher(self.file.oid, self.file.size)
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0)
+        try:
+            fd = os.open(self.partial_path, flags, 0o644)
+        except OSError as error:
+            raise StorageError(f"cannot write {self.partial_path}: {error.strerror}") from None
+        try:
+            if os.fstat(fd).st_size != self.file.size:
+                os.ftruncate(fd, self.file.size)  # sparse: the blocks are written as bytes arrive
+            self._fd = fd
+            hashed = 0
+            workers = [
+                threading.Thread(target=self._worker, name=f"hfmirror-{self.file.path}-{i}", daemon=True)
+                for i in range(self._worker_count(state))
+            ]
+            for worker in workers:
+                worker.start()
+            last_checkpoint = time.monotonic()
+            while True:
+                with self._wake:
+                    if (
+                        self._error is None
+                        and any(w.is_alive() for w in workers)
+                        and not self.cancel.is_set()
+                    ):
+                        self._wake.wait(timeout=0.2)
+                    prefix = state.prefix_end()
+                hashed = self._hash_up_to(hasher, hashed, prefix)
+                if self._error is not None or self.cancel.is_set():
+                    self._stop.set()
+                    self._checkpoint()
+                    if isinstance(self._error, (_StartOver, HfMirrorError)):
+                        raise self._error
+                    if self._error is not None:
+                        raise self._error
+                    raise DownloadInterrupted("interrupted")
+                if not any(w.is_alive() for w in workers):
+                    break
+                if time.monotonic() - last_checkpoint >= constants.CHECKPOINT_INTERVAL:
+                    self._checkpoint()
+                    last_checkpoint = time.monotonic()
+            if state.prefix_end() != self.file.size:  # workers ended with bytes missing: should not happen
+                self._checkpoint()
+                raise NetworkError(f"{self.file.path}: transfer ended early")
+            hashed = self._hash_up_to(hasher, hashed, self.file.size)
+            os.fsync(fd)
+            self._checkpoint()
+            return hasher.hexdigest()
+        finally:
+            os.close(fd)
+
+    def _worker_count(self, state: ResumeState) -> int:
+        if not state.ranges_supported:
+            return 1
+        open_segments = sum(1 for s in state.segments if s.remaining > 0)
+        splittable = sum(s.remaining for s in state.segments) // constants.MIN_SEGMENT
+        return max(1, min(self.options.connections, max(open_segments, splittable)))
+
+    def _hash_up_to(self, hasher: ContentHasher, hashed: int, upto: int) -> int:
+        while hashed < upto:
+            block = os.pread(self._fd, min(_HASH_BLOCK, upto - hashed), hashed)
+            if not block:
+                raise StorageError(f"{self.partial_path}: could not read back what was written")
+            hasher.update(block)
+            hashed += len(block)
+        return hashed
+
+    def _checkpoint(self) -> None:
+        """Save the segment table, after making sure the bytes it claims are on disk."""
+        with self._lock:
+            snapshot = self._state.snapshot()
+        try:
+            os.fdatasync(self._fd) if hasattr(os, "fdatasync") else os.fsync(self._fd)
+            ResumeState.write(self.state_path, snapshot)
+        except OSError as error:
+            logger.warning("could not save resume state for %s: %s", self.file.path, error)
+
+    # ------------------------------------------------------------------ segments and workers
+
+    def _claim(self) -> Segment | None:
+        """The next segment to work on: an unclaimed one, else the far half of the largest running one."""
+        with self._lock:
+            state = self._state
+            waiting = [s for s in state.segments if not s.claimed and s.remaining > 0]
+            if waiting:
+                segment = min(waiting, key=lambda s: s.start)
+                segment.claimed = True
+                return segment
+            if not state.ranges_supported:
+                return None
+            running = [s for s in state.segments if s.claimed and s.remaining >= 2 * constants.MIN_SEGMENT]
+            if not running:
+                return None
+            largest = max(running, key=lambda s: s.remaining)
+            middle = largest.pos + largest.remaining // 2
+            tail = Segment(middle, middle, largest.end, claimed=True)
+            largest.end = middle
+            state.segments.append(tail)
+            return tail
+
+    def _worker(self) -> None:
+        try:
+            while not self._stop.is_set() and not self.cancel.is_set():
+                segment = self._claim()
+                if segment is None:
+                    return
+                try:
+                    self._fetch_segment(segment)
+                finally:
+                    with self._lock:
+                        segment.claimed = False
+        except BaseException as error:  # handed to the coordinator, which raises it
+            with self._wake:
+                if self._error is None:
+                    self._error = error
+                self._wake.notify_all()
+        finally:
+            with self._wake:
+                self._wake.notify_all()
+
+    def _fetch_segment(self, segment: Segment) -> None:
+        """Fill ``segment``, retrying failed requests with backoff; give up after MAX_RETRIES in a row."""
+        failures = 0
+        while segment.remaining > 0 and not self._stop.is_set() and not self.cancel.is_set():
+            endpoint = self.pool.current
+            endpoint.governor.acquire(self.cancel)
+            if self.cancel.is_set():
+                endpoint.governor.release()
+                return
+            start_pos = segment.pos
+            try:
+                self._request_segment(endpoint, segment)
+                endpoint.governor.on_success()
+                self.pool.report_success(endpoint)
+                failures = 0
+            except _Retry as problem:
+                failures = 0 if segment.pos > start_pos else failures + 1
+                self.stats.add(retries=1)
+                if problem.endpoint_failed:
+                    self.pool.report_failure(endpoint)
+                if failures > constants.MAX_RETRIES:
+                    raise NetworkError(
+                        f"{self.file.path}: gave up after {failures} failed attempts: {problem}"
+                    ) from None
+                delay = problem.delay if problem.delay is not None else backoff_delay(failures)
+                logger.info("%s: %s; retrying in %.1fs", self.file.path, problem, delay)
+                self.cancel.wait(delay)
+            finally:
+                endpoint.governor.release()
+
+    def _request_segment(self, endpoint: Endpoint, segment: Segment) -> int:
+        """One GET for the rest of ``segment``. Returns the bytes written; raises _Retry or worse."""
+        state = self._state
+        url = endpoint.resolve_url(
+            self.listing.repo_type, self.listing.repo_id, self.listing.commit, self.file.path
+        )
+        headers = {}
+        if state.ranges_supported and (segment.pos > 0 or segment.end < self.file.size):
+            headers["Range"] = f"bytes={segment.pos}-{segment.end - 1}"
+            validator = state.validators.get(endpoint.host)
+            if validator:
+                headers["If-Range"] = validator
+        if self.options.token:
+            headers["Authorization"] = f"Bearer {self.options.token}"
+        session = self.session_for()
+        endpoint.requests += 1
+        written = 0
+        try:
+            response = session.get(
+                url,
+                headers=headers,
+                stream=True,
+                timeout=(constants.CONNECT_TIMEOUT, self.options.stall_timeout),
+                allow_redirects=True,
+            )
+        except _TRANSPORT_ERRORS as error:
+            raise _Retry(f"{type(error).__name__} from {endpoint.host}", endpoint_failed=True) from None
+        with response:
+            self._check_status(endpoint, response, segment, headers)
+            try:
+                written = self._stream_into(response, segment)
+            except _TRANSPORT_ERRORS as error:
+                raise _Retry(f"connection lost after {written} bytes ({type(error).__name__})") from None
+        return written
+
+    def _check_status(
+        self, endpoint: Endpoint, response: requests.Response, segment: Segment, sent: dict[str, str]
+    ) -> None:
+        status = response.status_code
+        if status in (429, 503):
+            delay = server_requested_delay(response.headers)
+            endpoint.rate_limited += 1
+            self.stats.add(rate_limited=1)
+            wait = min(delay if delay is not None else backoff_delay(2), constants.MAX_RETRY_AFTER)
+            endpoint.governor.on_overloaded(wait)
+            raise _Retry(f"HTTP {status} (rate limited)", delay=wait)
+        if status in RETRYABLE_STATUS:
+            raise _Retry(f"HTTP {status} from {endpoint.host}", endpoint_failed=status >= 500)
+        if status >= 400 and status != 416:
+            raise _remote_error(response, self.listing, self.file)
+        if status == 416:
+            raise _StartOver(f"server says the range {sent.get('Range')} is past the end")
+        self._check_identity(response)
+        host = response.url and requests.utils.urlparse(response.url).hostname or endpoint.host
+        etag = response.headers.get("ETag", "")
+        if status == 206:
+            content_range = response.headers.get("Content-Range", "")
+            expected = f"bytes {segment.pos}-"
+            total = content_range.rsplit("/", 1)[-1]
+            if not content_range.startswith(expected) or total not in (str(self.file.size), "*"):
+                raise _Retry(f"unexpected Content-Range {content_range!r} for {sent.get('Range')}")
+        elif status == 200:
+            if "Range" in sent:
+                if sent.get("If-Range") and etag and etag != sent["If-Range"]:
+                    raise _StartOver("the remote file changed since the partial download began")
+                # The server ignores Range: only a single stream from byte 0 can work.
+                raise _StartOver("server ignores Range requests", ranges_supported=False)
+        else:
+            raise _Retry(f"unexpected HTTP {status}")
+        if etag and not etag.startswith("W/"):
+            with self._lock:
+                self._state.validators.setdefault(endpoint.host, etag)
+                if host != endpoint.host:
+                    self._state.validators.setdefault(host, etag)
+
+    def _check_identity(self, response: requests.Response) -> None:
+        """If the server names the content (a hex ETag or X-Linked-Etag), it must be what was listed."""
+        for header in ("X-Linked-Etag", "ETag"):
+            value = response.headers.get(header, "").removeprefix("W/").strip('"').lower()
+            if is_sha256(value) or is_git_sha1(value):
+                if value != self.file.oid:
+                    raise _StartOver(f"server now serves different content ({header} {value})")
+                return
+
+    def _stream_into(self, response: requests.Response, segment: Segment) -> int:
+        """Copy the body into the file at ``segment.pos`` until the segment (which may shrink) is full."""
+        raw = response.raw
+        written = 0
+        while True:
+            with self._lock:
+                want = min(constants.READ_BLOCK, segment.end - segment.pos)
+            if want <= 0 or self._stop.is_set() or self.cancel.is_set():
+                return written
+            block = raw.read(want, decode_content=False)
+            if not block:
+                raise _Retry(f"body ended early at byte {segment.pos}")
+            with self._lock:
+                # A re-split may have moved `end` closer; never write past it.
+                usable = min(len(block), segment.end - segment.pos)
+                offset = segment.pos
+            if usable <= 0:
+                return written
+            try:
+                os.pwrite(self._fd, memoryview(block)[:usable], offset)
+            except OSError as error:
+                if error.errno == errno.ENOSPC:
+                    raise StorageError(
+                        f"disk full while writing {self.file.path}; partial data kept, free space and re-run"
+                    ) from None
+                raise StorageError(f"cannot write {self.partial_path}: {error.strerror}") from None
+            with self._wake:
+                segment.pos += usable
+                self._wake.notify_all()
+            written += usable
+            self.stats.add(bytes_fetched=usable)
+            self.on_bytes(usable)
+
+
+def _remote_error(response: requests.Response, listing: RepoListing, file: RemoteFile) -> HfMirrorError:
+    """A definite 4xx as one of our errors, following the Hub's ``X-Error-Code``."""
+    code = response.headers.get("X-Error-Code", "")
+    where = f"{file.path} in {listing.repo_id}"
+    if code == "GatedRepo" or response.status_code == 403:
+        return AccessDeniedError(f"access to {where} denied (HTTP {response.status_code}); pass --token")
+    if code == "RepoNotFound" or response.status_code == 401:
+        return RepoNotFoundError(f"repository {listing.repo_id!r} not found while fetching {file.path}")
+    if code == "RevisionNotFound":
+        return RevisionNotFoundError(f"commit {listing.commit} not found while fetching {file.path}")
+    if code == "EntryNotFound" or response.status_code == 404:
+        return EntryNotFoundError(f"{where} not found on the server")
+    return RemoteError(f"HTTP {response.status_code} while fetching {where}")
