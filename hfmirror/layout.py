@@ -90,7 +90,7 @@ class CacheLayout(Layout):
         return self.repo_dir / "blobs" / file.oid
 
     def snapshot_path(self, file: RemoteFile) -> Path:
-        return safe_join(self.result_path, file.path)
+        return safe_join(self.result_path, file.path, follow_last=False)
 
     def partial_path(self, file: RemoteFile) -> Path:
         return self.repo_dir / "blobs" / (file.oid + constants.PARTIAL_SUFFIX)
@@ -134,7 +134,7 @@ class CacheLayout(Layout):
         """Record ``refs/<revision>`` -> commit, so from_pretrained(revision=...) works offline."""
         if self.listing.revision == self.listing.commit:
             return
-        ref = safe_join(self.repo_dir / "refs", self.listing.revision)
+        ref = safe_join(self.repo_dir / "refs", self.listing.revision, follow_last=False)
         ref.parent.mkdir(parents=True, exist_ok=True)
         temporary = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
         temporary.write_text(self.listing.commit)
@@ -153,10 +153,12 @@ class LocalDirLayout(Layout):
         return self.local_dir
 
     def _bookkeeping(self, file: RemoteFile, suffix: str) -> Path:
-        return safe_join(self.local_dir / ".cache" / "huggingface" / "download", file.path + suffix)
+        return safe_join(
+            self.local_dir / ".cache" / "huggingface" / "download", file.path + suffix, follow_last=False
+        )
 
     def final_path(self, file: RemoteFile) -> Path:
-        return safe_join(self.local_dir, file.path)
+        return safe_join(self.local_dir, file.path, follow_last=False)
 
     def partial_path(self, file: RemoteFile) -> Path:
         return self._bookkeeping(file, constants.PARTIAL_SUFFIX)

@@ -43,11 +43,13 @@ def validate_relative_path(name: str) -> str:
     return name
 
 
-def safe_join(root: str | os.PathLike[str], name: str) -> Path:
+def safe_join(root: str | os.PathLike[str], name: str, *, follow_last: bool = True) -> Path:
     """Join a validated relative ``name`` onto ``root`` and check the result is still inside ``root``.
 
     Symlinks along the way are followed: a link that points outside ``root`` is refused, a link that
-    stays inside is fine (the Hugging Face cache is made of such links). The path need not exist.
+    stays inside is fine. The path need not exist. With ``follow_last=False`` only the parent folders
+    are checked: right for a path that is about to be *replaced* (``os.replace`` swaps a symlink itself,
+    never writes through it), such as a snapshot entry that links into the cache's ``blobs/``.
 
     Raises:
         UnsafePathError: if ``name`` is malformed or the joined path resolves outside ``root``.
@@ -55,7 +57,9 @@ def safe_join(root: str | os.PathLike[str], name: str) -> Path:
     validate_relative_path(name)
     real_root = Path(os.path.realpath(root))
     joined = Path(root, *name.split("/"))
-    real = Path(os.path.realpath(joined))
+    real = Path(os.path.realpath(joined if follow_last else joined.parent)) / (
+        "" if follow_last else joined.name
+    )
     if real != real_root and real_root not in real.parents:
         raise UnsafePathError(f"file name resolves outside its root: {name!r}")
     return joined

@@ -501,7 +501,6 @@ class FileTransfer:
         if status == 416:
             raise _StartOver(f"server says the range {sent.get('Range')} is past the end")
         self._check_identity(response)
-        host = response.url and requests.utils.urlparse(response.url).hostname or endpoint.host
         etag = response.headers.get("ETag", "")
         if status == 206:
             content_range = response.headers.get("Content-Range", "")
@@ -518,15 +517,19 @@ class FileTransfer:
         else:
             raise _Retry(f"unexpected HTTP {status}")
         if etag and not etag.startswith("W/"):
+            # Whoever answered last (the endpoint or its CDN) checks If-Range against this value.
             with self._lock:
                 self._state.validators.setdefault(endpoint.host, etag)
-                if host != endpoint.host:
-                    self._state.validators.setdefault(host, etag)
 
     def _check_identity(self, response: requests.Response) -> None:
-        """If the server names the content (a hex ETag or X-Linked-Etag), it must be what was listed."""
+        """If the endpoint names the content (a hex ETag or X-Linked-Etag), it must be what was listed.
+
+        Only the endpoint's own answer counts: after a redirect, the CDN's ETag means something else
+        (an S3 md5, a Xet hash) and is ignored.
+        """
+        first_hop = response.history[0] if response.history else response
         for header in ("X-Linked-Etag", "ETag"):
-            value = response.headers.get(header, "").removeprefix("W/").strip('"').lower()
+            value = first_hop.headers.get(header, "").removeprefix("W/").strip('"').lower()
             if is_sha256(value) or is_git_sha1(value):
                 if value != self.file.oid:
                     raise _StartOver(f"server now serves different content ({header} {value})")
