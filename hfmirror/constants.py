@@ -19,7 +19,7 @@ READ_BLOCK = 1024 * 1024
 
 # Partial-download state is written at most this often (seconds): the most work a kill -9 can lose
 # is what arrived on each connection since the last save.
-CHECKPOINT_INTERVAL = 1.0
+CHECKPOINT_INTERVAL = 0.5
 
 CONNECT_TIMEOUT = 10.0
 # No byte for this long on an open connection means it has stalled: drop it and resume.

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
-from .errors import BadInputError, NetworkError
+from .errors import BadInputError
 
 __all__ = ["Endpoint", "EndpointPool", "RateGovernor", "normalize_endpoint"]
 
@@ -124,9 +124,6 @@ class EndpointPool:
     @property
     def current(self) -> Endpoint:
         with self._lock:
-            if self._index >= len(self.endpoints):
-                tried = ", ".join(e.url for e in self.endpoints)
-                raise NetworkError(f"no endpoint reachable (tried {tried})")
             return self.endpoints[self._index]
 
     def use(self, endpoint: Endpoint) -> None:
@@ -141,13 +138,12 @@ class EndpointPool:
         """Count a connection-level failure; fail over once an endpoint keeps failing."""
         with self._lock:
             endpoint.consecutive_failures += 1
+            # The last endpoint is never abandoned: its retry budget decides when to give up.
             if (
                 endpoint.consecutive_failures >= self.failover_after
-                and self._index < len(self.endpoints)
+                and self._index + 1 < len(self.endpoints)
                 and self.endpoints[self._index] is endpoint
             ):
                 self._index += 1
-                if self._index < len(self.endpoints):
-                    logger.warning(
-                        "%s keeps failing; switching to %s", endpoint.url, self.endpoints[self._index].url
-                    )
+                following = self.endpoints[self._index].url
+                logger.warning("%s keeps failing; switching to %s", endpoint.url, following)

@@ -1,0 +1,270 @@
+"""The downloader against a hostile network: every fault the wrapper can inject ends with identical files.
+
+Each test puts a fault on the wire (through the real fault-injecting server), downloads, and checks both
+that the result is byte-identical and that the downloader did the right thing about the fault (the
+retry happened, Retry-After was obeyed, only missing bytes were fetched again...).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import errno
+import os
+import time
+from pathlib import Path
+
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from hfmirror import constants, transfer
+from hfmirror.download import download
+from hfmirror.errors import (
+    AccessDeniedError,
+    IntegrityError,
+    NetworkError,
+    RepoNotFoundError,
+    StorageError,
+    UnsafeListingError,
+)
+from hfmirror.server.app import ServerThread
+from tests.support import make_repo
+
+LARGE = 6 * 1024 * 1024 + 12345  # several segments with the small MIN_SEGMENT below
+REPO_ID = "faulty/model"
+WEIGHTS = "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def faulty_repo(fault_server) -> Path:
+    return make_repo(
+        fault_server.root,
+        REPO_ID,
+        {
+            WEIGHTS: LARGE,
+            "config.json": b'{"model_type": "bert"}',
+            "sub/tokenizer.json": 200_000,
+        },
+    )
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small segments so a few MiB use several connections; short backoff so tests stay quick."""
+    monkeypatch.setattr(constants, "MIN_SEGMENT", 1024 * 1024)
+    monkeypatch.setattr(constants, "MULTI_CONNECTION_THRESHOLD", 2 * 1024 * 1024)
+    monkeypatch.setattr(constants, "READ_BLOCK", 256 * 1024)
+    monkeypatch.setattr(constants, "BACKOFF_BASE", 0.05)
+    monkeypatch.setattr(constants, "BACKOFF_MAX", 0.5)
+
+
+def fetch(fault_server, tmp_path: Path, **kwargs):
+    kwargs.setdefault("connections", 4)
+    return download(REPO_ID, endpoints=[fault_server.url], cache_dir=tmp_path, progress=False, **kwargs)
+
+
+def assert_identical(result, source: Path) -> None:
+    for relative in (WEIGHTS, "config.json", "sub/tokenizer.json"):
+        assert (result.path / relative).read_bytes() == (source / relative).read_bytes(), relative
+
+
+def weights_gets(faults):
+    return faults.requests(f"*/{WEIGHTS}", "GET")
+
+
+# ------------------------------------------------------------------------------ transient faults
+
+
+def test_dropped_connections_resume_without_refetching(fault_server, faults, faulty_repo, tmp_path) -> None:
+    faults.drop(after_bytes=700_000, path=f"*/{WEIGHTS}", times=5)
+    result = fetch(fault_server, tmp_path)
+    assert_identical(result, faulty_repo)
+    assert result.retries >= 5
+    # Each drop costs at most the block that was in flight; nothing already written is asked for again.
+    assert faults.bytes_sent(f"*/{WEIGHTS}") <= LARGE + 5 * constants.READ_BLOCK
+    assert any(r.range for r in weights_gets(faults))
+
+
+@pytest.mark.parametrize("form", ["seconds", "http-date", "ratelimit"])
+def test_429_waits_as_long_as_the_server_asks(fault_server, faults, faulty_repo, tmp_path, form) -> None:
+    if form == "seconds":
+        faults.too_many_requests(retry_after=1, path="*/resolve/*", times=1)
+    elif form == "http-date":
+        faults.too_many_requests(
+            retry_after=email.utils.formatdate(time.time() + 2, usegmt=True), path="*/resolve/*", times=1
+        )
+    else:
+        faults.too_many_requests(retry_after=None, ratelimit_reset=1, path="*/resolve/*", times=1)
+    result = fetch(fault_server, tmp_path)
+    assert_identical(result, faulty_repo)
+    assert result.rate_limited == 1
+    resolves = faults.requests("*/resolve/*", "GET")
+    limited = [r for r in resolves if r.status == 429]
+    assert len(limited) == 1
+    gaps = [r.started - limited[0].started for r in resolves if r.started > limited[0].started]
+    # Requests already on their way when the 429 came back (a few ms) aside, nothing was sent until
+    # the pause the server asked for had passed.
+    assert gaps and max(gaps) >= 0.9
+    assert not [gap for gap in gaps if 0.05 < gap < 0.9]
+
+
+def test_429_lowers_concurrency(fault_server, faults, faulty_repo, tmp_path) -> None:
+    faults.too_many_requests(retry_after=0, path=f"*/{WEIGHTS}", times=3)
+    result = fetch(fault_server, tmp_path, connections=8)
+    assert_identical(result, faulty_repo)
+    assert result.rate_limited == 3
+
+
+def test_503_and_500_are_retried(fault_server, faults, faulty_repo, tmp_path) -> None:
+    faults.fail(503, path="*/config.json", times=2)
+    faults.fail(500, path=f"*/{WEIGHTS}", times=2)
+    result = fetch(fault_server, tmp_path)
+    assert_identical(result, faulty_repo)
+    assert result.retries >= 4
+
+
+def test_a_stalled_connection_is_dropped_and_resumed(fault_server, faults, faulty_repo, tmp_path) -> None:
+    stall = faults.stall(60, after_bytes=300_000, path=f"*/{WEIGHTS}", times=1)
+    result = fetch(fault_server, tmp_path, stall_timeout=1.0)
+    assert_identical(result, faulty_repo)
+    assert stall.applied == 1 and result.retries >= 1
+
+
+def test_a_corrupted_body_is_caught_and_fetched_again(fault_server, faults, faulty_repo, tmp_path) -> None:
+    faults.corrupt(path=f"*/{WEIGHTS}", times=1)
+    result = fetch(fault_server, tmp_path)
+    assert_identical(result, faulty_repo)
+    assert result.verify_failures == 1
+
+
+def test_a_server_that_ignores_range_still_works(fault_server, faults, faulty_repo, tmp_path) -> None:
+    faults.ignore_range(path=f"*/{WEIGHTS}")
+    result = fetch(fault_server, tmp_path)
+    assert_identical(result, faulty_repo)
+    assert any(r.status == 200 and r.range for r in weights_gets(faults))
+
+
+def test_xet_headers_are_ignored_and_bytes_come_from_the_mirror(fault_server, faults, faulty_repo, tmp_path):
+    faults.xet_headers(path="*")
+    result = fetch(fault_server, tmp_path)
+    assert_identical(result, faulty_repo)
+    assert faults.bytes_sent(f"*/{WEIGHTS}") == LARGE
+
+
+def test_several_connections_per_file_run_at_once(fault_server, faults, faulty_repo, tmp_path) -> None:
+    faults.limit_bandwidth(3_000_000, path=f"*/{WEIGHTS}")
+    result = fetch(fault_server, tmp_path, connections=4)
+    assert_identical(result, faulty_repo)
+    gets = weights_gets(faults)
+    assert len({r.range for r in gets}) >= 4
+    # At some moment, at least 3 of those requests were in flight together.
+    most = max(sum(1 for o in gets if o.started <= r.started < o.started + o.duration) for r in gets)
+    assert most >= 3
+
+
+def test_the_slow_tail_is_split_across_connections(fault_server, faults, faulty_repo, tmp_path) -> None:
+    # The first range is crawling; the others finish and must take over half of what it has left.
+    faults.limit_bandwidth(400_000, path=f"*/{WEIGHTS}", times=1)
+    result = fetch(fault_server, tmp_path, connections=2)
+    assert_identical(result, faulty_repo)
+    assert len(weights_gets(faults)) >= 3  # 2 initial segments + at least one split-off tail
+
+
+# ------------------------------------------------------------------------------ faults that last
+
+
+def test_content_that_never_matches_gives_up_and_leaves_nothing(fault_server, faults, faulty_repo, tmp_path):
+    faults.corrupt(path=f"*/{WEIGHTS}")
+    with pytest.raises(IntegrityError, match=WEIGHTS):
+        fetch(fault_server, tmp_path)
+    repo_dir = tmp_path / "models--faulty--model"
+    assert not list(repo_dir.glob(f"snapshots/*/{WEIGHTS}"))
+    assert [p.name for p in (repo_dir / "blobs").iterdir() if len(p.name) == 64] == []
+
+
+def test_a_server_that_keeps_failing_gives_up(
+    fault_server, faults, faulty_repo, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(constants, "MAX_RETRIES", 2)
+    faults.fail(502, path=f"*/{WEIGHTS}")
+    with pytest.raises(NetworkError, match="gave up"):
+        fetch(fault_server, tmp_path)
+
+
+def test_access_denied_and_not_found_statuses(fault_server, faults, faulty_repo, tmp_path) -> None:
+    faults.fail(403, path="/api/*", times=1)
+    with pytest.raises(AccessDeniedError, match="--token"):
+        fetch(fault_server, tmp_path)
+    faults.fail(401, path=f"*/{WEIGHTS}", times=1)
+    with pytest.raises(RepoNotFoundError):
+        fetch(fault_server, tmp_path)
+
+
+def test_disk_full_midway_keeps_partial_data_and_resumes(
+    fault_server, faults, faulty_repo, tmp_path, monkeypatch
+):
+    real_pwrite = os.pwrite
+    written = {"bytes": 0}
+
+    def pwrite_until_full(fd, data, offset):
+        if written["bytes"] > 2_000_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written["bytes"] += len(data)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(transfer.os, "pwrite", pwrite_until_full)
+    with pytest.raises(StorageError, match="disk full"):
+        fetch(fault_server, tmp_path, connections=1)
+    monkeypatch.setattr(transfer.os, "pwrite", real_pwrite)
+    first = faults.bytes_sent(f"*/{WEIGHTS}")
+    result = fetch(fault_server, tmp_path, connections=1)
+    assert_identical(result, faulty_repo)
+    # The bytes written before the disk filled up were kept.
+    assert faults.bytes_sent(f"*/{WEIGHTS}") - first <= LARGE - 2_000_000 + constants.READ_BLOCK
+
+
+# ---------------------------------------------------------------------------------- security
+
+
+def test_token_is_not_forwarded_on_a_redirect_to_another_host(fault_server, faults, faulty_repo, tmp_path):
+    other_host = fault_server.url.replace("127.0.0.1", "localhost")
+    faults.redirect(other_host, path="*/resolve/*")
+    result = fetch(fault_server, tmp_path, token="hf_secret_for_the_endpoint_only")
+    assert_identical(result, faulty_repo)
+    at_endpoint = [r for r in faults.records if r.headers.get("host", "").startswith("127.0.0.1")]
+    at_other = [r for r in faults.records if r.headers.get("host", "").startswith("localhost")]
+    assert at_other, "the redirect was not followed"
+    assert all("authorization" not in r.headers for r in at_other)
+    assert any(
+        r.headers.get("authorization") == "Bearer hf_secret_for_the_endpoint_only" for r in at_endpoint
+    )
+
+
+@pytest.mark.parametrize(
+    "evil_name",
+    ["../escaped.txt", "/tmp/absolute.txt", "a/../../escaped.txt", "a\\..\\escaped.txt", ".cache/x"],
+)
+def test_a_hostile_listing_is_refused_and_nothing_is_written(tmp_path: Path, evil_name: str) -> None:
+    sha = "1" * 40
+
+    async def info(request):
+        return JSONResponse(
+            {
+                "id": "evil/repo",
+                "sha": sha,
+                "private": False,
+                "siblings": [
+                    {"rfilename": "ok.txt", "size": 2, "blobId": "2" * 40},
+                    {"rfilename": evil_name, "size": 5, "blobId": "3" * 40},
+                ],
+            }
+        )
+
+    app = Starlette(routes=[Route("/api/models/evil/repo/revision/main", info)])
+    target = tmp_path / "target"
+    with ServerThread(app) as server:
+        with pytest.raises(UnsafeListingError):
+            download("evil/repo", endpoints=[server.url], local_dir=target, progress=False)
+    assert not target.exists() or not any(target.rglob("*.txt"))
+    assert not (tmp_path / "escaped.txt").exists()
