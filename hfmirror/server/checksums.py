@@ -1,0 +1,114 @@
+"""A persistent, thread-safe cache of file checksums.
+
+Hashing a multi-gigabyte weight file takes seconds, and the server needs every file's checksum (it is
+the file's ETag and part of the repo's commit id). So each checksum is computed once and stored in a
+small sqlite database under the state folder, keyed by the file's real path, size and modification
+time: if any of the three changes, the old value is simply never found again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+from ..hashing import sha256_of_file
+
+__all__ = ["ChecksumCache", "DEFAULT_STATE_DIR", "GIT_SHA1", "SHA256"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR = Path("~/.cache/hfmirror")
+SHA256 = "sha256"  # LFS object id
+GIT_SHA1 = "git-sha1"  # git blob id: sha1(b"blob <size>\0" + content)
+
+_Key = tuple[str, int, int, str]  # (real path, size, mtime_ns, kind)
+
+
+class ChecksumCache:
+    """Checksums of files, computed at most once per (real path, size, mtime) and kept in sqlite.
+
+    Safe to use from many threads: two requests for the same never-hashed file wait for one
+    computation instead of hashing twice. ``computed`` counts the files actually hashed by this
+    instance, which lets tests check that a second instance re-uses the stored values.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str] | None = None) -> None:
+        folder = Path(state_dir if state_dir is not None else DEFAULT_STATE_DIR).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.db_path = folder / "checksums.sqlite3"
+        self.computed = 0
+        self._memory: dict[_Key, str] = {}
+        self._lock = threading.Lock()  # guards _memory, _pending, the connection and `computed`
+        self._pending: dict[_Key, threading.Lock] = {}
+        # One connection shared by all threads (sqlite serialises anyway); our lock keeps it safe.
+        self._db = sqlite3.connect(self.db_path, check_same_thread=False, timeout=30)
+        with self._db:
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS checksums ("
+                " path TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,"
+                " kind TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY (path, kind))"
+            )
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self._db.close()
+
+    def digest(self, path: str | os.PathLike[str], kind: str) -> str:
+        """The ``kind`` checksum (:data:`SHA256` or :data:`GIT_SHA1`) of the file at ``path``, hex.
+
+        Symlinks are followed: the cache is keyed by the real file, so the same blob reached through
+        two snapshot links is hashed once.
+        """
+        if kind not in (SHA256, GIT_SHA1):
+            raise ValueError(f"unknown checksum kind: {kind!r}")
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        key: _Key = (real, st.st_size, st.st_mtime_ns, kind)
+        with self._lock:
+            if key in self._memory:
+                return self._memory[key]
+            stored = self._load(key)
+            if stored is not None:
+                self._memory[key] = stored
+                return stored
+            file_lock = self._pending.setdefault(key, threading.Lock())
+        with file_lock:  # one thread hashes, the others wait here and then find the value
+            with self._lock:
+                if key in self._memory:
+                    return self._memory[key]
+            logger.info("hashing %s (%s, %d bytes)", real, kind, st.st_size)
+            value = sha256_of_file(real) if kind == SHA256 else _git_blob_sha1_of_file(real, st.st_size)
+            with self._lock:
+                self.computed += 1
+                self._memory[key] = value
+                self._pending.pop(key, None)
+                with self._db:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO checksums (path, size, mtime_ns, kind, digest)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        key + (value,),
+                    )
+            return value
+
+    def _load(self, key: _Key) -> str | None:
+        """The stored digest for ``key`` if the file has not changed since it was hashed (lock held)."""
+        path, size, mtime_ns, kind = key
+        row = self._db.execute(
+            "SELECT digest FROM checksums WHERE path = ? AND size = ? AND mtime_ns = ? AND kind = ?",
+            (path, size, mtime_ns, kind),
+        ).fetchone()
+        return row[0] if row else None
+
+
+def _git_blob_sha1_of_file(path: str, size: int) -> str:
+    """The git blob id of a file, streamed (``hashing.git_blob_sha1`` needs the bytes in memory)."""
+    digest = hashlib.sha1(b"blob %d\0" % size)
+    with open(path, "rb") as f:
+        while block := f.read(8 * 1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
