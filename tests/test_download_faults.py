@@ -268,3 +268,50 @@ def test_a_hostile_listing_is_refused_and_nothing_is_written(tmp_path: Path, evi
             download("evil/repo", endpoints=[server.url], local_dir=target, progress=False)
     assert not target.exists() or not any(target.rglob("*.txt"))
     assert not (tmp_path / "escaped.txt").exists()
+
+
+# ------------------------------------------------------------------------------- exit codes
+
+
+@pytest.mark.parametrize(
+    ("fault", "code", "message"),
+    [
+        ("corrupt", 6, WEIGHTS),
+        ("502", 5, "gave up"),
+        ("403", 4, "--token"),
+    ],
+)
+def test_cli_exit_codes_for_server_side_failures(fault_server, faults, faulty_repo, tmp_path, monkeypatch,
+                                                  fault, code, message) -> None:
+    from click.testing import CliRunner
+
+    from hfmirror.cli import cli
+
+    monkeypatch.setattr(constants, "MAX_RETRIES", 2)
+    if fault == "corrupt":
+        faults.corrupt(path=f"*/{WEIGHTS}")
+    elif fault == "502":
+        faults.fail(502, path=f"*/{WEIGHTS}")
+    else:
+        faults.fail(403, path="/api/*")
+    result = CliRunner().invoke(
+        cli, ["download", REPO_ID, "--endpoint", fault_server.url, "--cache-dir", str(tmp_path), "-q"]
+    )
+    assert result.exit_code == code, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_cli_exit_code_for_a_hostile_listing(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from hfmirror.cli import cli
+
+    async def info(request):
+        return JSONResponse({"id": "evil/repo", "sha": "1" * 40,
+                             "siblings": [{"rfilename": "../../x", "size": 1, "blobId": "2" * 40}]})
+
+    app = Starlette(routes=[Route("/api/models/evil/repo/revision/main", info)])
+    with ServerThread(app) as server:
+        result = CliRunner().invoke(cli, ["download", "evil/repo", "--endpoint", server.url, "--local-dir", str(tmp_path)])
+    assert result.exit_code == 8, result.output
+    assert "unsafe file name" in result.output
