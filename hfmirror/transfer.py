@@ -10,11 +10,12 @@ connection.
 
 How it resumes
 --------------
-Every ``CHECKPOINT_INTERVAL`` seconds the coordinator copies the segment table, flushes the data file
-(``fdatasync``), and only then writes the table to ``<partial>.hfmirror.json``. So the table never
-claims a byte that is not on disk, even after a power cut; after ``kill -9`` the next run loses at most
-what arrived since the last checkpoint. On resume, requests carry ``If-Range`` with the validator the
-same host gave before: if the file changed, the server sends it whole (200) and we start over.
+Every ``CHECKPOINT_BYTES`` of new data (or ``CHECKPOINT_INTERVAL`` seconds) the coordinator copies the
+segment table, flushes the data file (``fdatasync``), and only then writes the table to
+``<partial>.hfmirror.json``. So the table never claims a byte that is not on disk, even after a power
+cut; after ``kill -9`` the next run loses at most what arrived since the last checkpoint. On resume,
+requests carry ``If-Range`` with the validator the same host gave before: if the file changed, the
+server sends it whole (200) and we start over.
 
 How it is verified
 ------------------
@@ -315,7 +316,7 @@ class FileTransfer:
             ]
             for worker in workers:
                 worker.start()
-            last_checkpoint = time.monotonic()
+            last_checkpoint, saved_bytes = time.monotonic(), state.done_bytes
             while True:
                 with self._wake:
                     if (
@@ -336,9 +337,13 @@ class FileTransfer:
                     raise DownloadInterrupted("interrupted")
                 if not any(w.is_alive() for w in workers):
                     break
-                if time.monotonic() - last_checkpoint >= constants.CHECKPOINT_INTERVAL:
+                done = state.done_bytes
+                if (
+                    time.monotonic() - last_checkpoint >= constants.CHECKPOINT_INTERVAL
+                    or done - saved_bytes >= constants.CHECKPOINT_BYTES
+                ):
                     self._checkpoint()
-                    last_checkpoint = time.monotonic()
+                    last_checkpoint, saved_bytes = time.monotonic(), done
             if state.prefix_end() != self.file.size:  # workers ended with bytes missing: should not happen
                 self._checkpoint()
                 raise NetworkError(f"{self.file.path}: transfer ended early")
