@@ -11,10 +11,14 @@ The steps, in order:
    (:mod:`hfmirror.transfer`), each under a file lock shared with huggingface_hub, each verified and
    then renamed into place (:mod:`hfmirror.layout`).
 6. Record ``refs/<revision>`` and return a :class:`DownloadResult`.
+
+With no network (no endpoint answers, or ``HF_HUB_OFFLINE=1``), a snapshot of the revision already in
+the cache is returned instead, as huggingface_hub does.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import shutil
@@ -33,15 +37,21 @@ from .errors import (
     BadInputError,
     DownloadInterrupted,
     InsufficientSpaceError,
+    NetworkError,
     NotWritableError,
     StorageError,
+    UnsafePathError,
 )
-from .layout import CacheLayout, Layout, LocalDirLayout
+from .hashing import is_git_sha1
+from .layout import CacheLayout, Layout, LocalDirLayout, repo_folder_name
 from .listing import RemoteFile, filter_files, list_repo, validate_repo_id, validate_revision
+from .paths import safe_join
 from .progress import Progress
 from .transfer import FileTransfer, TransferOptions, TransferStats
 
 __all__ = ["DownloadResult", "FileOutcome", "download"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -191,14 +201,28 @@ def download(
         failover_after=constants.FAILOVER_AFTER,
     )
 
-    listing = list_repo(pool, repo_id, repo_type=repo_type, revision=revision, token=token)
+    cache_base = (
+        Path(cache_dir).expanduser() if cache_dir is not None else constants.default_cache_dir()
+    ).absolute()
+    offline = local_dir is None and _offline_mode()
+    try:
+        if offline:
+            raise NetworkError("offline mode (HF_HUB_OFFLINE is set)")
+        listing = list_repo(pool, repo_id, repo_type=repo_type, revision=revision, token=token)
+    except NetworkError as error:
+        # Like huggingface_hub: with no network, a snapshot already in the cache is still an answer.
+        cached = None if local_dir is not None else _cached_snapshot(cache_base, repo_id, repo_type, revision)
+        if cached is None:
+            raise
+        logger.warning("%s; using the copy of %s already in the cache", error, repo_id)
+        cached.seconds = time.monotonic() - started
+        return cached
     files = filter_files(listing.files, filenames=filenames, include=include, exclude=exclude)
     layout: Layout
     if local_dir is not None:
         layout = LocalDirLayout(listing, Path(local_dir).expanduser().absolute())
     else:
-        base = Path(cache_dir).expanduser() if cache_dir is not None else constants.default_cache_dir()
-        layout = CacheLayout(listing, base.absolute())
+        layout = CacheLayout(listing, cache_base)
 
     stats = TransferStats()
     cancel = threading.Event()
@@ -277,6 +301,42 @@ def download(
         retries=stats.retries,
         rate_limited=stats.rate_limited,
         verify_failures=stats.verify_failures,
+    )
+
+
+def _offline_mode() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cached_snapshot(cache: Path, repo_id: str, repo_type: str, revision: str) -> DownloadResult | None:
+    """The cached snapshot of ``revision`` (a branch recorded in ``refs/`` or a commit), if there is one."""
+    repo_dir = cache / repo_folder_name(repo_id, repo_type)
+    commit = revision
+    if not is_git_sha1(revision):
+        try:
+            commit = safe_join(repo_dir / "refs", revision).read_text().strip()
+        except (OSError, UnsafePathError):
+            return None
+        if not is_git_sha1(commit):
+            return None
+    snapshot = repo_dir / "snapshots" / commit
+    if not snapshot.is_dir():
+        return None
+    files = [
+        FileOutcome(path.relative_to(snapshot).as_posix(), path.stat().st_size, "present")
+        for path in sorted(snapshot.rglob("*"))
+        if path.is_file()
+    ]
+    return DownloadResult(
+        repo_id=repo_id,
+        repo_type=repo_type,
+        revision=revision,
+        commit=commit,
+        path=snapshot,
+        endpoint="(offline: local cache)",
+        files=files,
+        bytes_downloaded=0,
+        seconds=0.0,
     )
 
 

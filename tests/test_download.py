@@ -397,3 +397,16 @@ def test_model_download_py_with_a_qwen_stand_in(hub_server, tmp_path: Path) -> N
         timeout=300,
     )
     assert bad.returncode == 3 and "Traceback" not in bad.stderr and "not found" in bad.stderr
+
+
+def test_offline_falls_back_to_the_cached_snapshot(hub_server, tmp_path: Path) -> None:
+    first = download("tiny/nested", endpoints=[hub_server.url], cache_dir=tmp_path, progress=False)
+    dead = f"http://127.0.0.1:{free_port()}"
+    again = download("tiny/nested", endpoints=[dead], cache_dir=tmp_path, progress=False)
+    assert again.path == first.path and again.endpoint.startswith("(offline")
+    assert {f.path for f in again.files} == {f.path for f in first.files}
+    out = run_cli("download", "tiny/nested", "--cache-dir", str(tmp_path), "-q", env={"HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0 and out.stdout.strip() == str(first.path)
+    # A revision the cache has never seen is still an error, offline.
+    with pytest.raises(NetworkError):
+        download("tiny/nested", revision="other", endpoints=[dead], cache_dir=tmp_path, progress=False)
