@@ -5,7 +5,7 @@ Exit codes (also in the README):
 ====  =====================================================================
 0     success
 1     ``compare`` found a stage that does not match; or an unexpected bug
-2     bad input: usage errors, malformed repo id, unsafe names, unsupported model
+2     bad input: usage errors, malformed repo id, unsafe names, unsupported model or checkpoint
 3     not found: repository, revision or file
 4     access denied: gated or private repository (try ``--token``)
 5     network: no endpoint reachable, or retries ran out
@@ -33,6 +33,7 @@ from . import __version__
 from .errors import (
     AccessDeniedError,
     BadInputError,
+    CompareError,
     DownloadInterrupted,
     HfMirrorError,
     IntegrityError,
@@ -63,6 +64,7 @@ _EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (BadInputError, EXIT_BAD_INPUT),
     (UnsupportedModelError, EXIT_BAD_INPUT),
     (WeightLoadError, EXIT_BAD_INPUT),
+    (CompareError, EXIT_BAD_INPUT),
     (NetworkError, EXIT_NETWORK),
     (IntegrityError, EXIT_INTEGRITY),
     (StorageError, EXIT_STORAGE),
@@ -271,6 +273,44 @@ def serve(root: str, host: str, port: int, state_dir: str | None) -> None:
     from .server.app import run_server
 
     run_server(root, host=host, port=port, state_dir=state_dir)
+
+
+# ---------------------------------------------------------------------------------------- compare
+
+
+def _register_compare() -> None:
+    """Add ``compare`` with this module's error handling, leaving the imported command untouched."""
+    import copy
+
+    from .compare_command import compare
+
+    command = copy.copy(compare)
+    command.callback = _handle_errors(compare.callback)
+    cli.add_command(command)
+
+
+_register_compare()
+
+
+# ------------------------------------------------------------------------------------------- demo
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False), help="Keep the demo's files here.")
+@click.option("--keep", is_flag=True, help="Keep the temporary folder afterwards.")
+@_handle_errors
+def demo(workdir: str | None, keep: bool) -> None:
+    """Run the whole story offline: make a small BERT, serve it, download it (killing the first
+    download half-way and resuming it), and compare our from-scratch BERT with transformers.
+
+    \b
+    Example:
+      hfmirror demo
+    """
+    from .demo import run_demo
+
+    if not run_demo(workdir, keep=keep, echo=click.echo):
+        sys.exit(EXIT_MISMATCH)
 
 
 def main() -> None:

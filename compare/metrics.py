@@ -1,0 +1,103 @@
+"""How far apart two tensors are, and whether that is within tolerance.
+
+All metrics are computed in float64, so the measurement adds no rounding of its own.
+
+- ``max_abs_diff``: max |ours - ref| over every element.
+- ``mean_abs_diff``: mean |ours - ref|.
+- ``rel_error``: max |ours - ref| / max |ref| (the worst error, relative to the stage's scale).
+- ``cosine_similarity``: of the two tensors flattened into vectors (1.0 = same direction).
+- ``tolerance_used``: max over elements of |ours - ref| / (atol + rtol * |ref|). A stage passes when
+  this is <= 1, which is exactly ``torch.allclose(ours, ref, rtol, atol)``; it also says how much of
+  the tolerance budget was spent (0.01 = a margin of 100x).
+
+Every position is compared, padded ones included: both implementations compute padded rows the same
+deterministic way (padding is masked as a *key*, not as a query), so they must agree there too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = ["StageResult", "compare_tensors"]
+
+
+@dataclass
+class StageResult:
+    """One stage's comparison. Metrics are None when they cannot be computed (shape mismatch, absent)."""
+
+    name: str
+    passed: bool
+    shape: list[int]
+    max_abs_diff: float | None
+    mean_abs_diff: float | None
+    rel_error: float | None
+    cosine_similarity: float | None
+    tolerance_used: float | None
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def compare_tensors(
+    name: str, ours: torch.Tensor, ref: torch.Tensor, *, atol: float, rtol: float
+) -> StageResult:
+    """Compare our tensor for one stage with the reference's."""
+    if ours.shape != ref.shape:
+        return StageResult(
+            name=name,
+            passed=False,
+            shape=list(ref.shape),
+            max_abs_diff=None,
+            mean_abs_diff=None,
+            rel_error=None,
+            cosine_similarity=None,
+            tolerance_used=None,
+            note=f"shape {list(ours.shape)} != reference {list(ref.shape)}",
+        )
+    a = ours.detach().to(torch.float64).flatten()
+    b = ref.detach().to(torch.float64).flatten()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        note = "non-finite values (nan/inf) in " + (
+            "ours" if not torch.isfinite(a).all() else "the reference"
+        )
+        return StageResult(name, False, list(ref.shape), None, None, None, None, None, note)
+    if a.numel() == 0:
+        return StageResult(name, True, list(ref.shape), 0.0, 0.0, 0.0, 1.0, 0.0, "empty")
+
+    diff = (a - b).abs()
+    max_abs = diff.max().item()
+    scale = b.abs().max().item()
+    rel_error = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    norms = a.norm() * b.norm()
+    if norms > 0:
+        cosine = (torch.dot(a, b) / norms).item()
+    else:
+        cosine = 1.0 if a.norm() == b.norm() else 0.0  # both zero vectors: same; one zero: unrelated
+    allowed = atol + rtol * b.abs()
+    # Where nothing is allowed (atol = 0 and ref = 0), any difference at all uses an infinite budget.
+    nothing_allowed = allowed == 0
+    ratio = torch.where(
+        nothing_allowed,
+        torch.where(diff > 0, math.inf, 0.0),
+        diff / torch.where(nothing_allowed, 1.0, allowed),
+    )
+    tolerance_used = ratio.max().item()
+    passed = bool((diff <= allowed).all())
+    return StageResult(
+        name=name,
+        passed=passed,
+        shape=list(ref.shape),
+        max_abs_diff=max_abs,
+        mean_abs_diff=diff.mean().item(),
+        rel_error=_finite_or_none(rel_error),
+        cosine_similarity=cosine,
+        tolerance_used=_finite_or_none(tolerance_used),
+    )

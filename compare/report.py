@@ -1,0 +1,139 @@
+"""The result of a comparison: a dataclass, its JSON form, and a readable table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .metrics import StageResult
+
+__all__ = ["ComparisonReport"]
+
+
+def _sci(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
+def _cosine_gap(value: float | None) -> str:
+    # 1 - cosine: near-1 cosines all print as 1.0000, their distance from 1 is what tells them apart.
+    return "-" if value is None else f"{max(1.0 - value, 0.0):.2e}"
+
+
+@dataclass
+class ComparisonReport:
+    """Our implementation vs the reference, stage by stage.
+
+    ``passed`` is True when every stage is within tolerance; ``first_failing_stage`` names the
+    earliest stage (in forward order) that is not, which is where to start looking for the bug:
+    later stages inherit its error.
+    """
+
+    model: str
+    passed: bool
+    max_abs_diff: float | None  # over every stage; None if no stage could be measured
+    first_failing_stage: str | None
+    stages: list[StageResult]
+    dtype: str
+    atol: float
+    rtol: float
+    versions: dict[str, str]
+    inputs: dict[str, Any] = field(default_factory=dict)  # what was fed in (source, shape, padding)
+    reference: str = "transformers AutoModel, eager attention, eval, no_grad"
+
+    @classmethod
+    def from_stages(cls, stages: list[StageResult], **fields: Any) -> ComparisonReport:
+        """Build a report, deriving the verdict fields from the stage results."""
+        failing = [stage.name for stage in stages if not stage.passed]
+        measured = [stage.max_abs_diff for stage in stages if stage.max_abs_diff is not None]
+        return cls(
+            passed=bool(stages) and not failing,
+            max_abs_diff=max(measured) if measured else None,
+            first_failing_stage=failing[0] if failing else None,
+            stages=stages,
+            **fields,
+        )
+
+    @property
+    def failing_stages(self) -> list[str]:
+        return [stage.name for stage in self.stages if not stage.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (no NaN or infinity: unmeasurable values are None)."""
+        return {
+            "model": self.model,
+            "passed": self.passed,
+            "max_abs_diff": self.max_abs_diff,
+            "first_failing_stage": self.first_failing_stage,
+            "dtype": self.dtype,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "versions": dict(self.versions),
+            "inputs": dict(self.inputs),
+            "reference": self.reference,
+            "stages": [stage.to_dict() for stage in self.stages],
+        }
+
+    def verdict(self) -> str:
+        """One line: PASS, or FAIL naming the first failing stage."""
+        tolerance = f"atol={self.atol:g}, rtol={self.rtol:g}"
+        if self.passed:
+            return (
+                f"PASS: all {len(self.stages)} stages match the reference within {tolerance} "
+                f"(max abs diff {_sci(self.max_abs_diff)})"
+            )
+        if not self.stages:
+            return "FAIL: no stages were compared"
+        return (
+            f"FAIL: first failing stage: {self.first_failing_stage} "
+            f"({len(self.failing_stages)} of {len(self.stages)} stages outside {tolerance})"
+        )
+
+    def render_table(self) -> str:
+        """An aligned text table, one row per stage, with a final verdict line."""
+        headers = [
+            "stage",
+            "max abs diff",
+            "mean abs diff",
+            "rel error",
+            "1 - cosine",
+            "budget used",
+            "result",
+        ]
+        rows = [
+            [
+                stage.name,
+                _sci(stage.max_abs_diff),
+                _sci(stage.mean_abs_diff),
+                _sci(stage.rel_error),
+                _cosine_gap(stage.cosine_similarity),
+                _sci(stage.tolerance_used),
+                ("PASS" if stage.passed else "FAIL") + (f"  ({stage.note})" if stage.note else ""),
+            ]
+            for stage in self.stages
+        ]
+        widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers) - 1)]
+
+        def line(cells: list[str]) -> str:
+            # Name left-aligned, numbers right-aligned, result last (free width).
+            parts = [cells[0].ljust(widths[0])] + [
+                c.rjust(w) for c, w in zip(cells[1:-1], widths[1:], strict=True)
+            ]
+            return "  ".join([*parts, cells[-1]]).rstrip()
+
+        inputs = ", ".join(f"{key}={value}" for key, value in self.inputs.items() if key != "texts")
+        versions = ", ".join(f"{key} {value}" for key, value in self.versions.items())
+        out = [
+            f"model:     {self.model}",
+            f"reference: {self.reference} ({versions})",
+            f"dtype:     {self.dtype}  atol={self.atol:g}  rtol={self.rtol:g}  "
+            "(a stage passes when |ours - ref| <= atol + rtol * |ref| everywhere;",
+            "           'budget used' is the largest |ours - ref| / (atol + rtol * |ref|): 1 is the limit)",
+            f"input:     {inputs}",
+            "",
+            line(headers),
+            line(["-" * w for w in widths] + ["-" * len(headers[-1])]),
+            *(line(row) for row in rows),
+            "",
+            self.verdict(),
+        ]
+        return "\n".join(out)

@@ -1,0 +1,199 @@
+"""Reading checkpoint tensors with our own code and putting them into a from-scratch model.
+
+Formats: ``model.safetensors`` (memory-mapped through ``safe_open``), sharded safetensors with
+``model.safetensors.index.json``, and ``pytorch_model.bin`` (single or sharded) read with
+``torch.load(weights_only=True)`` only, memory-mapped where the file format allows.
+
+Memory: the model is built on the "meta" device (shapes, no storage) and each checkpoint tensor is
+handed to it with ``load_state_dict(assign=True)``; shards are read one after the other. So the
+weights exist once, plus at most one tensor in flight when a dtype conversion is needed.
+
+Only torch and safetensors are imported here; never transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from hfmirror.errors import HfMirrorError, WeightLoadError
+from hfmirror.paths import validate_relative_path
+
+__all__ = [
+    "checkpoint_files",
+    "checkpoint_tensor_names",
+    "iter_checkpoint_tensors",
+    "load_weights",
+]
+
+# In order of preference, like transformers: safetensors first, the pickle format as a fallback.
+_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The weight files of a checkpoint folder: one file, or every shard named by an index.
+
+    Raises:
+        WeightLoadError: no weights file, an unreadable index, or a shard the index names is missing.
+    """
+    model_dir = Path(model_dir)
+    for single, index in zip(_SINGLE_FILES, _INDEX_FILES, strict=True):
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+        if (model_dir / index).is_file():
+            return _shards_from_index(model_dir, model_dir / index)
+    raise WeightLoadError(
+        f"no weights in {model_dir}: expected one of {', '.join(_SINGLE_FILES + _INDEX_FILES)}"
+    )
+
+
+def _shards_from_index(model_dir: Path, index_path: Path) -> list[Path]:
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+        shard_names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise WeightLoadError(f"cannot read the shard index {index_path.name}: {error}") from error
+    shards = []
+    for name in shard_names:
+        try:
+            validate_relative_path(name)
+        except HfMirrorError as error:
+            raise WeightLoadError(f"{index_path.name} names an unsafe shard: {error}") from error
+        shard = model_dir / name
+        if not shard.is_file():
+            raise WeightLoadError(f"shard {name!r} listed in {index_path.name} is missing")
+        shards.append(shard)
+    return shards
+
+
+def _reason(error: BaseException) -> str:
+    """The informative line of torch.load's (long, multi-line) error message."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line]
+    for line in lines:
+        if "Unsupported global" in line or "WeightsUnpickler error" in line:
+            return line
+    return lines[0] if lines else type(error).__name__
+
+
+def _load_pickle_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers, never arbitrary objects."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            # The legacy (pre-zip) format cannot be memory-mapped.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        raise WeightLoadError(
+            f"{path.name} could not be loaded as plain tensors (torch.load with weights_only=True "
+            f"refused it): {_reason(error)}"
+        ) from error
+    if not isinstance(state, dict):
+        raise WeightLoadError(f"{path.name} holds a {type(state).__name__}, not a dict of tensors")
+    for name, value in state.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise WeightLoadError(f"{path.name}: entry {name!r} is a {type(value).__name__}, not a tensor")
+    return state
+
+
+def iter_checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every tensor of every file, one file at a time."""
+    for path in files:
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+            except (SafetensorError, OSError) as error:
+                raise WeightLoadError(f"cannot read {path.name}: {error}") from error
+        else:
+            state = _load_pickle_checkpoint(path)
+            while state:  # hand tensors over one by one so the dict does not keep them alive
+                name = next(iter(state))
+                yield name, state.pop(name)
+
+
+def checkpoint_tensor_names(files: list[Path]) -> set[str]:
+    """Every tensor name in the checkpoint, reading as little as possible (safetensors: the header)."""
+    names: set[str] = set()
+    for path in files:
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    names.update(f.keys())
+            except (SafetensorError, OSError) as error:
+                raise WeightLoadError(f"cannot read {path.name}: {error}") from error
+        else:
+            names.update(_load_pickle_checkpoint(path))  # memory-mapped: names without reading the data
+    return names
+
+
+def load_weights(
+    model: nn.Module,
+    files: list[Path],
+    weight_map: dict[str, str],
+    *,
+    rename: Callable[[str], str | None],
+    dtype: torch.dtype,
+) -> nn.Module:
+    """Fill ``model``'s parameters from checkpoint ``files`` through an explicit ``weight_map``.
+
+    Args:
+        model: a model whose parameters are exactly the keys of ``weight_map`` (may be on "meta").
+        files: the checkpoint files (see :func:`checkpoint_files`).
+        weight_map: our parameter name -> the checkpoint tensor name (after ``rename``).
+        rename: checkpoint name -> canonical name, or None for a tensor to ignore (e.g. a task head).
+        dtype: the floating-point dtype to store parameters in.
+
+    Returns:
+        ``model``, with every parameter assigned.
+
+    Raises:
+        WeightLoadError: a tensor that is missing, unexpected, duplicated or has the wrong shape;
+            the message names it.
+    """
+    expected = {name: tuple(param.shape) for name, param in model.named_parameters()}
+    if set(expected) != set(weight_map):  # a bug in the weight map, not in the checkpoint
+        raise AssertionError(
+            f"weight map does not match the model: {sorted(set(expected) ^ set(weight_map))}"
+        )
+    ours_for = {theirs: ours for ours, theirs in weight_map.items()}
+
+    state: dict[str, torch.Tensor] = {}
+    for raw_name, tensor in iter_checkpoint_tensors(files):
+        name = rename(raw_name)
+        if name is None:
+            continue
+        ours = ours_for.get(name)
+        if ours is None:
+            raise WeightLoadError(f"unexpected tensor {raw_name!r} in the checkpoint (no parameter for it)")
+        if ours in state:
+            raise WeightLoadError(f"tensor {raw_name!r} appears twice in the checkpoint")
+        if tuple(tensor.shape) != expected[ours]:
+            raise WeightLoadError(
+                f"tensor {raw_name!r} has shape {tuple(tensor.shape)}, expected {expected[ours]} "
+                f"(from config.json)"
+            )
+        if not tensor.is_floating_point():
+            raise WeightLoadError(f"tensor {raw_name!r} has dtype {tensor.dtype}, expected floating point")
+        state[ours] = tensor.to(dtype)  # no copy when the dtype already matches
+
+    missing = [weight_map[ours] for ours in weight_map if ours not in state]
+    if missing:
+        shown = ", ".join(repr(name) for name in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise WeightLoadError(f"missing tensor(s) in the checkpoint: {shown}{more}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model

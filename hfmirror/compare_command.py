@@ -1,0 +1,148 @@
+"""``hfmirror compare``: check the from-scratch transformer against transformers on a real checkpoint.
+
+Only click and the standard library are imported here; torch, transformers and the ``compare``
+package are imported inside the command, so ``hfmirror --help`` stays instant. Problems are raised
+as ``hfmirror.errors`` exceptions (``hfmirror.cli`` turns them into messages and exit codes); a
+comparison that ran and found a difference exits with status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+__all__ = ["compare"]
+
+EXIT_MISMATCH = 1  # as documented in hfmirror.cli
+
+
+@click.command()
+@click.argument("model")
+@click.option(
+    "--text",
+    "texts",
+    multiple=True,
+    metavar="TEXT",
+    help="A sentence to run through both models (repeatable; tokenised as one padded batch, so "
+    "texts of different lengths exercise the padding mask). "
+    "Without --text, random token ids with random padding are used.",
+)
+@click.option(
+    "--seq-len",
+    type=click.IntRange(1),
+    default=16,
+    show_default=True,
+    help="Length of the random input (ignored with --text).",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(1),
+    default=2,
+    show_default=True,
+    help="Rows of the random input (ignored with --text).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random input.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float64"]),
+    default="float32",
+    show_default=True,
+    help="Precision of both models. Rerun in float64 to tell a bug (stays) from rounding (vanishes).",
+)
+@click.option(
+    "--atol",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Absolute tolerance [default: 1e-5 for float32, 1e-10 for float64].",
+)
+@click.option(
+    "--rtol",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Relative tolerance [default: 1e-5 for float32, 1e-10 for float64].",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the report as one JSON object instead of a table."
+)
+@click.option(
+    "--revision",
+    default="main",
+    show_default=True,
+    help="Branch, tag or commit sha (when MODEL is a repo id).",
+)
+@click.option(
+    "--endpoint",
+    "endpoints",
+    multiple=True,
+    metavar="URL",
+    help="Mirror to download from; repeat for failover order (when MODEL is a repo id).",
+)
+@click.option("--token", help="Access token for gated or private repos.")
+@click.option(
+    "--cache-dir", type=click.Path(file_okay=False), help="Hugging Face cache folder to download into."
+)
+def compare(
+    model: str,
+    texts: tuple[str, ...],
+    seq_len: int,
+    batch: int,
+    seed: int,
+    dtype: str,
+    atol: float | None,
+    rtol: float | None,
+    as_json: bool,
+    revision: str,
+    endpoints: tuple[str, ...],
+    token: str | None,
+    cache_dir: str | None,
+) -> None:
+    """Compare our from-scratch implementation of MODEL with transformers, stage by stage.
+
+    MODEL is a local folder (config.json + weights) or a repo id, which is downloaded first.
+    Every stage (embeddings; per layer: attention, attention_add_norm, feed_forward, output;
+    last_hidden_state; pooler) is compared; the first one outside tolerance is named.
+    Exit status: 0 all stages match, 1 a stage differs.
+
+    \b
+    Examples:
+      hfmirror compare bert-base-uncased
+      hfmirror compare ./bert --text "the cat sat on the mat" --text "hello"
+      hfmirror compare ./bert --dtype float64 --json
+    """
+    from compare.runner import compare_model_dir
+
+    if Path(model).is_dir():
+        model_dir = Path(model)
+    else:
+        from hfmirror.download import download
+
+        result = download(
+            model,
+            revision=revision,
+            endpoints=list(endpoints) or None,
+            token=token,
+            cache_dir=cache_dir,
+            progress=not as_json,
+        )
+        model_dir = Path(result.path)
+
+    report = compare_model_dir(
+        model_dir,
+        texts=list(texts) or None,
+        seq_len=seq_len,
+        batch=batch,
+        seed=seed,
+        dtype=dtype,
+        atol=atol,
+        rtol=rtol,
+        model_name=model,
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(report.render_table())
+    if not report.passed:
+        sys.exit(EXIT_MISMATCH)

@@ -1,0 +1,156 @@
+"""``hfmirror demo``: the whole story, offline, in well under a minute.
+
+1. Make a small BERT with ``transformers`` (random weights, a real tokenizer, real file formats).
+2. Serve it with the Hub-compatible server on a free loopback port, each connection capped in speed
+   as a real mirror would.
+3. Download it with ``hfmirror download`` in a separate process, and ``kill -9`` that process half-way.
+4. Download again: it resumes from the saved ranges, and the server's byte count shows that almost
+   nothing was fetched twice. Every file is verified before it gets its final name.
+5. Run ``hfmirror compare`` on the result: our from-scratch BERT against transformers, stage by stage.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from . import constants
+
+__all__ = ["run_demo"]
+
+REPO_ID = "demo/bert-small"
+WEIGHTS = "model.safetensors"
+PER_CONNECTION_RATE = 6_000_000  # bytes/s: slow enough to interrupt half-way, fast enough to be quick
+KILL_AT = 0.45
+
+_WORDS = (
+    "the a cat dog sat on mat hello world is good bad ran runs quick brown fox jumps over lazy "
+    "model weights mirror download resume attention query key value layer norm token"
+).split()
+DEMO_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + _WORDS + ["##s", "##ing", "##ed", "."]
+DEMO_TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog.", "attention is good"]
+
+
+def _mib(count: float) -> str:
+    return f"{count / 2**20:.1f} MiB"
+
+
+def make_demo_model(folder: Path) -> Path:
+    """A BERT of about 43 MB (6 layers, hidden 384, 6 heads), saved with its tokenizer."""
+    import torch
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=len(DEMO_VOCAB),
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        max_position_embeddings=128,
+        hidden_act="gelu",
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(folder)
+    tokenizer = transformers.BertTokenizer(vocab={token: i for i, token in enumerate(DEMO_VOCAB)})
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _saved_bytes(state_file: Path) -> int:
+    try:
+        return sum(pos - start for start, pos, _ in json.loads(state_file.read_text())["segments"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def run_demo(
+    workdir: str | Path | None = None, *, keep: bool = False, echo: Callable[[str], None] = print
+) -> bool:
+    """Run the demo; return True if the comparison passed. ``echo`` receives each line of the story."""
+    from compare.runner import compare_model_dir
+
+    from .download import download
+    from .hashing import sha256_of_file
+    from .server.app import ServerThread, create_app
+    from .server.faults import FaultInjector, FaultPlan
+
+    base = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="hfmirror-demo-"))
+    served, cache = base / "served", base / "cache"
+    started = time.monotonic()
+    try:
+        echo(f"1. Making a small BERT with transformers in {served / REPO_ID}")
+        model_dir = make_demo_model(served / REPO_ID)
+        size = (model_dir / WEIGHTS).stat().st_size
+        oid = sha256_of_file(model_dir / WEIGHTS)
+
+        plan = FaultPlan()
+        plan.limit_bandwidth(PER_CONNECTION_RATE, path=f"*/{WEIGHTS}")
+        app = FaultInjector(create_app(served, state_dir=base / "server-state"), plan)
+        with ServerThread(app) as server:
+            echo(f"2. Serving it at {server.url} (each connection capped at {_mib(PER_CONNECTION_RATE)}/s)")
+
+            echo(
+                f"3. Downloading {REPO_ID} in another process, and killing it (kill -9) at about "
+                f"{KILL_AT:.0%} of {WEIGHTS} ({_mib(size)})"
+            )
+            state_file = (
+                cache
+                / ("models--" + REPO_ID.replace("/", "--"))
+                / "blobs"
+                / (oid + constants.PARTIAL_SUFFIX + constants.STATE_SUFFIX)
+            )
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "hfmirror",
+                    "download",
+                    REPO_ID,
+                    "--endpoint",
+                    server.url,
+                    "--cache-dir",
+                    str(cache),
+                    "--connections",
+                    "4",
+                    "-q",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            deadline = time.monotonic() + 60
+            while _saved_bytes(state_file) < KILL_AT * size and process.poll() is None:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+            process.kill()
+            process.wait()
+            kept = _saved_bytes(state_file)
+            sent_before = plan.bytes_sent(f"*/{WEIGHTS}")
+            echo(f"   killed: {_mib(kept)} saved with their ranges; the server had sent {_mib(sent_before)}")
+
+            echo("4. Downloading again: it resumes, fetching only what is missing, and verifies every file")
+            result = download(REPO_ID, endpoints=[server.url], cache_dir=cache, progress=True)
+            sent_total = plan.bytes_sent(f"*/{WEIGHTS}")
+            echo(f"   {result.describe()}")
+            echo(
+                f"   {WEIGHTS}: {_mib(size)} file, {_mib(sent_total)} sent by the server over both runs "
+                f"({sent_total / size:.3f}x the file size)"
+            )
+            echo(f"   files are in {result.path}")
+
+        echo("5. Comparing our from-scratch BERT with transformers on the downloaded checkpoint")
+        report = compare_model_dir(result.path, texts=DEMO_TEXTS, model_name=REPO_ID)
+        echo(report.render_table())
+        echo(f"Demo finished in {time.monotonic() - started:.1f}s.")
+        return report.passed
+    finally:
+        if workdir is None and not keep:
+            shutil.rmtree(base, ignore_errors=True)
+        elif keep or workdir is not None:
+            echo(f"(work folder kept: {base})")
