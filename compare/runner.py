@@ -72,39 +72,19 @@ def compare_stages(
     ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], *, atol: float, rtol: float
 ) -> list[StageResult]:
     """Compare stage by stage, in our forward order; a stage only one side produced fails."""
+
+    def missing(name: str, tensor: torch.Tensor, note: str) -> StageResult:
+        return StageResult(name, False, list(tensor.shape), None, None, None, None, None, note)
+
     results = []
     for name, tensor in ours.items():
-        if name not in reference:
-            results.append(
-                StageResult(
-                    name,
-                    False,
-                    list(tensor.shape),
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    "the reference has no such stage",
-                )
-            )
-            continue
-        results.append(compare_tensors(name, tensor, reference[name], atol=atol, rtol=rtol))
+        if name in reference:
+            results.append(compare_tensors(name, tensor, reference[name], atol=atol, rtol=rtol))
+        else:
+            results.append(missing(name, tensor, "the reference has no such stage"))
     for name, tensor in reference.items():
         if name not in ours:
-            results.append(
-                StageResult(
-                    name,
-                    False,
-                    list(tensor.shape),
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    "our model did not produce this stage",
-                )
-            )
+            results.append(missing(name, tensor, "our model did not produce this stage"))
     return results
 
 

@@ -243,20 +243,21 @@ def download(
             on_bytes=on_bytes,
         )
 
-    if dry_run:
-        outcomes = [_plan_entry(layout, f, transfer_for(f)) for f in files]
+    def result(files: list[FileOutcome], **fields: Any) -> DownloadResult:
         return DownloadResult(
             repo_id=repo_id,
             repo_type=repo_type,
             revision=revision,
             commit=listing.commit,
             path=layout.result_path,
-            endpoint=listing.endpoint,
-            files=outcomes,
-            bytes_downloaded=0,
+            files=files,
             seconds=time.monotonic() - started,
-            dry_run=True,
+            **fields,
         )
+
+    if dry_run:
+        plan = [_plan_entry(layout, f, transfer_for(f)) for f in files]
+        return result(plan, endpoint=listing.endpoint, bytes_downloaded=0, dry_run=True)
 
     _ensure_writable(layout.storage_root())
     present = {f.path for f in files if _complete_without_lock(layout, f)}
@@ -288,16 +289,10 @@ def download(
     finally:
         bar.close()
     layout.finish_revision()
-    return DownloadResult(
-        repo_id=repo_id,
-        repo_type=repo_type,
-        revision=revision,
-        commit=listing.commit,
-        path=layout.result_path,
+    return result(
+        [outcomes[f.path] for f in files],
         endpoint=pool.current.url,
-        files=[outcomes[f.path] for f in files],
         bytes_downloaded=stats.bytes_fetched,
-        seconds=time.monotonic() - started,
         retries=stats.retries,
         rate_limited=stats.rate_limited,
         verify_failures=stats.verify_failures,
