@@ -10,8 +10,12 @@ DEFAULT_ENDPOINTS: tuple[str, ...] = ("https://hf-mirror.com", "https://huggingf
 
 USER_AGENT = "hfmirror/0.1.0"
 
-# Files at least this large are fetched over several connections, in segments of at least MIN_SEGMENT.
+# Files at least this large are cut into pieces fetched over several connections, in file order.
 MULTI_CONNECTION_THRESHOLD = 16 * 1024 * 1024
+# Pieces per connection: more means the hashed prefix trails less, fewer means fewer requests.
+PIECES_PER_CONNECTION = 8
+# Piece sizes stay within [MIN_SEGMENT, MAX_PIECE]; each piece is one ranged request.
+MAX_PIECE = 64 * 1024 * 1024
 # A running segment is split in two (the "slow tail" re-split) only if both halves keep at least this.
 MIN_SEGMENT = 4 * 1024 * 1024
 # How much one read from the socket asks for.

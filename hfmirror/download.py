@@ -201,6 +201,7 @@ def download(
         failover_after=constants.FAILOVER_AFTER,
     )
 
+    sessions = _SessionFactory(pool_size=connections * 2)
     cache_base = (
         Path(cache_dir).expanduser() if cache_dir is not None else constants.default_cache_dir()
     ).absolute()
@@ -208,7 +209,9 @@ def download(
     try:
         if offline:
             raise NetworkError("offline mode (HF_HUB_OFFLINE is set)")
-        listing = list_repo(pool, repo_id, repo_type=repo_type, revision=revision, token=token)
+        listing = list_repo(
+            pool, repo_id, repo_type=repo_type, revision=revision, token=token, session=sessions.get()
+        )
     except NetworkError as error:
         # Like huggingface_hub: with no network, a snapshot already in the cache is still an answer.
         cached = None if local_dir is not None else _cached_snapshot(cache_base, repo_id, repo_type, revision)
@@ -227,7 +230,6 @@ def download(
     stats = TransferStats()
     cancel = threading.Event()
     options = TransferOptions(connections=connections, stall_timeout=stall_timeout, token=token)
-    sessions = _SessionFactory(pool_size=connections * 2)
 
     def transfer_for(file: RemoteFile, on_bytes=lambda n: None) -> FileTransfer:
         return FileTransfer(

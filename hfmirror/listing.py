@@ -1,18 +1,23 @@
 """What is in a repository at a revision: its commit, and every file's name, size and checksum.
 
-One call, ``HfApi.repo_info(files_metadata=True)`` (``GET /api/{type}s/{repo}/revision/{rev}?blobs=true``),
-answers all of it, so no per-file HEAD request is needed before downloading. Everything in the answer
-comes from the network and is checked before use: the commit must be 40 hex digits (it becomes a folder
-name), every file name must stay inside the repo, sizes must be sane, checksums must be hex.
+One call, the one ``HfApi.repo_info(files_metadata=True)`` makes
+(``GET /api/{type}s/{repo}/revision/{rev}?blobs=true``), answers all of it, so no per-file HEAD
+request is needed before downloading. Everything in the answer comes from the network and is checked
+before use: the commit must be 40 hex digits (it becomes a folder name), every file name must stay
+inside the repo, sizes must be sane, checksums must be hex.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import quote
+
+import requests
 
 from . import constants
 from .endpoints import Endpoint, EndpointPool
@@ -116,12 +121,16 @@ def filter_files(
     return files
 
 
-def _parse_files(siblings: Iterable[object]) -> tuple[RemoteFile, ...]:
-    """Turn the listing's siblings into checked RemoteFiles. Anything unsafe aborts the listing."""
+def _parse_files(siblings: object) -> tuple[RemoteFile, ...]:
+    """Turn the listing's ``siblings`` into checked RemoteFiles. Anything unsafe aborts the listing."""
+    if not isinstance(siblings, list):
+        raise UnsafeListingError("server listing has no list of files")
     files: list[RemoteFile] = []
     seen: set[str] = set()
     for sibling in siblings:
-        name = getattr(sibling, "rfilename", None)
+        if not isinstance(sibling, dict):
+            raise UnsafeListingError(f"server listed a file entry that is not an object: {sibling!r:.80}")
+        name = sibling.get("rfilename")
         try:
             path = validate_relative_path(name)  # type: ignore[arg-type]
         except UnsafePathError as error:
@@ -131,14 +140,13 @@ def _parse_files(siblings: Iterable[object]) -> tuple[RemoteFile, ...]:
         if path.split("/")[0] == ".cache" or path in seen:
             raise UnsafeListingError(f"server listed a reserved or duplicate file name: {path!r}")
         seen.add(path)
-        size = getattr(sibling, "size", None)
-        lfs = getattr(sibling, "lfs", None)
-        oid = (lfs.sha256 if lfs is not None else getattr(sibling, "blob_id", None)) or ""
-        if lfs is not None and lfs.size is not None:
-            size = lfs.size
-        if not isinstance(size, int) or not 0 <= size < _MAX_FILE_SIZE:
-            raise UnsafeListingError(f"server listed an invalid size for {path!r}: {size!r}")
-        oid = oid.lower()
+        size, oid = sibling.get("size"), sibling.get("blobId")
+        lfs = sibling.get("lfs")
+        if isinstance(lfs, dict):
+            size, oid = lfs.get("size", size), lfs.get("sha256")
+        if type(size) is not int or not 0 <= size < _MAX_FILE_SIZE:
+            raise UnsafeListingError(f"server listed an invalid size for {path!r}: {size!r:.40}")
+        oid = oid.lower() if isinstance(oid, str) else ""
         if not (is_sha256(oid) or is_git_sha1(oid)):
             raise UnsafeListingError(f"server gave no usable checksum for {path!r}, so it cannot be verified")
         files.append(RemoteFile(path=path, size=size, oid=oid))
@@ -150,55 +158,26 @@ def _parse_files(siblings: Iterable[object]) -> tuple[RemoteFile, ...]:
     return tuple(files)
 
 
-def _is_transport_error(error: BaseException) -> bool:
-    """Connection refused, DNS failure, timeout, protocol error: the request never got an answer."""
-    module = type(error).__module__.split(".")[0]
-    return module.startswith(("httpx", "httpcore")) or isinstance(error, (ConnectionError, TimeoutError))
-
-
-def _map_hub_error(error: Exception, repo_id: str, revision: str, endpoint: str) -> HfMirrorError | None:
-    """A definite answer from the server as one of our errors; None for errors worth retrying."""
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        RepositoryNotFoundError,
-    )
-    from huggingface_hub.errors import (
-        RevisionNotFoundError as HubRevisionNotFoundError,
-    )
-
+def _definite_error(response: requests.Response, repo_id: str, revision: str, endpoint: str) -> HfMirrorError:
+    """A 4xx answer as one of our errors, following the Hub's ``X-Error-Code`` header."""
+    code = response.headers.get("X-Error-Code", "")
+    status = response.status_code
     token_hint = "if it is private or gated, pass --token or set HF_TOKEN"
-    if isinstance(error, GatedRepoError):
+    if code == "GatedRepo":
         return AccessDeniedError(f"{repo_id} is gated on {endpoint}: accept its terms, then pass --token")
-    if isinstance(error, RepositoryNotFoundError):
+    if code == "RepoNotFound" or (status == 404 and not code):
         return RepoNotFoundError(f"repository {repo_id!r} not found on {endpoint} ({token_hint})")
-    if isinstance(error, HubRevisionNotFoundError):
+    if code == "RevisionNotFound":
         return RevisionNotFoundError(f"revision {revision!r} not found in {repo_id} on {endpoint}")
-    if isinstance(error, HfHubHTTPError):
-        status = error.response.status_code if error.response is not None else None
-        if status in (401, 403):
-            return AccessDeniedError(
-                f"access to {repo_id} denied by {endpoint} (HTTP {status}; {token_hint})"
-            )
-        if status == 404:
-            return RepoNotFoundError(f"repository {repo_id!r} not found on {endpoint} ({token_hint})")
-        if status in RETRYABLE_STATUS:
-            return None
-        return RemoteError(f"{endpoint} answered HTTP {status} for {repo_id}")
-    return None
+    if status in (401, 403):
+        return AccessDeniedError(f"access to {repo_id} denied by {endpoint} (HTTP {status}; {token_hint})")
+    return RemoteError(f"{endpoint} answered HTTP {status} for {repo_id}")
 
 
-def _list_once(endpoint: Endpoint, repo_id: str, repo_type: str, revision: str, token: str | None):
-    from huggingface_hub import HfApi
-
-    api = HfApi(endpoint=endpoint.url, token=token or False, library_name="hfmirror")
-    return api.repo_info(
-        repo_id,
-        revision=revision,
-        repo_type=repo_type,
-        files_metadata=True,
-        timeout=constants.CONNECT_TIMEOUT * 3,
-    )
+def _info_url(endpoint: Endpoint, repo_id: str, repo_type: str, revision: str) -> str:
+    """``GET {E}/api/{type}s/{repo}/revision/{rev}?blobs=true``: what HfApi.repo_info(files_metadata=True)
+    asks for."""
+    return f"{endpoint.url}/api/{repo_type}s/{repo_id}/revision/{quote(revision, safe='')}?blobs=true"
 
 
 def list_repo(
@@ -208,61 +187,88 @@ def list_repo(
     repo_type: str,
     revision: str,
     token: str | None,
+    session: requests.Session,
 ) -> RepoListing:
     """Ask the endpoints, in failover order, what the repository holds at ``revision``.
 
-    A definite answer (not found, access denied) ends the search; an endpoint that cannot be reached or
-    keeps failing is passed over for the next. The endpoint that answers becomes the pool's current one.
+    The call is the one ``HfApi.repo_info(files_metadata=True)`` makes, sent with the same session
+    (proxies, certificates, retry policy, rate governor) as the downloads, rather than through a second
+    HTTP stack. A definite answer (not found, access denied) ends the search; an endpoint that cannot
+    be reached or keeps failing is passed over for the next. The endpoint that answers becomes the
+    pool's current one.
 
     Raises:
         RepoNotFoundError, RevisionNotFoundError, AccessDeniedError, UnsafeListingError, NetworkError.
     """
-    from huggingface_hub.errors import HfHubHTTPError
-
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     last_problem = "no endpoint tried"
     for endpoint in pool.endpoints:
-        for attempt in range(constants.MAX_RETRIES):
+        failures = 0
+        while failures < constants.MAX_RETRIES:
             endpoint.governor.acquire()
             try:
                 endpoint.requests += 1
-                info = _list_once(endpoint, repo_id, repo_type, revision, token)
-            except Exception as error:  # classified below: definite, retryable, or a bug
-                definite = _map_hub_error(error, repo_id, revision, endpoint.url)
-                if definite is not None:
-                    raise definite from None
-                if isinstance(error, HfHubHTTPError) and error.response is not None:
-                    status = error.response.status_code
-                    last_problem = f"{endpoint.url} answered HTTP {status}"
-                    delay = server_requested_delay(error.response.headers)
-                    if status in (429, 503):
-                        endpoint.rate_limited += 1
-                        endpoint.governor.on_overloaded(min(delay or 1.0, constants.MAX_RETRY_AFTER))
-                        continue
-                    time.sleep(backoff_delay(attempt))
-                    continue
-                if not _is_transport_error(error):
-                    raise
+                response = session.get(
+                    _info_url(endpoint, repo_id, repo_type, revision),
+                    headers=headers,
+                    timeout=(constants.CONNECT_TIMEOUT, constants.CONNECT_TIMEOUT * 3),
+                )
+                body = response.content
+            except requests.RequestException as error:
+                failures += 1
                 last_problem = f"{endpoint.url} unreachable ({type(error).__name__})"
                 logger.info("listing %s on %s failed: %s", repo_id, endpoint.url, error)
-                if attempt + 1 >= pool.failover_after:
+                if failures >= pool.failover_after:
                     break
-                time.sleep(backoff_delay(attempt))
+                time.sleep(backoff_delay(failures))
                 continue
             finally:
                 endpoint.governor.release()
-            commit = (info.sha or "").lower()
-            if not is_git_sha1(commit):
-                raise UnsafeListingError(
-                    f"{endpoint.url} gave an invalid commit id for {repo_id}: {info.sha!r}"
+            status = response.status_code
+            if status in (429, 503):
+                endpoint.rate_limited += 1
+                delay = server_requested_delay(response.headers)
+                endpoint.governor.on_overloaded(
+                    min(delay if delay is not None else 1.0, constants.MAX_RETRY_AFTER)
                 )
-            pool.use(endpoint)
-            return RepoListing(
-                repo_id=repo_id,
-                repo_type=repo_type,
-                revision=revision,
-                commit=commit,
-                files=_parse_files(info.siblings or []),
-                endpoint=endpoint.url,
-            )
+                failures += 1
+                last_problem = f"{endpoint.url} answered HTTP {status}"
+                continue
+            if status in RETRYABLE_STATUS:
+                failures += 1
+                last_problem = f"{endpoint.url} answered HTTP {status}"
+                time.sleep(backoff_delay(failures))
+                continue
+            if status >= 400:
+                raise _definite_error(response, repo_id, revision, endpoint.url)
+            return _parse_listing(body, endpoint, repo_id, repo_type, revision)
         logger.warning("giving up on %s: %s", endpoint.url, last_problem)
     raise NetworkError(f"no endpoint reachable for {repo_id}: {last_problem}")
+
+
+def _parse_listing(
+    body: bytes, endpoint: Endpoint, repo_id: str, repo_type: str, revision: str
+) -> RepoListing:
+    try:
+        info = json.loads(body)
+    except ValueError:
+        raise UnsafeListingError(f"{endpoint.url} sent a listing for {repo_id} that is not JSON") from None
+    if not isinstance(info, dict):
+        raise UnsafeListingError(f"{endpoint.url} sent a listing for {repo_id} that is not a JSON object")
+    commit = info.get("sha")
+    commit = commit.lower() if isinstance(commit, str) else ""
+    if not is_git_sha1(commit):
+        raise UnsafeListingError(
+            f"{endpoint.url} gave an invalid commit id for {repo_id}: {info.get('sha')!r:.60}"
+        )
+    files = _parse_files(info.get("siblings", []))
+    return RepoListing(
+        repo_id=repo_id,
+        repo_type=repo_type,
+        revision=revision,
+        commit=commit,
+        files=files,
+        endpoint=endpoint.url,
+    )

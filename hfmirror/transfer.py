@@ -2,11 +2,11 @@
 
 How a file is fetched
 ---------------------
-The file is cut into **segments** ``[start, end)``; each remembers ``pos``, how far it has been written.
-Worker threads each take a segment, ask for ``Range: bytes=pos-(end-1)``, and write what arrives at
-its offset with ``os.pwrite``. A worker that runs out of segments takes the second half of the largest
-one still running (the *slow-tail re-split*), so the last few percent never crawl along one slow
-connection.
+The file is cut into **segments** ``[start, end)`` (pieces of a few MiB to 64 MiB); each remembers
+``pos``, how far it has been written. Worker threads take segments in file order, ask for
+``Range: bytes=pos-(end-1)``, and write what arrives at its offset with ``os.pwrite``. A worker that
+runs out of segments takes the second half of the largest one still running (the *slow-tail
+re-split*), so the last few percent never crawl along one slow connection.
 
 How it resumes
 --------------
@@ -67,7 +67,7 @@ _HASH_BLOCK = 8 * 1024 * 1024
 
 @dataclass
 class Segment:
-    """Bytes ``[start, end)`` of the file, of which ``[start, pos)`` are written."""
+    """Bytes ``[start, end)`` of the file (a piece), of which ``[start, pos)`` are written."""
 
     start: int
     pos: int
@@ -123,11 +123,18 @@ class ResumeState:
 
     @classmethod
     def fresh(cls, path: Path, file: RemoteFile, connections: int) -> ResumeState:
-        """Cut the file into ``connections`` segments (one for small files)."""
+        """Cut the file into pieces, taken by the connections in file order (one piece for small files).
+
+        About ``PIECES_PER_CONNECTION`` pieces per connection (each MIN_SEGMENT to MAX_PIECE bytes):
+        since connections take them in order, the finished prefix, which is what gets hashed while
+        downloading, trails the newest byte by only a few pieces, so little is left to hash at the end.
+        """
         size = file.size
         count = 1
         if size >= constants.MULTI_CONNECTION_THRESHOLD:
-            count = max(1, min(connections, size // constants.MIN_SEGMENT))
+            piece = size // (connections * constants.PIECES_PER_CONNECTION)
+            piece = min(max(piece, constants.MIN_SEGMENT), constants.MAX_PIECE)
+            count = max(1, size // piece)
         bounds = [size * i // count for i in range(count + 1)]
         return cls(path, file, [Segment(a, a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a])
 
@@ -362,12 +369,18 @@ class FileTransfer:
         return max(1, min(self.options.connections, max(open_segments, splittable)))
 
     def _hash_up_to(self, hasher: ContentHasher, hashed: int, upto: int) -> int:
+        start = hashed
         while hashed < upto:
             block = os.pread(self._fd, min(_HASH_BLOCK, upto - hashed), hashed)
             if not block:
                 raise StorageError(f"{self.partial_path}: could not read back what was written")
             hasher.update(block)
             hashed += len(block)
+        if hashed > start and hasattr(os, "posix_fadvise"):
+            # Hashed bytes are not needed again: start writing them to disk now (so the final fsync
+            # has little left to do) and let the page cache forget them (a 15 GB model need not
+            # push everything else out of memory).
+            os.posix_fadvise(self._fd, start, hashed - start, os.POSIX_FADV_DONTNEED)
         return hashed
 
     def _checkpoint(self) -> None:

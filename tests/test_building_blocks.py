@@ -211,8 +211,13 @@ def test_resume_state_round_trip_and_rejects_damage(tmp_path: Path) -> None:
     file = RemoteFile("w.bin", 100 << 20, "a" * 64)
     path = tmp_path / "w.json"
     state = ResumeState.fresh(path, file, connections=4)
-    assert len(state.segments) == 4
-    assert sum(s.end - s.start for s in state.segments) == file.size
+    # Pieces in file order, covering the file, each within [MIN_SEGMENT, MAX_PIECE].
+    assert len(state.segments) >= 4
+    assert [s.start for s in state.segments] == sorted(s.start for s in state.segments)
+    assert all(a.end == b.start for a, b in zip(state.segments, state.segments[1:]))
+    assert state.segments[0].start == 0 and state.segments[-1].end == file.size
+    assert all(constants.MIN_SEGMENT <= s.end - s.start <= constants.MAX_PIECE for s in state.segments)
+    assert len(ResumeState.fresh(path, RemoteFile("s", 1000, "a" * 64), connections=4).segments) == 1
     state.segments[0].pos += 1000
     ResumeState.write(path, state.snapshot())
     loaded = ResumeState.load(path, file)
