@@ -16,8 +16,11 @@ MULTI_CONNECTION_THRESHOLD = 16 * 1024 * 1024
 PIECES_PER_CONNECTION = 8
 # Piece sizes stay within [MIN_SEGMENT, MAX_PIECE]; each piece is one ranged request.
 MAX_PIECE = 64 * 1024 * 1024
-# A running segment is split in two (the "slow tail" re-split) only if both halves keep at least this.
+# Pieces are at least this large.
 MIN_SEGMENT = 4 * 1024 * 1024
+# A running segment is split in two (the "slow tail" re-split) only if both halves keep at least this:
+# small enough that no connection idles for long at the end, large enough to be worth a request.
+MIN_SPLIT = 1024 * 1024
 # How much one read from the socket asks for.
 READ_BLOCK = 1024 * 1024
 

@@ -212,6 +212,21 @@ class _StartOver(Exception):
 _TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
 
 
+class _Attempt:
+    """One pass over the file: its own segment table, file descriptor, stop flag and error slot.
+
+    Workers only ever touch their own attempt, so a worker still finishing a read for an attempt that
+    has ended can neither stop, nor fail, nor write into the next one.
+    """
+
+    def __init__(self, state: ResumeState, fd: int) -> None:
+        self.state = state
+        self.fd = fd
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.workers: list[threading.Thread] = []
+
+
 class FileTransfer:
     """Downloads one RemoteFile into ``partial_path`` and verifies it.
 
@@ -244,8 +259,6 @@ class FileTransfer:
         self.on_bytes = on_bytes
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._error: BaseException | None = None
-        self._stop = threading.Event()
 
     # ------------------------------------------------------------------ the file as a whole
 
@@ -303,75 +316,87 @@ class FileTransfer:
 
     def _fetch(self, state: ResumeState) -> str:
         """Run the workers until every segment is written; hash along the way; return the digest."""
-        self._error = None
-        self._stop.clear()
-        self._state = state
         hasher = ContentHasher(self.file.oid, self.file.size)
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0)
         try:
             fd = os.open(self.partial_path, flags, 0o644)
         except OSError as error:
             raise StorageError(f"cannot write {self.partial_path}: {error.strerror}") from None
+        attempt = _Attempt(state, fd)
         try:
             if os.fstat(fd).st_size != self.file.size:
                 os.ftruncate(fd, self.file.size)  # sparse: the blocks are written as bytes arrive
-            self._fd = fd
             hashed = 0
-            workers = [
-                threading.Thread(target=self._worker, name=f"hfmirror-{self.file.path}-{i}", daemon=True)
+            attempt.workers = [
+                threading.Thread(
+                    target=self._worker, args=(attempt,), name=f"hfmirror-{self.file.path}-{i}", daemon=True
+                )
                 for i in range(self._worker_count(state))
             ]
-            for worker in workers:
+            for worker in attempt.workers:
                 worker.start()
             last_checkpoint, saved_bytes = time.monotonic(), state.done_bytes
             while True:
                 with self._wake:
-                    if (
-                        self._error is None
-                        and any(w.is_alive() for w in workers)
-                        and not self.cancel.is_set()
-                    ):
+                    running = any(w.is_alive() for w in attempt.workers)
+                    if attempt.error is None and running and not self.cancel.is_set():
                         self._wake.wait(timeout=0.2)
                     prefix = state.prefix_end()
-                hashed = self._hash_up_to(hasher, hashed, prefix)
-                if self._error is not None or self.cancel.is_set():
-                    self._stop.set()
-                    self._checkpoint()
-                    if isinstance(self._error, (_StartOver, HfMirrorError)):
-                        raise self._error
-                    if self._error is not None:
-                        raise self._error
+                hashed = self._hash_up_to(attempt, hasher, hashed, prefix)
+                if attempt.error is not None or self.cancel.is_set():
+                    attempt.stop.set()
+                    self._checkpoint(attempt)
+                    if attempt.error is not None:
+                        raise attempt.error
                     raise DownloadInterrupted("interrupted")
-                if not any(w.is_alive() for w in workers):
+                if not any(w.is_alive() for w in attempt.workers):
                     break
                 done = state.done_bytes
                 if (
                     time.monotonic() - last_checkpoint >= constants.CHECKPOINT_INTERVAL
                     or done - saved_bytes >= constants.CHECKPOINT_BYTES
                 ):
-                    self._checkpoint()
+                    self._checkpoint(attempt)
                     last_checkpoint, saved_bytes = time.monotonic(), done
             if state.prefix_end() != self.file.size:  # workers ended with bytes missing: should not happen
-                self._checkpoint()
+                self._checkpoint(attempt)
                 raise NetworkError(f"{self.file.path}: transfer ended early")
-            hashed = self._hash_up_to(hasher, hashed, self.file.size)
+            hashed = self._hash_up_to(attempt, hasher, hashed, self.file.size)
             os.fsync(fd)
-            self._checkpoint()
+            self._checkpoint(attempt)
             return hasher.hexdigest()
         finally:
-            os.close(fd)
+            self._end(attempt)
+
+    def _end(self, attempt: _Attempt) -> None:
+        """Stop the attempt's workers and close its file once none of them can write to it any more.
+
+        A worker blocked in a read returns within the stall timeout. If one is still alive after that
+        (or after a short wait when the user interrupted), the descriptor is left open rather than
+        closed: a closed descriptor number can be reused by another file, which the worker would then
+        write into.
+        """
+        attempt.stop.set()
+        patience = 2.0 if self.cancel.is_set() else self.options.stall_timeout + constants.CONNECT_TIMEOUT
+        deadline = time.monotonic() + patience
+        for worker in attempt.workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        if any(worker.is_alive() for worker in attempt.workers):
+            logger.warning("%s: a connection did not stop in time; leaving its file open", self.file.path)
+            return
+        os.close(attempt.fd)
 
     def _worker_count(self, state: ResumeState) -> int:
-        if not state.ranges_supported:
-            return 1
+        if not state.ranges_supported or self.file.size < constants.MULTI_CONNECTION_THRESHOLD:
+            return 1  # small files: one request each, politer to a rate-limiting mirror
         open_segments = sum(1 for s in state.segments if s.remaining > 0)
-        splittable = sum(s.remaining for s in state.segments) // constants.MIN_SEGMENT
+        splittable = sum(s.remaining for s in state.segments) // constants.MIN_SPLIT
         return max(1, min(self.options.connections, max(open_segments, splittable)))
 
-    def _hash_up_to(self, hasher: ContentHasher, hashed: int, upto: int) -> int:
+    def _hash_up_to(self, attempt: _Attempt, hasher: ContentHasher, hashed: int, upto: int) -> int:
         start = hashed
         while hashed < upto:
-            block = os.pread(self._fd, min(_HASH_BLOCK, upto - hashed), hashed)
+            block = os.pread(attempt.fd, min(_HASH_BLOCK, upto - hashed), hashed)
             if not block:
                 raise StorageError(f"{self.partial_path}: could not read back what was written")
             hasher.update(block)
@@ -380,25 +405,25 @@ class FileTransfer:
             # Hashed bytes are not needed again: start writing them to disk now (so the final fsync
             # has little left to do) and let the page cache forget them (a 15 GB model need not
             # push everything else out of memory).
-            os.posix_fadvise(self._fd, start, hashed - start, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(attempt.fd, start, hashed - start, os.POSIX_FADV_DONTNEED)
         return hashed
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, attempt: _Attempt) -> None:
         """Save the segment table, after making sure the bytes it claims are on disk."""
         with self._lock:
-            snapshot = self._state.snapshot()
+            snapshot = attempt.state.snapshot()
         try:
-            os.fdatasync(self._fd) if hasattr(os, "fdatasync") else os.fsync(self._fd)
+            os.fdatasync(attempt.fd) if hasattr(os, "fdatasync") else os.fsync(attempt.fd)
             ResumeState.write(self.state_path, snapshot)
         except OSError as error:
             logger.warning("could not save resume state for %s: %s", self.file.path, error)
 
     # ------------------------------------------------------------------ segments and workers
 
-    def _claim(self) -> Segment | None:
+    def _claim(self, attempt: _Attempt) -> Segment | None:
         """The next segment to work on: an unclaimed one, else the far half of the largest running one."""
         with self._lock:
-            state = self._state
+            state = attempt.state
             waiting = [s for s in state.segments if not s.claimed and s.remaining > 0]
             if waiting:
                 segment = min(waiting, key=lambda s: s.start)
@@ -406,7 +431,7 @@ class FileTransfer:
                 return segment
             if not state.ranges_supported:
                 return None
-            running = [s for s in state.segments if s.claimed and s.remaining >= 2 * constants.MIN_SEGMENT]
+            running = [s for s in state.segments if s.claimed and s.remaining >= 2 * constants.MIN_SPLIT]
             if not running:
                 return None
             largest = max(running, key=lambda s: s.remaining)
@@ -416,38 +441,38 @@ class FileTransfer:
             state.segments.append(tail)
             return tail
 
-    def _worker(self) -> None:
+    def _worker(self, attempt: _Attempt) -> None:
         try:
-            while not self._stop.is_set() and not self.cancel.is_set():
-                segment = self._claim()
+            while not attempt.stop.is_set() and not self.cancel.is_set():
+                segment = self._claim(attempt)
                 if segment is None:
                     return
                 try:
-                    self._fetch_segment(segment)
+                    self._fetch_segment(attempt, segment)
                 finally:
                     with self._lock:
                         segment.claimed = False
         except BaseException as error:  # handed to the coordinator, which raises it
             with self._wake:
-                if self._error is None:
-                    self._error = error
+                if attempt.error is None and not attempt.stop.is_set():
+                    attempt.error = error
                 self._wake.notify_all()
         finally:
             with self._wake:
                 self._wake.notify_all()
 
-    def _fetch_segment(self, segment: Segment) -> None:
+    def _fetch_segment(self, attempt: _Attempt, segment: Segment) -> None:
         """Fill ``segment``, retrying failed requests with backoff; give up after MAX_RETRIES in a row."""
         failures = 0
-        while segment.remaining > 0 and not self._stop.is_set() and not self.cancel.is_set():
+        while segment.remaining > 0 and not attempt.stop.is_set() and not self.cancel.is_set():
             endpoint = self.pool.current
-            endpoint.governor.acquire(self.cancel)
-            if self.cancel.is_set():
+            endpoint.governor.acquire(attempt.stop)
+            if attempt.stop.is_set():
                 endpoint.governor.release()
                 return
             start_pos = segment.pos
             try:
-                self._request_segment(endpoint, segment)
+                self._request_segment(attempt, endpoint, segment)
                 endpoint.governor.on_success()
                 self.pool.report_success(endpoint)
                 failures = 0
@@ -462,13 +487,13 @@ class FileTransfer:
                     ) from None
                 delay = problem.delay if problem.delay is not None else backoff_delay(failures)
                 logger.info("%s: %s; retrying in %.1fs", self.file.path, problem, delay)
-                self.cancel.wait(delay)
+                attempt.stop.wait(delay)  # set on Ctrl-C too, by the coordinator
             finally:
                 endpoint.governor.release()
 
-    def _request_segment(self, endpoint: Endpoint, segment: Segment) -> int:
+    def _request_segment(self, attempt: _Attempt, endpoint: Endpoint, segment: Segment) -> int:
         """One GET for the rest of ``segment``. Returns the bytes written; raises _Retry or worse."""
-        state = self._state
+        state = attempt.state
         url = endpoint.resolve_url(
             self.listing.repo_type, self.listing.repo_id, self.listing.commit, self.file.path
         )
@@ -494,15 +519,20 @@ class FileTransfer:
         except _TRANSPORT_ERRORS as error:
             raise _Retry(f"{type(error).__name__} from {endpoint.host}", endpoint_failed=True) from None
         with response:
-            self._check_status(endpoint, response, segment, headers)
+            self._check_status(attempt, endpoint, response, segment, headers)
             try:
-                written = self._stream_into(response, segment)
+                written = self._stream_into(attempt, response, segment)
             except _TRANSPORT_ERRORS as error:
                 raise _Retry(f"connection lost after {written} bytes ({type(error).__name__})") from None
         return written
 
     def _check_status(
-        self, endpoint: Endpoint, response: requests.Response, segment: Segment, sent: dict[str, str]
+        self,
+        attempt: _Attempt,
+        endpoint: Endpoint,
+        response: requests.Response,
+        segment: Segment,
+        sent: dict[str, str],
     ) -> None:
         status = response.status_code
         if status in (429, 503):
@@ -537,7 +567,7 @@ class FileTransfer:
         if etag and not etag.startswith("W/"):
             # Whoever answered last (the endpoint or its CDN) checks If-Range against this value.
             with self._lock:
-                self._state.validators.setdefault(endpoint.host, etag)
+                attempt.state.validators.setdefault(endpoint.host, etag)
 
     def _check_identity(self, response: requests.Response) -> None:
         """If the endpoint names the content (a hex ETag or X-Linked-Etag), it must be what was listed.
@@ -553,14 +583,14 @@ class FileTransfer:
                     raise _StartOver(f"server now serves different content ({header} {value})")
                 return
 
-    def _stream_into(self, response: requests.Response, segment: Segment) -> int:
+    def _stream_into(self, attempt: _Attempt, response: requests.Response, segment: Segment) -> int:
         """Copy the body into the file at ``segment.pos`` until the segment (which may shrink) is full."""
         raw = response.raw
         written = 0
         while True:
             with self._lock:
                 want = min(constants.READ_BLOCK, segment.end - segment.pos)
-            if want <= 0 or self._stop.is_set() or self.cancel.is_set():
+            if want <= 0 or attempt.stop.is_set() or self.cancel.is_set():
                 return written
             block = raw.read(want, decode_content=False)
             if not block:
@@ -569,10 +599,10 @@ class FileTransfer:
                 # A re-split may have moved `end` closer; never write past it.
                 usable = min(len(block), segment.end - segment.pos)
                 offset = segment.pos
-            if usable <= 0:
+            if usable <= 0 or attempt.stop.is_set():  # this attempt ended while we were reading
                 return written
             try:
-                os.pwrite(self._fd, memoryview(block)[:usable], offset)
+                os.pwrite(attempt.fd, memoryview(block)[:usable], offset)
             except OSError as error:
                 if error.errno == errno.ENOSPC:
                     raise StorageError(
