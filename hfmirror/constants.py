@@ -21,14 +21,16 @@ MIN_SEGMENT = 4 * 1024 * 1024
 # A running segment is split in two (the "slow tail" re-split) only if both halves keep at least this:
 # small enough that no connection idles for long at the end, large enough to be worth a request.
 MIN_SPLIT = 1024 * 1024
-# How much one read from the socket asks for.
-READ_BLOCK = 1024 * 1024
+# ... and only if, at the speed its connection has shown, the segment still needs this many seconds.
+SPLIT_IF_SECONDS_LEFT = 0.5
+# How much one read from the socket asks for (also the most a connection holds unwritten in memory).
+READ_BLOCK = 256 * 1024
 
 # Partial-download state is saved every CHECKPOINT_BYTES of new data or CHECKPOINT_INTERVAL seconds,
 # whichever comes first: the most a kill -9 can lose is what arrived since the last save (plus what
-# was in flight), however fast the link. Each save flushes the data first (a few ms per 8 MiB here).
+# was in flight), however fast the link. Each save flushes the data first (a few ms per 4 MiB here).
 CHECKPOINT_INTERVAL = 0.5
-CHECKPOINT_BYTES = 8 * 1024 * 1024
+CHECKPOINT_BYTES = 4 * 1024 * 1024
 
 CONNECT_TIMEOUT = 10.0
 # No byte for this long on an open connection means it has stalled: drop it and resume.

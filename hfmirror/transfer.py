@@ -73,10 +73,23 @@ class Segment:
     pos: int
     end: int
     claimed: bool = False
+    claimed_at: float = 0.0  # when a worker took it, and how far it was then: its speed since
+    claimed_pos: int = 0
 
     @property
     def remaining(self) -> int:
         return self.end - self.pos
+
+    def claim(self) -> None:
+        self.claimed, self.claimed_at, self.claimed_pos = True, time.monotonic(), self.pos
+
+    def seconds_left(self, now: float) -> float:
+        """How long the rest will take at the speed seen so far (0 until there is a fair measure)."""
+        elapsed = now - self.claimed_at
+        done = self.pos - self.claimed_pos
+        if elapsed < 0.2 or done <= 0:
+            return 0.0 if elapsed < 0.2 else float("inf")
+        return self.remaining / (done / elapsed)
 
 
 @dataclass
@@ -421,23 +434,34 @@ class FileTransfer:
     # ------------------------------------------------------------------ segments and workers
 
     def _claim(self, attempt: _Attempt) -> Segment | None:
-        """The next segment to work on: an unclaimed one, else the far half of the largest running one."""
+        """The next segment to work on: an unclaimed one, else the far half of a slow running one."""
         with self._lock:
             state = attempt.state
             waiting = [s for s in state.segments if not s.claimed and s.remaining > 0]
             if waiting:
                 segment = min(waiting, key=lambda s: s.start)
-                segment.claimed = True
+                segment.claim()
                 return segment
             if not state.ranges_supported:
                 return None
-            running = [s for s in state.segments if s.claimed and s.remaining >= 2 * constants.MIN_SPLIT]
-            if not running:
+            # Split only where it pays: a segment big enough to halve that, at the speed its connection
+            # has shown, still needs a while. On a fast link splitting would only throw away the bytes
+            # already in flight past the new end.
+            now = time.monotonic()
+            slow = [
+                s
+                for s in state.segments
+                if s.claimed
+                and s.remaining >= 2 * constants.MIN_SPLIT
+                and s.seconds_left(now) > constants.SPLIT_IF_SECONDS_LEFT
+            ]
+            if not slow:
                 return None
-            largest = max(running, key=lambda s: s.remaining)
-            middle = largest.pos + largest.remaining // 2
-            tail = Segment(middle, middle, largest.end, claimed=True)
-            largest.end = middle
+            slowest = max(slow, key=lambda s: s.seconds_left(now))
+            middle = slowest.pos + slowest.remaining // 2
+            tail = Segment(middle, middle, slowest.end)
+            tail.claim()
+            slowest.end = middle
             state.segments.append(tail)
             return tail
 
@@ -446,7 +470,12 @@ class FileTransfer:
             while not attempt.stop.is_set() and not self.cancel.is_set():
                 segment = self._claim(attempt)
                 if segment is None:
-                    return
+                    with self._lock:
+                        unfinished = any(s.remaining > 0 for s in attempt.state.segments)
+                    if not unfinished or not attempt.state.ranges_supported:
+                        return
+                    attempt.stop.wait(0.1)  # others are still at it: look again for a slow one to split
+                    continue
                 try:
                     self._fetch_segment(attempt, segment)
                 finally:

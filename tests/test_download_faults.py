@@ -28,7 +28,9 @@ from hfmirror.errors import (
     StorageError,
     UnsafeListingError,
 )
+from hfmirror.listing import RemoteFile
 from hfmirror.server.app import ServerThread
+from hfmirror.transfer import ResumeState
 from tests.support import make_repo
 
 LARGE = 6 * 1024 * 1024 + 12345  # several segments with the small MIN_SEGMENT below
@@ -163,12 +165,28 @@ def test_several_connections_per_file_run_at_once(fault_server, faults, faulty_r
     assert most >= 3
 
 
-def test_the_slow_tail_is_split_across_connections(fault_server, faults, faulty_repo, tmp_path) -> None:
-    # The first range is crawling; the others finish and must take over half of what it has left.
-    faults.limit_bandwidth(400_000, path=f"*/{WEIGHTS}", times=1)
+def test_the_slow_tail_is_split_across_connections(fault_server, faults, faulty_repo, tmp_path, monkeypatch):
+    # The first piece crawls; the other connection finishes the rest and must take over half of what
+    # the slow one has left, again and again: more requests than there are pieces.
+    monkeypatch.setattr(constants, "MIN_SPLIT", 128 * 1024)
+    faults.limit_bandwidth(300_000, path=f"*/{WEIGHTS}", times=1)
     result = fetch(fault_server, tmp_path, connections=2)
     assert_identical(result, faulty_repo)
-    assert len(weights_gets(faults)) >= 3  # 2 initial segments + at least one split-off tail
+    pieces = ResumeState.fresh(tmp_path / "x", RemoteFile(WEIGHTS, LARGE, "a" * 64), connections=2).segments
+    gets = weights_gets(faults)
+    piece_starts = {s.start for s in pieces}
+    split_starts = [r.range for r in gets if r.range and int(r.range.split("=")[1].split("-")[0]) not in piece_starts]
+    assert split_starts, [r.range for r in gets]
+
+
+def test_a_fast_link_is_not_split(fault_server, faults, faulty_repo, tmp_path, monkeypatch) -> None:
+    """Splitting a segment that is about to finish only wastes the bytes in flight past the cut."""
+    monkeypatch.setattr(constants, "MIN_SPLIT", 128 * 1024)
+    result = fetch(fault_server, tmp_path, connections=2)
+    assert_identical(result, faulty_repo)
+    pieces = ResumeState.fresh(tmp_path / "x", RemoteFile(WEIGHTS, LARGE, "a" * 64), connections=2).segments
+    assert len(weights_gets(faults)) == len(pieces)
+    assert faults.bytes_sent(f"*/{WEIGHTS}") == LARGE
 
 
 # ------------------------------------------------------------------------------ faults that last
