@@ -238,6 +238,7 @@ class _Attempt:
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.workers: list[threading.Thread] = []
+        self.unsaved = 0  # bytes written since the last checkpoint
 
 
 class FileTransfer:
@@ -348,11 +349,13 @@ class FileTransfer:
             ]
             for worker in attempt.workers:
                 worker.start()
-            last_checkpoint, saved_bytes = time.monotonic(), state.done_bytes
+            last_checkpoint = time.monotonic()
             while True:
                 with self._wake:
                     running = any(w.is_alive() for w in attempt.workers)
-                    if attempt.error is None and running and not self.cancel.is_set():
+                    # Sleep unless there is work already (a wake-up may have come while we hashed).
+                    idle = state.prefix_end() == hashed and attempt.unsaved < constants.CHECKPOINT_BYTES
+                    if idle and attempt.error is None and running and not self.cancel.is_set():
                         self._wake.wait(timeout=0.2)
                     prefix = state.prefix_end()
                 hashed = self._hash_up_to(attempt, hasher, hashed, prefix)
@@ -364,13 +367,12 @@ class FileTransfer:
                     raise DownloadInterrupted("interrupted")
                 if not any(w.is_alive() for w in attempt.workers):
                     break
-                done = state.done_bytes
                 if (
                     time.monotonic() - last_checkpoint >= constants.CHECKPOINT_INTERVAL
-                    or done - saved_bytes >= constants.CHECKPOINT_BYTES
+                    or attempt.unsaved >= constants.CHECKPOINT_BYTES
                 ):
                     self._checkpoint(attempt)
-                    last_checkpoint, saved_bytes = time.monotonic(), done
+                    last_checkpoint = time.monotonic()
             if state.prefix_end() != self.file.size:  # workers ended with bytes missing: should not happen
                 self._checkpoint(attempt)
                 raise NetworkError(f"{self.file.path}: transfer ended early")
@@ -425,6 +427,7 @@ class FileTransfer:
         """Save the segment table, after making sure the bytes it claims are on disk."""
         with self._lock:
             snapshot = attempt.state.snapshot()
+            attempt.unsaved = 0
         try:
             os.fdatasync(attempt.fd) if hasattr(os, "fdatasync") else os.fsync(attempt.fd)
             ResumeState.write(self.state_path, snapshot)
@@ -640,7 +643,11 @@ class FileTransfer:
                 raise StorageError(f"cannot write {self.partial_path}: {error.strerror}") from None
             with self._wake:
                 segment.pos += usable
-                self._wake.notify_all()
+                attempt.unsaved += usable
+                # Wake the coordinator only when it has something to do: a finished piece may extend
+                # the prefix it hashes, and enough unsaved bytes call for a checkpoint.
+                if segment.remaining <= 0 or attempt.unsaved >= constants.CHECKPOINT_BYTES:
+                    self._wake.notify_all()
             written += usable
             self.stats.add(bytes_fetched=usable)
             self.on_bytes(usable)
