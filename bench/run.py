@@ -224,6 +224,7 @@ def _summarise_downloads(runs: dict[str, list[dict]]) -> dict[str, dict[str, Any
             "runs": len(items),
             "ok_runs": len(good),
             "seconds": bl.median([r["seconds"] for r in good]),
+            "best_seconds": min((r["seconds"] for r in good), default=None),
             "mib_per_s": bl.median([r["mib_per_s"] for r in good]),
             "client_cpu": bl.median([r["client_cpu"] for r in good]),
             "server_cpu": bl.median([r["server_cpu"] for r in good if r["server_cpu"] is not None]),
@@ -237,13 +238,19 @@ def _summarise_downloads(runs: dict[str, list[dict]]) -> dict[str, dict[str, Any
 
 
 def _ratio_goal(summary: dict, tool: str, at_least: float, text: str) -> dict[str, Any]:
-    """A goal row 'hfmirror speed >= at_least x tool speed'."""
+    """A goal row 'hfmirror speed >= at_least x tool speed'.
+
+    Met only if it holds both for the medians and for each tool's best run: on a noisy machine one
+    slow run of the other tool can move a median of three, and a goal should not be met by luck.
+    """
     ratio = summary.get(tool, {}).get("hfmirror_speedup")
-    return {
-        "goal": text,
-        "measured": f"{bl.fmt(ratio)}x" if ratio else "not measured",
-        "met": None if ratio is None else ratio >= at_least,
-    }
+    ours, theirs = summary.get("hfmirror", {}).get("best_seconds"), summary.get(tool, {}).get("best_seconds")
+    best = theirs / ours if ours and theirs else None
+    if ratio is None:
+        return {"goal": text, "measured": "not measured", "met": None}
+    measured = f"{bl.fmt(ratio)}x median" + (f", {bl.fmt(best)}x best run vs best run" if best else "")
+    met = ratio >= at_least and (best is None or best >= at_least)
+    return {"goal": text, "measured": measured, "met": met}
 
 
 def scenario_large(ctx: Context) -> dict[str, Any]:
@@ -333,6 +340,7 @@ def scenario_small(ctx: Context, max_rps: float = 50) -> dict[str, Any]:
             "runs": len(items),
             "ok_runs": sum(r["ok"] for r in items),
             "seconds": bl.median([r["seconds"] for r in good]),
+            "best_seconds": min((r["seconds"] for r in good), default=None),
             "429": bl.median([r["429"] for r in good]),
             "requests": bl.median([r["requests"] for r in good]),
             "client_cpu": bl.median([r["client_cpu"] for r in good]),
