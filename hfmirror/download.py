@@ -24,7 +24,7 @@ import queue
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +78,8 @@ class DownloadResult:
     retries: int = 0
     rate_limited: int = 0
     verify_failures: int = 0
+    restarts: int = 0
     dry_run: bool = False
-    endpoints_tried: list[str] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -101,6 +101,7 @@ class DownloadResult:
             "retries": self.retries,
             "rate_limited": self.rate_limited,
             "verify_failures": self.verify_failures,
+            "restarts": self.restarts,
         }
 
     def describe(self) -> str:
@@ -298,6 +299,7 @@ def download(
         retries=stats.retries,
         rate_limited=stats.rate_limited,
         verify_failures=stats.verify_failures,
+        restarts=stats.restarts,
     )
 
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import constants
-from .errors import IntegrityError
 from .hashing import file_digest
 from .listing import RemoteFile, RepoListing
 from .paths import safe_join
@@ -202,13 +201,3 @@ class LocalDirLayout(Layout):
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         temporary.write_text(f"{self.listing.commit}\n{file.oid}\n{time.time()}\n")
         os.replace(temporary, path)
-
-
-def verify_file(path: Path, file: RemoteFile) -> None:
-    """Raise IntegrityError unless ``path`` has the listed size and checksum."""
-    size = path.stat().st_size
-    if size != file.size:
-        raise IntegrityError(f"{file.path}: size {size} does not match the listed {file.size}")
-    digest = file_digest(path, file.oid)
-    if digest != file.oid:
-        raise IntegrityError(f"{file.path}: checksum {digest} does not match the listed {file.oid}")
