@@ -18,6 +18,7 @@ __all__ = [
     "ContentHasher",
     "file_digest",
     "git_blob_sha1",
+    "git_blob_sha1_of_file",
     "is_git_sha1",
     "is_sha256",
     "sha256_of_file",
@@ -68,20 +69,29 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def file_digest(path: str | os.PathLike[str], expected: str) -> str:
-    """Hash the file at ``path`` with the algorithm ``expected`` is written in; return the hex digest."""
-    size = os.path.getsize(path)
-    hasher = ContentHasher(expected, size)
+def _stream_file(path: str | os.PathLike[str], update) -> None:
+    """Feed the file's bytes, in order and in large blocks, to ``update``."""
     with open(path, "rb") as f:
         while block := f.read(_READ_BLOCK):
-            hasher.update(block)
+            update(block)
+
+
+def file_digest(path: str | os.PathLike[str], expected: str) -> str:
+    """Hash the file at ``path`` with the algorithm ``expected`` is written in; return the hex digest."""
+    hasher = ContentHasher(expected, os.path.getsize(path))
+    _stream_file(path, hasher.update)
     return hasher.hexdigest()
 
 
 def sha256_of_file(path: str | os.PathLike[str]) -> str:
     """The sha256 of the file at ``path`` (the LFS object id)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_READ_BLOCK):
-            digest.update(block)
+    _stream_file(path, digest.update)
+    return digest.hexdigest()
+
+
+def git_blob_sha1_of_file(path: str | os.PathLike[str]) -> str:
+    """The git blob id of the file at ``path``, streamed (``git_blob_sha1`` needs the bytes in memory)."""
+    digest = hashlib.sha1(b"blob %d\0" % os.path.getsize(path))
+    _stream_file(path, digest.update)
     return digest.hexdigest()

@@ -15,7 +15,7 @@ import pytest
 from hfmirror import constants
 from hfmirror.endpoints import EndpointPool, RateGovernor, normalize_endpoint
 from hfmirror.errors import BadInputError, EntryNotFoundError, UnsafePathError
-from hfmirror.hashing import ContentHasher, file_digest, git_blob_sha1
+from hfmirror.hashing import ContentHasher, file_digest, git_blob_sha1, git_blob_sha1_of_file
 from hfmirror.listing import RemoteFile, filter_files, validate_repo_id
 from hfmirror.paths import safe_join, validate_relative_path
 from hfmirror.retry import backoff_delay, server_requested_delay
@@ -83,6 +83,7 @@ def test_git_blob_sha1_matches_git(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(data)
     assert file_digest(path, expected) == expected
+    assert git_blob_sha1_of_file(path) == expected
 
 
 def test_content_hasher_picks_the_algorithm_from_the_expected_value() -> None:
@@ -214,7 +215,7 @@ def test_resume_state_round_trip_and_rejects_damage(tmp_path: Path) -> None:
     # Pieces in file order, covering the file, each within [MIN_SEGMENT, MAX_PIECE].
     assert len(state.segments) >= 4
     assert [s.start for s in state.segments] == sorted(s.start for s in state.segments)
-    assert all(a.end == b.start for a, b in zip(state.segments, state.segments[1:]))
+    assert all(a.end == b.start for a, b in zip(state.segments, state.segments[1:], strict=False))
     assert state.segments[0].start == 0 and state.segments[-1].end == file.size
     assert all(constants.MIN_SEGMENT <= s.end - s.start <= constants.MAX_PIECE for s in state.segments)
     assert len(ResumeState.fresh(path, RemoteFile("s", 1000, "a" * 64), connections=4).segments) == 1

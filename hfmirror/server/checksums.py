@@ -8,14 +8,13 @@ time: if any of the three changes, the old value is simply never found again.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sqlite3
 import threading
 from pathlib import Path
 
-from ..hashing import sha256_of_file
+from ..hashing import git_blob_sha1_of_file, sha256_of_file
 
 __all__ = ["ChecksumCache", "DEFAULT_STATE_DIR", "GIT_SHA1", "SHA256"]
 
@@ -82,7 +81,7 @@ class ChecksumCache:
                 if key in self._memory:
                     return self._memory[key]
             logger.info("hashing %s (%s, %d bytes)", real, kind, st.st_size)
-            value = sha256_of_file(real) if kind == SHA256 else _git_blob_sha1_of_file(real, st.st_size)
+            value = sha256_of_file(real) if kind == SHA256 else git_blob_sha1_of_file(real)
             with self._lock:
                 self.computed += 1
                 self._memory[key] = value
@@ -103,12 +102,3 @@ class ChecksumCache:
             (path, size, mtime_ns, kind),
         ).fetchone()
         return row[0] if row else None
-
-
-def _git_blob_sha1_of_file(path: str, size: int) -> str:
-    """The git blob id of a file, streamed (``hashing.git_blob_sha1`` needs the bytes in memory)."""
-    digest = hashlib.sha1(b"blob %d\0" % size)
-    with open(path, "rb") as f:
-        while block := f.read(8 * 1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import RevisionNotFoundError, UnsafePathError
-from ..hashing import is_git_sha1, is_sha256
+from ..hashing import git_blob_sha1, is_git_sha1, is_sha256
 from ..paths import safe_join, validate_relative_path
 from .checksums import GIT_SHA1, SHA256, ChecksumCache
 
@@ -74,10 +74,6 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
 
 
-def _git_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
 @dataclass(frozen=True)
 class FileInfo:
     """One file of a snapshot, with the checksums the Hub reports for it."""
@@ -91,7 +87,7 @@ class FileInfo:
     @property
     def oid(self) -> str:
         """The git blob id the Hub lists in ``tree``: of the content, or of the LFS pointer file."""
-        return _git_sha1(lfs_pointer(self.etag, self.size)) if self.lfs else self.etag
+        return git_blob_sha1(lfs_pointer(self.etag, self.size)) if self.lfs else self.etag
 
     @property
     def pointer_size(self) -> int:
