@@ -111,7 +111,8 @@ def test_429_waits_as_long_as_the_server_asks(fault_server, faults, faulty_repo,
     assert not [gap for gap in gaps if 0.05 < gap < 0.9]
 
 
-def test_429_lowers_concurrency(fault_server, faults, faulty_repo, tmp_path) -> None:
+def test_each_of_several_429s_is_waited_out(fault_server, faults, faulty_repo, tmp_path) -> None:
+    # (That each 429 halves the endpoint's concurrency is RateGovernor's unit test.)
     faults.too_many_requests(retry_after=0, path=f"*/{WEIGHTS}", times=3)
     result = fetch(fault_server, tmp_path, connections=8)
     assert_identical(result, faulty_repo)
