@@ -340,18 +340,15 @@ def _cached_snapshot(cache: Path, repo_id: str, repo_type: str, revision: str) -
 
 
 def _plan_entry(layout: Layout, file: RemoteFile, transfer: FileTransfer) -> FileOutcome:
-    if _complete_without_lock(layout, file, make_links=False):
+    if _complete_without_lock(layout, file, repair=False):
         return FileOutcome(file.path, file.size, "present")
     return FileOutcome(file.path, file.size, "would-download", transfer.resumable_bytes())
 
 
-def _complete_without_lock(layout: Layout, file: RemoteFile, make_links: bool = True) -> bool:
+def _complete_without_lock(layout: Layout, file: RemoteFile, repair: bool = True) -> bool:
     """A cheap first look: complete files need no lock, no connection, no bar."""
-    if not make_links and isinstance(layout, CacheLayout):
-        blob = layout.blob_path(file)
-        return blob.exists() and blob.stat().st_size == file.size
     try:
-        return layout.is_complete(file)
+        return layout.is_complete(file, repair=repair)
     except OSError:
         return False
 

@@ -54,8 +54,12 @@ class Layout:
     def state_path(self, file: RemoteFile) -> Path:
         return self.partial_path(file).with_name(self.partial_path(file).name + constants.STATE_SUFFIX)
 
-    def is_complete(self, file: RemoteFile) -> bool:
-        """True if a verified copy is already in place (and links to it are made)."""
+    def is_complete(self, file: RemoteFile, *, repair: bool = True) -> bool:
+        """True if a verified copy is already in place.
+
+        With ``repair`` (the default) it also tidies up what it finds: makes missing links, records
+        missing metadata, removes a blob of the wrong size. ``repair=False`` only looks (dry runs).
+        """
         raise NotImplementedError
 
     def finalize(self, file: RemoteFile, verified_partial: Path) -> None:
@@ -98,16 +102,18 @@ class CacheLayout(Layout):
         folder = repo_folder_name(self.listing.repo_id, self.listing.repo_type)
         return self.cache_dir / ".locks" / folder / f"{file.oid}.lock"
 
-    def is_complete(self, file: RemoteFile) -> bool:
+    def is_complete(self, file: RemoteFile, *, repair: bool = True) -> bool:
         blob = self.blob_path(file)
         try:
             if blob.stat().st_size != file.size:
                 # Not ours to trust: a blob must match its listed size. Fetch it again.
-                blob.unlink()
+                if repair:
+                    blob.unlink()
                 return False
         except FileNotFoundError:
             return False
-        self._link_snapshot(file)
+        if repair:
+            self._link_snapshot(file)
         return True
 
     def finalize(self, file: RemoteFile, verified_partial: Path) -> None:
@@ -168,9 +174,10 @@ class LocalDirLayout(Layout):
     def metadata_path(self, file: RemoteFile) -> Path:
         return self._bookkeeping(file, ".metadata")
 
-    def is_complete(self, file: RemoteFile) -> bool:
+    def is_complete(self, file: RemoteFile, *, repair: bool = True) -> bool:
         """Complete if the metadata (ours or huggingface_hub's) vouches for the file as it is now, or if
-        an unvouched file of the right size hashes to the right checksum."""
+        an unvouched file of the right size hashes to the right checksum (then, with ``repair``, the
+        metadata is written so the next run need not hash it again)."""
         final = self.final_path(file)
         try:
             stat = final.stat()
@@ -186,7 +193,8 @@ class LocalDirLayout(Layout):
             pass
         if file_digest(final, file.oid) != file.oid:
             return False
-        self._write_metadata(file)
+        if repair:
+            self._write_metadata(file)
         return True
 
     def finalize(self, file: RemoteFile, verified_partial: Path) -> None:

@@ -410,3 +410,20 @@ def test_offline_falls_back_to_the_cached_snapshot(hub_server, tmp_path: Path) -
     # A revision the cache has never seen is still an error, offline.
     with pytest.raises(NetworkError):
         download("tiny/nested", revision="other", endpoints=[dead], cache_dir=tmp_path, progress=False)
+
+
+def test_dry_run_writes_nothing(hub_server, tmp_path: Path) -> None:
+    """A dry run only looks: no metadata recorded, no snapshot links made, nothing removed."""
+    import shutil
+
+    download("tiny/nested", endpoints=[hub_server.url], local_dir=tmp_path / "plain", progress=False)
+    shutil.rmtree(tmp_path / "plain" / ".cache")  # correct files that nothing vouches for any more
+    plan = download("tiny/nested", endpoints=[hub_server.url], local_dir=tmp_path / "plain", dry_run=True)
+    assert {f.status for f in plan.files} == {"present"}
+    assert not (tmp_path / "plain" / ".cache").exists()
+
+    first = download("tiny/nested", endpoints=[hub_server.url], cache_dir=tmp_path / "hub", progress=False)
+    shutil.rmtree(first.path)  # blobs stay, the snapshot's links are gone
+    plan = download("tiny/nested", endpoints=[hub_server.url], cache_dir=tmp_path / "hub", dry_run=True)
+    assert {f.status for f in plan.files} == {"present"}
+    assert not first.path.exists()
