@@ -339,6 +339,37 @@ def test_token_is_sent_to_the_endpoint_but_never_printed(fault_server, faults, t
     assert any(r.headers.get("authorization") == f"Bearer {secret}" for r in faults.records)
 
 
+def test_the_login_token_is_used_and_no_token_means_no_header(fault_server, faults, tmp_path: Path) -> None:
+    """Without --token, huggingface_hub's stored login token is sent, as hf_hub would; with none
+    stored, nothing is (and huggingface_hub's heavy modules are not even imported to find that out)."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    home = tmp_path / "hf_home"
+    home.mkdir()
+    probe = (
+        "import sys; from hfmirror.download import _resolve_token; "
+        "print(_resolve_token(None), 'huggingface_hub.utils' in sys.modules)"
+    )
+    env = {**clean, "HF_HOME": str(home)}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.split() == ["None", "False"], out.stderr
+    args = ["download", "tiny/nested", "--endpoint", fault_server.url, "--cache-dir", str(tmp_path / "c")]
+    assert subprocess.run([sys.executable, "-m", "hfmirror", *args], env=env, timeout=300).returncode == 0
+    assert not any("authorization" in r.headers for r in faults.records)
+
+    faults.reset()
+    (home / "token").write_text("hf_STOREDtoken0987654321\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "hfmirror", *args[:-1], str(tmp_path / "c2")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "hf_STORED" not in out.stdout + out.stderr
+    assert any(r.headers.get("authorization") == "Bearer hf_STOREDtoken0987654321" for r in faults.records)
+
+
 # ------------------------------------------------------------------------------ model_download.py
 
 
