@@ -44,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--include", action="append", help="Only files matching this glob (repeatable).")
     parser.add_argument("--exclude", action="append", help="Skip files matching this glob (repeatable).")
     parser.add_argument("--max_workers", type=int, default=8, help="Files at once.")
-    parser.add_argument("--connections", type=int, default=8, help="Connections per large file.")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=8,
+        help="Most connections per large file (more than one only if one is slow).",
+    )
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     parser.add_argument("--debug", action="store_true", help="Full tracebacks on errors.")
     return parser

@@ -174,7 +174,7 @@ def cli(debug: bool) -> None:
     type=click.IntRange(1, 64),
     default=8,
     show_default=True,
-    help="Connections at once within one large file.",
+    help="Most connections at once within one large file (more than one only if one is slow).",
 )
 @click.option(
     "--stall-timeout",

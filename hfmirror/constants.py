@@ -23,14 +23,28 @@ MIN_SEGMENT = 4 * 1024 * 1024
 MIN_SPLIT = 1024 * 1024
 # ... and only if, at the speed its connection has shown, the segment still needs this many seconds.
 SPLIT_IF_SECONDS_LEFT = 0.5
+# A large file starts on one connection; the others open as soon as that one proves slower than
+# FAST_CONNECTION bytes/s, over its first RAMP_PROBE_SECONDS and then over every RAMP_WINDOW_SECONDS
+# (mirrors and CDNs that cap each connection, distant servers). A connection faster than that is not
+# capped, and more would only compete with it for the CPU (hashing, writing) and load the server for
+# nothing. RAMP_PROBE_SECONDS = 0 opens every connection at once.
+FAST_CONNECTION = 256 * 1024 * 1024
+RAMP_PROBE_SECONDS = 0.03
+RAMP_WINDOW_SECONDS = 1.0
 # How much one read from the socket asks for (also the most a connection holds unwritten in memory).
 READ_BLOCK = 256 * 1024
 
+# Hashed bytes are dropped from the page cache this far behind the hash (by then they are on disk).
+DROP_PAGES_LAG = 32 * 1024 * 1024
+
 # Partial-download state is saved every CHECKPOINT_BYTES of new data or CHECKPOINT_INTERVAL seconds,
 # whichever comes first: the most a kill -9 can lose is what arrived since the last save (plus what
-# was in flight), however fast the link. Each save flushes the data first (a few ms per 4 MiB here).
+# was in flight), however fast the link. A save costs a small JSON write: the page cache keeps written
+# data through a kill. Every SYNC_INTERVAL seconds a save first flushes the data to disk (fdatasync),
+# which bounds what a power cut can lose.
 CHECKPOINT_INTERVAL = 0.5
 CHECKPOINT_BYTES = 4 * 1024 * 1024
+SYNC_INTERVAL = 5.0
 
 CONNECT_TIMEOUT = 10.0
 # No byte for this long on an open connection means it has stalled: drop it and resume.

@@ -27,6 +27,7 @@ mismatch discards the partial file and fetches it again, a bounded number of tim
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -61,8 +62,19 @@ __all__ = ["FileTransfer", "ResumeState", "Segment", "TransferOptions", "Transfe
 
 logger = logging.getLogger(__name__)
 
-_STATE_VERSION = 1
-_HASH_BLOCK = 8 * 1024 * 1024
+_STATE_VERSION = 2
+
+
+@functools.cache
+def boot_id() -> str | None:
+    """This boot's id (Linux), or None where there is none: then every checkpoint syncs first."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+_HASH_BLOCK = 1024 * 1024
 
 
 @dataclass
@@ -92,6 +104,21 @@ class Segment:
         return self.remaining / (done / elapsed)
 
 
+def cut_into_pieces(start: int, end: int, connections: int) -> list[Segment]:
+    """Bytes ``[start, end)`` as pieces for ``connections`` connections to take in file order.
+
+    About ``PIECES_PER_CONNECTION`` pieces per connection, each MIN_SEGMENT to MAX_PIECE bytes: since
+    connections take them in order, the finished prefix (what is hashed while downloading) trails the
+    newest byte by only a few pieces, so little is left to hash at the end.
+    """
+    size = end - start
+    piece = size // (connections * constants.PIECES_PER_CONNECTION)
+    piece = min(max(piece, constants.MIN_SEGMENT), constants.MAX_PIECE)
+    count = max(1, size // piece)
+    bounds = [start + size * i // count for i in range(count + 1)]
+    return [Segment(a, a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
 @dataclass
 class TransferOptions:
     connections: int = 8
@@ -117,7 +144,13 @@ class TransferStats:
 
 
 class ResumeState:
-    """The segment table of one partial file, saved as JSON beside it."""
+    """The segment table of one partial file, saved as JSON beside it.
+
+    Two tables are saved: ``segments``, what has been written (the page cache holds it, so it survives
+    the process being killed), and ``durable``, what an ``fdatasync`` has since put on disk (it also
+    survives a power cut). The file names the boot it was written in; a run in the same boot trusts
+    ``segments``, a run after a reboot only ``durable``.
+    """
 
     def __init__(
         self,
@@ -133,32 +166,26 @@ class ResumeState:
         self.segments = segments
         self.validators = dict(validators or {})  # host -> strong ETag of the bytes we hold
         self.ranges_supported = ranges_supported
+        self.durable: list[list[int]] = [[s.start, s.pos, s.end] for s in segments]  # as of the last sync
 
     @classmethod
-    def fresh(cls, path: Path, file: RemoteFile, connections: int) -> ResumeState:
-        """Cut the file into pieces, taken by the connections in file order (one piece for small files).
-
-        About ``PIECES_PER_CONNECTION`` pieces per connection (each MIN_SEGMENT to MAX_PIECE bytes):
-        since connections take them in order, the finished prefix, which is what gets hashed while
-        downloading, trails the newest byte by only a few pieces, so little is left to hash at the end.
-        """
-        size = file.size
-        count = 1
-        if size >= constants.MULTI_CONNECTION_THRESHOLD:
-            piece = size // (connections * constants.PIECES_PER_CONNECTION)
-            piece = min(max(piece, constants.MIN_SEGMENT), constants.MAX_PIECE)
-            count = max(1, size // piece)
-        bounds = [size * i // count for i in range(count + 1)]
-        return cls(path, file, [Segment(a, a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a])
+    def fresh(cls, path: Path, file: RemoteFile) -> ResumeState:
+        """One segment for the whole file; it is cut into pieces if more connections open."""
+        return cls(path, file, [Segment(0, 0, file.size)] if file.size else [])
 
     @classmethod
     def load(cls, path: Path, file: RemoteFile) -> ResumeState | None:
         """The saved state, or None if there is none or it is for other content, or damaged."""
         try:
             data = json.loads(path.read_text())
-            if data["version"] != _STATE_VERSION or data["oid"] != file.oid or data["size"] != file.size:
+            if data["version"] not in (1, _STATE_VERSION):
                 return None
-            segments = [Segment(int(a), int(p), int(b)) for a, p, b in data["segments"]]
+            if data["oid"] != file.oid or data["size"] != file.size:
+                return None
+            # Version 1 synced before every save: its one table is durable.
+            same_boot = data["version"] != 1 and data.get("boot_id") == boot_id() is not None
+            table = data["segments"] if same_boot or data["version"] == 1 else data["durable"]
+            segments = [Segment(int(a), int(p), int(b)) for a, p, b in table]
             covered = 0
             for segment in sorted(segments, key=lambda s: s.start):
                 if segment.start != covered or not segment.start <= segment.pos <= segment.end:
@@ -166,25 +193,34 @@ class ResumeState:
                 covered = segment.end
             if covered != file.size:
                 return None
-            return cls(
+            state = cls(
                 path,
                 file,
                 segments,
                 validators=dict(data.get("validators", {})),
                 ranges_supported=bool(data.get("ranges_supported", True)),
             )
+            if same_boot:
+                state.durable = [[int(a), int(p), int(b)] for a, p, b in data["durable"]]
+            return state
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def snapshot(self) -> dict[str, object]:
+    def table(self) -> list[list[int]]:
+        """The segment table as saved: ``[start, pos, end]`` in file order."""
+        return [[s.start, s.pos, s.end] for s in sorted(self.segments, key=lambda s: s.start)]
+
+    def snapshot(self, table: list[list[int]]) -> dict[str, object]:
         return {
             "version": _STATE_VERSION,
             "path": self.file.path,
             "oid": self.file.oid,
             "size": self.file.size,
+            "boot_id": boot_id(),
             "ranges_supported": self.ranges_supported,
             "validators": dict(self.validators),
-            "segments": [[s.start, s.pos, s.end] for s in sorted(self.segments, key=lambda s: s.start)],
+            "segments": table,
+            "durable": self.durable,
         }
 
     @staticmethod
@@ -225,6 +261,43 @@ class _StartOver(Exception):
 _TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
 
 
+class ConnectionRamp:
+    """How many of a file's connections may run: one at first, all once one proves too slow alone.
+
+    The first connection is judged after ``RAMP_PROBE_SECONDS`` (counted from before its request, so
+    a distant server's latency counts against it): below ``FAST_CONNECTION`` bytes/s, as behind any
+    per-connection cap, every connection opens at once and stays open. A connection that keeps up is
+    judged again over each ``RAMP_WINDOW_SECONDS``, long enough that a hiccup of our own (a busy CPU)
+    does not count as a slow link. While it keeps up, the file comes over that one connection: more
+    would add nothing but CPU time here and load on the mirror.
+    """
+
+    def __init__(self, connections: int, now: float) -> None:
+        self.connections = connections
+        self.allowed = connections if constants.RAMP_PROBE_SECONDS <= 0 else 1
+        self._window = constants.RAMP_PROBE_SECONDS
+        self._window_start = now
+        self._window_bytes = 0
+
+    @property
+    def open(self) -> bool:
+        return self.allowed >= self.connections
+
+    def observe(self, count: int, now: float) -> bool:
+        """Record ``count`` new bytes at time ``now``; True if this opened every connection."""
+        if self.open:
+            return False
+        self._window_bytes += count
+        elapsed = now - self._window_start
+        if elapsed < self._window:
+            return False
+        if self._window_bytes < constants.FAST_CONNECTION * elapsed:
+            self.allowed = self.connections
+            return True
+        self._window, self._window_start, self._window_bytes = constants.RAMP_WINDOW_SECONDS, now, 0
+        return False
+
+
 class _Attempt:
     """One pass over the file: its own segment table, file descriptor, stop flag and error slot.
 
@@ -232,13 +305,18 @@ class _Attempt:
     has ended can neither stop, nor fail, nor write into the next one.
     """
 
-    def __init__(self, state: ResumeState, fd: int) -> None:
+    def __init__(self, state: ResumeState, fd: int, ramp: ConnectionRamp) -> None:
         self.state = state
+        self.ramp = ramp
         self.fd = fd
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.workers: list[threading.Thread] = []
         self.unsaved = 0  # bytes written since the last checkpoint
+        self.hashed = 0  # bytes [0, hashed) are hashed (by the coordinator, which alone moves this)
+        self.hash_buffer = memoryview(bytearray(_HASH_BLOCK))  # reused: fresh memory is slow to touch
+        self.dropped = 0  # the page cache has been asked to forget bytes [0, dropped)
+        self.synced_at = time.monotonic()  # when the data file was last flushed to disk
 
 
 class FileTransfer:
@@ -297,10 +375,8 @@ class FileTransfer:
         while attempts < constants.MAX_VERIFY_ATTEMPTS:
             state = ResumeState.load(self.state_path, self.file) if self.partial_path.exists() else None
             if state is None:
-                state = ResumeState.fresh(self.state_path, self.file, self.options.connections)
+                state = ResumeState.fresh(self.state_path, self.file)
                 state.ranges_supported = ranges_supported
-                if not state.ranges_supported:
-                    state.segments = [Segment(0, 0, self.file.size)]
                 self._discard()
             try:
                 digest = self._fetch(state)
@@ -336,37 +412,35 @@ class FileTransfer:
             fd = os.open(self.partial_path, flags, 0o644)
         except OSError as error:
             raise StorageError(f"cannot write {self.partial_path}: {error.strerror}") from None
-        attempt = _Attempt(state, fd)
+        attempt = _Attempt(state, fd, ConnectionRamp(self._worker_count(state), time.monotonic()))
+        if attempt.ramp.open and attempt.ramp.connections > 1:
+            self._cut_for_connections(attempt)
         try:
             if os.fstat(fd).st_size != self.file.size:
                 os.ftruncate(fd, self.file.size)  # sparse: the blocks are written as bytes arrive
-            hashed = 0
-            attempt.workers = [
-                threading.Thread(
-                    target=self._worker, args=(attempt,), name=f"hfmirror-{self.file.path}-{i}", daemon=True
-                )
-                for i in range(self._worker_count(state))
-            ]
-            for worker in attempt.workers:
-                worker.start()
+            self._start_workers(attempt)
             last_checkpoint = time.monotonic()
             while True:
                 with self._wake:
                     running = any(w.is_alive() for w in attempt.workers)
                     # Sleep unless there is work already (a wake-up may have come while we hashed).
-                    idle = state.prefix_end() == hashed and attempt.unsaved < constants.CHECKPOINT_BYTES
+                    unsaved = attempt.unsaved >= constants.CHECKPOINT_BYTES
+                    idle = state.prefix_end() == attempt.hashed and not unsaved
                     if idle and attempt.error is None and running and not self.cancel.is_set():
                         self._wake.wait(timeout=0.2)
-                    prefix = state.prefix_end()
-                hashed = self._hash_up_to(attempt, hasher, hashed, prefix)
+                    if attempt.ramp.observe(0, time.monotonic()):  # a stalled first connection is slow too
+                        self._cut_for_connections(attempt)
+                if len(attempt.workers) < attempt.ramp.allowed:
+                    self._start_workers(attempt)
+                self._hash_arrived(attempt, hasher)
                 if attempt.error is not None or self.cancel.is_set():
                     attempt.stop.set()
-                    self._checkpoint(attempt)
+                    self._checkpoint(attempt, sync=True)
                     if attempt.error is not None:
                         raise attempt.error
                     raise DownloadInterrupted("interrupted")
-                if not any(w.is_alive() for w in attempt.workers):
-                    break
+                if attempt.hashed == self.file.size or not any(w.is_alive() for w in attempt.workers):
+                    break  # every byte is in (workers still looking for work are stopped by _end)
                 if (
                     time.monotonic() - last_checkpoint >= constants.CHECKPOINT_INTERVAL
                     or attempt.unsaved >= constants.CHECKPOINT_BYTES
@@ -376,7 +450,7 @@ class FileTransfer:
             if state.prefix_end() != self.file.size:  # workers ended with bytes missing: should not happen
                 self._checkpoint(attempt)
                 raise NetworkError(f"{self.file.path}: transfer ended early")
-            hashed = self._hash_up_to(attempt, hasher, hashed, self.file.size)
+            self._hash_arrived(attempt, hasher)
             os.fsync(fd)
             self._checkpoint(attempt)
             return hasher.hexdigest()
@@ -408,33 +482,76 @@ class FileTransfer:
         splittable = sum(s.remaining for s in state.segments) // constants.MIN_SPLIT
         return max(1, min(self.options.connections, max(open_segments, splittable)))
 
-    def _hash_up_to(self, attempt: _Attempt, hasher: ContentHasher, hashed: int, upto: int) -> int:
-        start = hashed
-        while hashed < upto:
-            block = os.pread(attempt.fd, min(_HASH_BLOCK, upto - hashed), hashed)
-            if not block:
-                raise StorageError(f"{self.partial_path}: could not read back what was written")
-            hasher.update(block)
-            hashed += len(block)
-        if hashed > start and hasattr(os, "posix_fadvise"):
-            # Hashed bytes are not needed again: start writing them to disk now (so the final fsync
-            # has little left to do) and let the page cache forget them (a 15 GB model need not
-            # push everything else out of memory).
-            os.posix_fadvise(attempt.fd, start, hashed - start, os.POSIX_FADV_DONTNEED)
-        return hashed
-
-    def _checkpoint(self, attempt: _Attempt) -> None:
-        """Save the segment table, after making sure the bytes it claims are on disk."""
+    def _hash_arrived(self, attempt: _Attempt, hasher: ContentHasher) -> None:
+        """Hash the finished prefix as far as it reaches now, reading it back from the file."""
         with self._lock:
-            snapshot = attempt.state.snapshot()
+            upto = attempt.state.prefix_end()
+        start = hashed = attempt.hashed
+        buffer = attempt.hash_buffer
+        while hashed < upto:
+            count = os.preadv(attempt.fd, [buffer[: min(len(buffer), upto - hashed)]], hashed)
+            if count <= 0:
+                raise StorageError(f"{self.partial_path}: could not read back what was written")
+            hasher.update(buffer[:count])
+            hashed += count
+        attempt.hashed = hashed
+        if hashed > start:
+            self._release_pages(attempt, start, hashed)
+
+    @staticmethod
+    def _release_pages(attempt: _Attempt, start: int, hashed: int) -> None:
+        """Hand the hashed bytes to the disk, and their memory back to the system once they are there.
+
+        Hashed bytes are never read again. Asking the kernel to drop them starts writing them out now
+        (so the final fsync has little left to do), but pages still being written cannot be dropped at
+        that moment; so the range is asked again ``DROP_PAGES_LAG`` bytes later, when it is on disk and
+        the pages are free. New data then lands in those recycled pages: on virtual machines, fresh
+        memory costs far more to touch than reused memory, and a 15 GB model need not push everything
+        else out of the page cache.
+        """
+        if not hasattr(os, "posix_fadvise"):
+            return
+        os.posix_fadvise(attempt.fd, start, hashed - start, os.POSIX_FADV_DONTNEED)
+        settled = hashed - constants.DROP_PAGES_LAG
+        if settled > attempt.dropped:
+            os.posix_fadvise(attempt.fd, attempt.dropped, settled - attempt.dropped, os.POSIX_FADV_DONTNEED)
+            attempt.dropped = settled
+
+    def _checkpoint(self, attempt: _Attempt, *, sync: bool = False) -> None:
+        """Save the segment table; first flush the data to disk if ``sync``, or if it is time to.
+
+        Without a flush the table still holds after ``kill -9`` (the page cache keeps what was written);
+        the flush, every ``SYNC_INTERVAL`` seconds, is what also makes it hold after a power cut.
+        """
+        with self._lock:
+            table = attempt.state.table()
             attempt.unsaved = 0
+        now = time.monotonic()
         try:
-            os.fdatasync(attempt.fd) if hasattr(os, "fdatasync") else os.fsync(attempt.fd)
-            ResumeState.write(self.state_path, snapshot)
+            if sync or boot_id() is None or now - attempt.synced_at >= constants.SYNC_INTERVAL:
+                os.fdatasync(attempt.fd) if hasattr(os, "fdatasync") else os.fsync(attempt.fd)
+                attempt.state.durable, attempt.synced_at = table, now
+            ResumeState.write(self.state_path, attempt.state.snapshot(table))
         except OSError as error:
             logger.warning("could not save resume state for %s: %s", self.file.path, error)
 
     # ------------------------------------------------------------------ segments and workers
+
+    def _cut_for_connections(self, attempt: _Attempt) -> None:
+        """Cut what is left into pieces for every connection (caller holds the lock, or runs alone).
+
+        A running segment keeps one piece from where its connection is; that connection stops at the
+        new end and takes the next free piece, so the file is still fetched in order.
+        """
+        state = attempt.state
+        for segment in list(state.segments):
+            if segment.remaining < 2 * constants.MIN_SEGMENT:
+                continue
+            pieces = cut_into_pieces(segment.pos, segment.end, attempt.ramp.connections)
+            if len(pieces) < 2:
+                continue
+            segment.end = pieces[0].end
+            state.segments.extend(pieces[1:])
 
     def _claim(self, attempt: _Attempt) -> Segment | None:
         """The next segment to work on: an unclaimed one, else the far half of a slow running one."""
@@ -467,6 +584,14 @@ class FileTransfer:
             slowest.end = middle
             state.segments.append(tail)
             return tail
+
+    def _start_workers(self, attempt: _Attempt) -> None:
+        """Start connections (threads) up to the number the ramp allows."""
+        while len(attempt.workers) < attempt.ramp.allowed:
+            name = f"hfmirror-{self.file.path}-{len(attempt.workers)}"
+            worker = threading.Thread(target=self._worker, args=(attempt,), name=name, daemon=True)
+            attempt.workers.append(worker)
+            worker.start()
 
     def _worker(self, attempt: _Attempt) -> None:
         try:
@@ -645,8 +770,12 @@ class FileTransfer:
                 segment.pos += usable
                 attempt.unsaved += usable
                 # Wake the coordinator only when it has something to do: a finished piece may extend
-                # the prefix it hashes, and enough unsaved bytes call for a checkpoint.
-                if segment.remaining <= 0 or attempt.unsaved >= constants.CHECKPOINT_BYTES:
+                # the prefix it hashes, and enough unsaved bytes call for a checkpoint. Wake the waiting
+                # connections when this one proves too slow alone.
+                opened = attempt.ramp.observe(usable, time.monotonic())
+                if opened:
+                    self._cut_for_connections(attempt)
+                if opened or segment.remaining <= 0 or attempt.unsaved >= constants.CHECKPOINT_BYTES:
                     self._wake.notify_all()
             written += usable
             self.stats.add(bytes_fetched=usable)

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hfmirror import constants
 from hfmirror.endpoints import EndpointPool, RateGovernor, normalize_endpoint
@@ -19,7 +21,7 @@ from hfmirror.hashing import ContentHasher, file_digest, git_blob_sha1, git_blob
 from hfmirror.listing import RemoteFile, filter_files, validate_repo_id
 from hfmirror.paths import safe_join, validate_relative_path
 from hfmirror.retry import backoff_delay, server_requested_delay
-from hfmirror.transfer import ResumeState, Segment
+from hfmirror.transfer import ConnectionRamp, ResumeState, Segment, boot_id, cut_into_pieces
 
 # ------------------------------------------------------------------------------------------ paths
 
@@ -187,6 +189,41 @@ def test_malformed_repo_ids(repo_id: str) -> None:
         validate_repo_id(repo_id)
 
 
+def _hub_accepts(repo_id: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id as hub_validate
+
+    try:
+        hub_validate(repo_id)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _ours_accepts(repo_id: str) -> bool:
+    try:
+        validate_repo_id(repo_id)
+    except BadInputError:
+        return False
+    return True
+
+
+_REPO_ID_CHARS = "aZ09-_./ é\n"
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    st.one_of(
+        st.text(alphabet=_REPO_ID_CHARS, max_size=12),
+        st.builds("/".join, st.lists(st.text(alphabet="ab-_.", min_size=0, max_size=100), max_size=3)),
+        st.sampled_from(["Qwen/Qwen-7B", "bert-base-uncased", "a" * 96, "a" * 97, "x/y.git", "-a", "a_"]),
+    )
+)
+def test_repo_ids_are_judged_as_huggingface_hub_judges_them(repo_id: str) -> None:
+    """Our copy of the Hub's rule (kept to spare the import at start) must agree with the original."""
+    assert _ours_accepts(repo_id) == _hub_accepts(repo_id), repo_id
+
+
 def test_filter_files_by_name_and_globs() -> None:
     files = [
         RemoteFile(p, 1, "0" * 40) for p in ["config.json", "model.safetensors", "sub/a.py", "sub/b.txt"]
@@ -211,26 +248,89 @@ def test_filter_files_by_name_and_globs() -> None:
 def test_resume_state_round_trip_and_rejects_damage(tmp_path: Path) -> None:
     file = RemoteFile("w.bin", 100 << 20, "a" * 64)
     path = tmp_path / "w.json"
-    state = ResumeState.fresh(path, file, connections=4)
-    # Pieces in file order, covering the file, each within [MIN_SEGMENT, MAX_PIECE].
-    assert len(state.segments) >= 4
-    assert [s.start for s in state.segments] == sorted(s.start for s in state.segments)
-    assert all(a.end == b.start for a, b in zip(state.segments, state.segments[1:], strict=False))
-    assert state.segments[0].start == 0 and state.segments[-1].end == file.size
-    assert all(constants.MIN_SEGMENT <= s.end - s.start <= constants.MAX_PIECE for s in state.segments)
-    assert len(ResumeState.fresh(path, RemoteFile("s", 1000, "a" * 64), connections=4).segments) == 1
+    state = ResumeState.fresh(path, file)
+    assert [(s.start, s.pos, s.end) for s in state.segments] == [(0, 0, file.size)]
+    assert ResumeState.fresh(path, RemoteFile("empty", 0, "a" * 64)).segments == []
     state.segments[0].pos += 1000
-    ResumeState.write(path, state.snapshot())
+    ResumeState.write(path, state.snapshot(state.table()))
     loaded = ResumeState.load(path, file)
     assert loaded is not None and loaded.done_bytes == 1000 and loaded.prefix_end() == 1000
     # Another file's state, a hole in the table, or garbage: all mean "start over".
     assert ResumeState.load(path, RemoteFile("w.bin", file.size, "b" * 64)) is None
-    snapshot = state.snapshot()
-    snapshot["segments"] = snapshot["segments"][1:]  # type: ignore[index]
+    state.segments = cut_into_pieces(0, file.size, connections=4)
+    snapshot = state.snapshot(state.table()[1:])
     path.write_text(json.dumps(snapshot))
     assert ResumeState.load(path, file) is None
     path.write_text("{not json")
     assert ResumeState.load(path, file) is None
+
+
+def test_pieces_cover_the_range_in_order_within_bounds() -> None:
+    pieces = cut_into_pieces(5, 5 + (100 << 20), connections=4)
+    assert len(pieces) >= 4
+    assert pieces[0].start == 5 and pieces[-1].end == 5 + (100 << 20)
+    assert all(a.end == b.start for a, b in zip(pieces, pieces[1:], strict=False))
+    assert all(constants.MIN_SEGMENT <= p.end - p.start <= constants.MAX_PIECE for p in pieces)
+    assert len(cut_into_pieces(0, 1000, connections=4)) == 1
+
+
+def _saved(path: Path, file: RemoteFile, *, boot: str | None, version: int = 2) -> None:
+    """A state whose written table is ahead of its durable one (as between two syncs)."""
+    written = [[0, 700, 1000], [1000, 1500, file.size]]
+    durable = [[0, 300, 1000], [1000, 1000, file.size]]
+    data = {"version": version, "oid": file.oid, "size": file.size, "boot_id": boot}
+    data.update({"segments": written, "durable": durable} if version == 2 else {"segments": written})
+    path.write_text(json.dumps(data))
+
+
+def test_a_state_from_this_boot_trusts_what_was_written_one_from_another_only_what_was_synced(
+    tmp_path: Path,
+) -> None:
+    file = RemoteFile("w.bin", 4000, "a" * 64)
+    path = tmp_path / "w.json"
+    assert boot_id()  # Linux: the kernel names each boot
+    _saved(path, file, boot=boot_id())
+    same_boot = ResumeState.load(path, file)
+    assert same_boot is not None and same_boot.done_bytes == 700 + 500
+    # After a reboot (a power cut), bytes written but never synced may be lost: only the synced count.
+    _saved(path, file, boot="another-boot")
+    rebooted = ResumeState.load(path, file)
+    assert rebooted is not None and rebooted.done_bytes == 300
+    # Version 1 files synced before every save: their one table is durable.
+    _saved(path, file, boot=None, version=1)
+    old = ResumeState.load(path, file)
+    assert old is not None and old.done_bytes == 1200
+
+
+def test_the_ramp_opens_every_connection_when_the_first_is_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(constants, "FAST_CONNECTION", 100_000)
+    monkeypatch.setattr(constants, "RAMP_PROBE_SECONDS", 0.1)
+    monkeypatch.setattr(constants, "RAMP_WINDOW_SECONDS", 1.0)
+    slow = ConnectionRamp(8, now=0.0)
+    assert slow.allowed == 1
+    assert not slow.observe(5_000, now=0.05)  # too early to judge
+    assert slow.observe(4_000, now=0.1)  # 9 kB in 0.1 s = 90 kB/s: slower than 100 kB/s
+    assert slow.allowed == 8 and slow.open
+    assert not slow.observe(1, now=5.0)  # opened once, it stays open
+
+    fast = ConnectionRamp(8, now=0.0)
+    assert not fast.observe(20_000, now=0.1)  # 200 kB/s: one connection is enough
+    assert fast.allowed == 1
+    # A short hiccup inside the next (one-second) window is not a slow link ...
+    assert not fast.observe(0, now=0.5)
+    assert not fast.observe(150_000, now=1.1)
+    assert fast.allowed == 1
+    # ... a whole slow window is.
+    assert fast.observe(50_000, now=2.1)
+    assert fast.allowed == 8
+
+
+def test_the_ramp_opens_at_once_when_asked_or_when_there_is_one_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert ConnectionRamp(1, now=0.0).open
+    monkeypatch.setattr(constants, "RAMP_PROBE_SECONDS", 0)
+    assert ConnectionRamp(8, now=0.0).allowed == 8
 
 
 def test_prefix_end_stops_at_the_first_unfinished_segment(tmp_path: Path) -> None:

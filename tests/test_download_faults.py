@@ -28,9 +28,8 @@ from hfmirror.errors import (
     StorageError,
     UnsafeListingError,
 )
-from hfmirror.listing import RemoteFile
 from hfmirror.server.app import ServerThread
-from hfmirror.transfer import ResumeState
+from hfmirror.transfer import cut_into_pieces
 from tests.support import make_repo
 
 LARGE = 6 * 1024 * 1024 + 12345  # several segments with the small MIN_SEGMENT below
@@ -59,6 +58,8 @@ def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(constants, "READ_BLOCK", 256 * 1024)
     monkeypatch.setattr(constants, "BACKOFF_BASE", 0.05)
     monkeypatch.setattr(constants, "BACKOFF_MAX", 0.5)
+    # Every connection from the start (on loopback one would be fast enough): faults hit several.
+    monkeypatch.setattr(constants, "RAMP_PROBE_SECONDS", 0)
 
 
 def fetch(fault_server, tmp_path: Path, **kwargs):
@@ -174,10 +175,12 @@ def test_the_slow_tail_is_split_across_connections(fault_server, faults, faulty_
     faults.limit_bandwidth(300_000, path=f"*/{WEIGHTS}", times=1)
     result = fetch(fault_server, tmp_path, connections=2)
     assert_identical(result, faulty_repo)
-    pieces = ResumeState.fresh(tmp_path / "x", RemoteFile(WEIGHTS, LARGE, "a" * 64), connections=2).segments
+    pieces = cut_into_pieces(0, LARGE, connections=2)
     gets = weights_gets(faults)
     piece_starts = {s.start for s in pieces}
-    split_starts = [r.range for r in gets if r.range and int(r.range.split("=")[1].split("-")[0]) not in piece_starts]
+    split_starts = [
+        r.range for r in gets if r.range and int(r.range.split("=")[1].split("-")[0]) not in piece_starts
+    ]
     assert split_starts, [r.range for r in gets]
 
 
@@ -186,7 +189,7 @@ def test_a_fast_link_is_not_split(fault_server, faults, faulty_repo, tmp_path, m
     monkeypatch.setattr(constants, "MIN_SPLIT", 128 * 1024)
     result = fetch(fault_server, tmp_path, connections=2)
     assert_identical(result, faulty_repo)
-    pieces = ResumeState.fresh(tmp_path / "x", RemoteFile(WEIGHTS, LARGE, "a" * 64), connections=2).segments
+    pieces = cut_into_pieces(0, LARGE, connections=2)
     assert len(weights_gets(faults)) == len(pieces)
     assert faults.bytes_sent(f"*/{WEIGHTS}") == LARGE
 
@@ -301,8 +304,9 @@ def test_a_hostile_listing_is_refused_and_nothing_is_written(tmp_path: Path, evi
         ("403", 4, "--token"),
     ],
 )
-def test_cli_exit_codes_for_server_side_failures(fault_server, faults, faulty_repo, tmp_path, monkeypatch,
-                                                  fault, code, message) -> None:
+def test_cli_exit_codes_for_server_side_failures(
+    fault_server, faults, faulty_repo, tmp_path, monkeypatch, fault, code, message
+) -> None:
     from click.testing import CliRunner
 
     from hfmirror.cli import cli
@@ -327,11 +331,52 @@ def test_cli_exit_code_for_a_hostile_listing(tmp_path: Path) -> None:
     from hfmirror.cli import cli
 
     async def info(request):
-        return JSONResponse({"id": "evil/repo", "sha": "1" * 40,
-                             "siblings": [{"rfilename": "../../x", "size": 1, "blobId": "2" * 40}]})
+        return JSONResponse(
+            {
+                "id": "evil/repo",
+                "sha": "1" * 40,
+                "siblings": [{"rfilename": "../../x", "size": 1, "blobId": "2" * 40}],
+            }
+        )
 
     app = Starlette(routes=[Route("/api/models/evil/repo/revision/main", info)])
     with ServerThread(app) as server:
-        result = CliRunner().invoke(cli, ["download", "evil/repo", "--endpoint", server.url, "--local-dir", str(tmp_path)])
+        result = CliRunner().invoke(
+            cli, ["download", "evil/repo", "--endpoint", server.url, "--local-dir", str(tmp_path)]
+        )
     assert result.exit_code == 8, result.output
     assert "unsafe file name" in result.output
+
+
+# ------------------------------------------------------------------------------ how many connections
+
+
+def test_a_connection_fast_enough_alone_fetches_the_file_alone(
+    fault_server, faults, faulty_repo, tmp_path, monkeypatch
+) -> None:
+    """No per-connection cap: the file comes in one request, as curl would fetch it."""
+    monkeypatch.setattr(constants, "RAMP_PROBE_SECONDS", 0.05)
+    monkeypatch.setattr(constants, "FAST_CONNECTION", 1)  # any loopback connection is fast enough
+    result = fetch(fault_server, tmp_path, connections=4)
+    assert_identical(result, faulty_repo)
+    gets = weights_gets(faults)
+    assert len(gets) == 1 and gets[0].range is None, [r.range for r in gets]
+    assert faults.bytes_sent(f"*/{WEIGHTS}") == LARGE
+
+
+def test_a_capped_connection_brings_in_the_others(fault_server, faults, faulty_repo, tmp_path, monkeypatch):
+    """Behind a per-connection cap the first connection is slow: every connection opens, and together
+    they fetch the file in ranged pieces, in parallel, without fetching any byte twice."""
+    monkeypatch.setattr(constants, "RAMP_PROBE_SECONDS", 0.05)
+    faults.limit_bandwidth(2_000_000, path=f"*/{WEIGHTS}")
+    result = fetch(fault_server, tmp_path, connections=4)
+    assert_identical(result, faulty_repo)
+    gets = weights_gets(faults)
+    assert len(gets) >= 4, [r.range for r in gets]
+    overlapping = [
+        (a, b) for a in gets for b in gets if a is not b and a.started < b.started < a.started + a.duration
+    ]
+    assert overlapping, "the pieces were fetched one after another, not in parallel"
+    # The first request asked for the whole file and was cut short where the pieces begin.
+    assert gets[0].range is None and gets[0].bytes_sent < LARGE
+    assert faults.bytes_sent(f"*/{WEIGHTS}") <= LARGE + 4 * constants.READ_BLOCK
