@@ -12,8 +12,9 @@ USER_AGENT = "hfmirror/0.1.0"
 
 # Files at least this large are cut into pieces fetched over several connections, in file order.
 MULTI_CONNECTION_THRESHOLD = 16 * 1024 * 1024
-# Pieces per connection: more means the hashed prefix trails less, fewer means fewer requests.
-PIECES_PER_CONNECTION = 8
+# Pieces per connection, when several connections share a file: more means the hashed prefix trails
+# less, fewer means fewer requests (each costs a round trip, and a capped server's pacing restarts).
+PIECES_PER_CONNECTION = 4
 # Piece sizes stay within [MIN_SEGMENT, MAX_PIECE]; each piece is one ranged request.
 MAX_PIECE = 64 * 1024 * 1024
 # Pieces are at least this large.

@@ -107,15 +107,22 @@ class Segment:
 def cut_into_pieces(start: int, end: int, connections: int) -> list[Segment]:
     """Bytes ``[start, end)`` as pieces for ``connections`` connections to take in file order.
 
-    About ``PIECES_PER_CONNECTION`` pieces per connection, each MIN_SEGMENT to MAX_PIECE bytes: since
-    connections take them in order, the finished prefix (what is hashed while downloading) trails the
-    newest byte by only a few pieces, so little is left to hash at the end.
+    About ``PIECES_PER_CONNECTION`` pieces per connection (each MIN_SEGMENT to MAX_PIECE bytes), then
+    one last wave of ``connections`` small pieces. Connections take pieces in order, so the finished
+    prefix (what is hashed while downloading) trails the newest byte by about one wave; the small last
+    wave leaves little to hash after the last byte. Few, large pieces mean few requests: each new
+    request costs a round trip, and a capped server's pacing restarts with it.
     """
-    size = end - start
+    tail = connections * constants.MIN_SEGMENT
+    body_end = end - tail if connections > 1 and end - start >= 4 * tail else end
+    size = body_end - start
     piece = size // (connections * constants.PIECES_PER_CONNECTION)
     piece = min(max(piece, constants.MIN_SEGMENT), constants.MAX_PIECE)
-    count = max(1, size // piece)
-    bounds = [start + size * i // count for i in range(count + 1)]
+    return _even_pieces(start, body_end, max(1, size // piece)) + _even_pieces(body_end, end, connections)
+
+
+def _even_pieces(start: int, end: int, count: int) -> list[Segment]:
+    bounds = [start + (end - start) * i // count for i in range(count + 1)]
     return [Segment(a, a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
