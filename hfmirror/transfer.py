@@ -190,7 +190,8 @@ class ResumeState:
             if data["oid"] != file.oid or data["size"] != file.size:
                 return None
             # Version 1 synced before every save: its one table is durable.
-            same_boot = data["version"] != 1 and data.get("boot_id") == boot_id() is not None
+            this_boot = boot_id()
+            same_boot = data["version"] != 1 and this_boot is not None and data.get("boot_id") == this_boot
             table = data["segments"] if same_boot or data["version"] == 1 else data["durable"]
             segments = [Segment(int(a), int(p), int(b)) for a, p, b in table]
             covered = 0
