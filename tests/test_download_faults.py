@@ -364,6 +364,17 @@ def test_a_connection_fast_enough_alone_fetches_the_file_alone(
     assert faults.bytes_sent(f"*/{WEIGHTS}") == LARGE
 
 
+def test_pieces_reuse_their_connections(fault_server, faults, faulty_repo, tmp_path) -> None:
+    """Each connection asks for piece after piece over the same keep-alive socket: a new TCP (and, on
+    a real mirror, TLS) handshake per piece would cost a round trip or more each time."""
+    result = fetch(fault_server, tmp_path, connections=2)
+    assert_identical(result, faulty_repo)
+    gets = weights_gets(faults)
+    sockets = {r.client for r in gets}
+    assert len(gets) >= 4 and all(sockets), [(r.range, r.client) for r in gets]
+    assert len(sockets) <= 2, f"{len(gets)} pieces came over {len(sockets)} connections"
+
+
 def test_a_capped_connection_brings_in_the_others(fault_server, faults, faulty_repo, tmp_path, monkeypatch):
     """Behind a per-connection cap the first connection is slow: every connection opens, and together
     they fetch the file in ranged pieces, in parallel, without fetching any byte twice."""

@@ -134,6 +134,7 @@ class RequestRecord:
     faults: list[str] = field(default_factory=list)
     started: float = 0.0
     duration: float = 0.0
+    client: str = ""  # "host:port" of the connection it came over (a new port means a new connection)
 
 
 class FaultPlan:
@@ -312,6 +313,7 @@ class FaultInjector:
             headers=headers,
             range=headers.get("range"),
             started=time.time(),
+            client=":".join(str(part) for part in scope.get("client") or ()),
         )
         self.plan._record(record)
         try:
