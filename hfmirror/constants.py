@@ -33,7 +33,11 @@ FAST_CONNECTION = 256 * 1024 * 1024
 RAMP_PROBE_SECONDS = 0.03
 RAMP_WINDOW_SECONDS = 1.0
 # How much one read from the socket asks for (also the most a connection holds unwritten in memory).
-READ_BLOCK = 256 * 1024
+# Large reads cost less CPU per byte: a 1 GiB body takes ~0.1 s less of it in 1 MiB reads than in
+# 256 KiB ones. While the first connection is on probation, reads are PROBE_READ_BLOCK, so that even
+# a slow link has been heard from by the end of RAMP_PROBE_SECONDS.
+READ_BLOCK = 1024 * 1024
+PROBE_READ_BLOCK = 64 * 1024
 
 # Hashed bytes are dropped from the page cache this far behind the hash (by then they are on disk).
 DROP_PAGES_LAG = 32 * 1024 * 1024

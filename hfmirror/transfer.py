@@ -2,26 +2,29 @@
 
 How a file is fetched
 ---------------------
-The file is cut into **segments** ``[start, end)`` (pieces of a few MiB to 64 MiB); each remembers
-``pos``, how far it has been written. Worker threads take segments in file order, ask for
-``Range: bytes=pos-(end-1)``, and write what arrives at its offset with ``os.pwrite``. A worker that
-runs out of segments takes the second half of the largest one still running (the *slow-tail
-re-split*), so the last few percent never crawl along one slow connection.
+A large file starts on one connection asking for all of it. If that connection proves slow (a
+mirror capping each connection, a distant server: see ``ConnectionRamp``), what is left is cut into
+**segments** ``[start, end)`` (pieces of a few MiB to 64 MiB), each remembering ``pos``, how far it
+has been written, and the other connections open. Worker threads take segments in file order, ask
+for ``Range: bytes=pos-(end-1)``, receive each block into a reused buffer and write it at its offset
+with ``os.pwrite``. A worker that runs out of segments takes the second half of the largest one still
+running (the *slow-tail re-split*), so the last few percent never crawl along one slow connection.
 
 How it resumes
 --------------
-Every ``CHECKPOINT_BYTES`` of new data (or ``CHECKPOINT_INTERVAL`` seconds) the coordinator copies the
-segment table, flushes the data file (``fdatasync``), and only then writes the table to
-``<partial>.hfmirror.json``. So the table never claims a byte that is not on disk, even after a power
-cut; after ``kill -9`` the next run loses at most what arrived since the last checkpoint. On resume,
-requests carry ``If-Range`` with the validator the same host gave before: if the file changed, the
-server sends it whole (200) and we start over.
+Every ``CHECKPOINT_BYTES`` of new data (or ``CHECKPOINT_INTERVAL`` seconds) the coordinator saves the
+segment table to ``<partial>.hfmirror.json``: what has been written survives ``kill -9`` in the page
+cache, so the next run loses at most what arrived since the last save. Every ``SYNC_INTERVAL`` seconds
+the data is flushed to disk first, and that table is kept as the one to trust after a power cut (see
+``ResumeState``). On resume, requests carry ``If-Range`` with the validator the same host gave
+before: if the file changed, the server sends it whole (200) and we start over.
 
 How it is verified
 ------------------
 The coordinator hashes the contiguous finished prefix of the file while the rest is still arriving
-(sha256 for LFS files, git blob sha1 for the others), so verification costs little extra time. A
-mismatch discards the partial file and fetches it again, a bounded number of times.
+(sha256 for LFS files, git blob sha1 for the others), so verification costs little extra time; hashed
+bytes then leave the page cache (``pagecache.PageRecycler``). A mismatch discards the partial file and
+fetches it again, a bounded number of times.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from .errors import (
 )
 from .hashing import ContentHasher, is_git_sha1, is_sha256
 from .listing import RemoteFile, RepoListing
+from .pagecache import PageRecycler
 from .retry import RETRYABLE_STATUS, backoff_delay, server_requested_delay
 
 __all__ = ["FileTransfer", "ResumeState", "Segment", "TransferOptions", "TransferStats"]
@@ -284,6 +288,7 @@ class ConnectionRamp:
     def __init__(self, connections: int, now: float) -> None:
         self.connections = connections
         self.allowed = connections if constants.RAMP_PROBE_SECONDS <= 0 else 1
+        self.probing = not self.open  # the first, short window: reads are kept small during it
         self._window = constants.RAMP_PROBE_SECONDS
         self._window_start = now
         self._window_bytes = 0
@@ -300,6 +305,7 @@ class ConnectionRamp:
         elapsed = now - self._window_start
         if elapsed < self._window:
             return False
+        self.probing = False
         if self._window_bytes < constants.FAST_CONNECTION * elapsed:
             self.allowed = self.connections
             return True
@@ -324,7 +330,9 @@ class _Attempt:
         self.unsaved = 0  # bytes written since the last checkpoint
         self.hashed = 0  # bytes [0, hashed) are hashed (by the coordinator, which alone moves this)
         self.hash_buffer = memoryview(bytearray(_HASH_BLOCK))  # reused: fresh memory is slow to touch
-        self.dropped = 0  # the page cache has been asked to forget bytes [0, dropped)
+        # Large files leave the page cache behind the hash (small ones are not worth a thread).
+        large = state.file.size > constants.DROP_PAGES_LAG and PageRecycler.available()
+        self.pages = PageRecycler(fd) if large else None
         self.synced_at = time.monotonic()  # when the data file was last flushed to disk
 
 
@@ -475,6 +483,8 @@ class FileTransfer:
         write into.
         """
         attempt.stop.set()
+        if attempt.pages is not None:
+            attempt.pages.close()
         patience = 2.0 if self.cancel.is_set() else self.options.stall_timeout + constants.CONNECT_TIMEOUT
         deadline = time.monotonic() + patience
         for worker in attempt.workers:
@@ -504,27 +514,8 @@ class FileTransfer:
             hasher.update(buffer[:count])
             hashed += count
         attempt.hashed = hashed
-        if hashed > start:
-            self._release_pages(attempt, start, hashed)
-
-    @staticmethod
-    def _release_pages(attempt: _Attempt, start: int, hashed: int) -> None:
-        """Hand the hashed bytes to the disk, and their memory back to the system once they are there.
-
-        Hashed bytes are never read again. Asking the kernel to drop them starts writing them out now
-        (so the final fsync has little left to do), but pages still being written cannot be dropped at
-        that moment; so the range is asked again ``DROP_PAGES_LAG`` bytes later, when it is on disk and
-        the pages are free. New data then lands in those recycled pages: on virtual machines, fresh
-        memory costs far more to touch than reused memory, and a 15 GB model need not push everything
-        else out of the page cache.
-        """
-        if not hasattr(os, "posix_fadvise"):
-            return
-        os.posix_fadvise(attempt.fd, start, hashed - start, os.POSIX_FADV_DONTNEED)
-        settled = hashed - constants.DROP_PAGES_LAG
-        if settled > attempt.dropped:
-            os.posix_fadvise(attempt.fd, attempt.dropped, settled - attempt.dropped, os.POSIX_FADV_DONTNEED)
-            attempt.dropped = settled
+        if hashed > start and attempt.pages is not None:
+            attempt.pages.hashed_up_to(hashed)
 
     def _checkpoint(self, attempt: _Attempt, *, sync: bool = False) -> None:
         """Save the segment table; first flush the data to disk if ``sync``, or if it is time to.
@@ -759,7 +750,8 @@ class FileTransfer:
         written = 0
         while True:
             with self._lock:
-                want = min(constants.READ_BLOCK, segment.end - segment.pos)
+                block = constants.PROBE_READ_BLOCK if attempt.ramp.probing else constants.READ_BLOCK
+                want = min(block, segment.end - segment.pos)
             if want <= 0 or attempt.stop.is_set() or self.cancel.is_set():
                 break
             try:

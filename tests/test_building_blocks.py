@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from hfmirror.endpoints import EndpointPool, RateGovernor, normalize_endpoint
 from hfmirror.errors import BadInputError, EntryNotFoundError, UnsafePathError
 from hfmirror.hashing import ContentHasher, file_digest, git_blob_sha1, git_blob_sha1_of_file
 from hfmirror.listing import RemoteFile, filter_files, validate_repo_id
+from hfmirror.pagecache import PageRecycler
 from hfmirror.paths import safe_join, validate_relative_path
 from hfmirror.retry import backoff_delay, server_requested_delay
 from hfmirror.transfer import ConnectionRamp, ResumeState, Segment, boot_id, cut_into_pieces
@@ -307,15 +309,15 @@ def test_the_ramp_opens_every_connection_when_the_first_is_slow(monkeypatch: pyt
     monkeypatch.setattr(constants, "RAMP_PROBE_SECONDS", 0.1)
     monkeypatch.setattr(constants, "RAMP_WINDOW_SECONDS", 1.0)
     slow = ConnectionRamp(8, now=0.0)
-    assert slow.allowed == 1
+    assert slow.allowed == 1 and slow.probing  # small reads until the first judgement
     assert not slow.observe(5_000, now=0.05)  # too early to judge
     assert slow.observe(4_000, now=0.1)  # 9 kB in 0.1 s = 90 kB/s: slower than 100 kB/s
-    assert slow.allowed == 8 and slow.open
+    assert slow.allowed == 8 and slow.open and not slow.probing
     assert not slow.observe(1, now=5.0)  # opened once, it stays open
 
     fast = ConnectionRamp(8, now=0.0)
     assert not fast.observe(20_000, now=0.1)  # 200 kB/s: one connection is enough
-    assert fast.allowed == 1
+    assert fast.allowed == 1 and not fast.probing
     # A short hiccup inside the next (one-second) window is not a slow link ...
     assert not fast.observe(0, now=0.5)
     assert not fast.observe(150_000, now=1.1)
@@ -331,6 +333,40 @@ def test_the_ramp_opens_at_once_when_asked_or_when_there_is_one_connection(
     assert ConnectionRamp(1, now=0.0).open
     monkeypatch.setattr(constants, "RAMP_PROBE_SECONDS", 0)
     assert ConnectionRamp(8, now=0.0).allowed == 8
+
+
+def test_the_page_recycler_drops_only_hashed_bytes_and_stops_before_the_file_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Page residency cannot be observed portably, so the advice itself is recorded: writing out is
+    asked for exactly the hashed bytes, dropping only for those DROP_PAGES_LAG behind the hash."""
+    monkeypatch.setattr(constants, "DROP_PAGES_LAG", 1000)
+    asked: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, n, advice: asked.append((offset, n, advice)))
+    fd = os.open(tmp_path / "partial", os.O_RDWR | os.O_CREAT)
+    try:
+        recycler = PageRecycler(fd)
+        recycler.hashed_up_to(500)
+        recycler.hashed_up_to(3000)
+        recycler.hashed_up_to(2000)  # never backwards
+        recycler.close()
+        recycler.hashed_up_to(9000)  # after close: ignored
+    finally:
+        os.close(fd)
+    assert recycler._thread is not None and not recycler._thread.is_alive()
+    assert all(advice == os.POSIX_FADV_DONTNEED for _, _, advice in asked)
+    # Each round asks the new hashed bytes out, then drops what is DROP_PAGES_LAG behind: two runs of
+    # ranges, each contiguous from 0 (the first request of all is always a writing-out one).
+    next_out = next_drop = 0
+    for offset, n, _ in asked:
+        if offset == next_out:
+            next_out += n
+        else:
+            assert offset == next_drop, asked
+            next_drop += n
+            assert next_drop + 1000 <= next_out, f"dropped bytes the hash had not passed by 1000: {asked}"
+    assert (next_out, next_drop) == (3000, 2000), asked
+    assert (recycler.kicked, recycler.dropped) == (3000, 2000)
 
 
 def test_prefix_end_stops_at_the_first_unfinished_segment(tmp_path: Path) -> None:
