@@ -22,6 +22,7 @@ import json
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -771,6 +772,9 @@ def main(argv: list[str] | None = None) -> int:
         if NEEDS_SERVER & set(chosen):
             server.start()
             print(f"server {server.url} (pid {server.proc.pid}); hashing the test files once...", flush=True)
+            # What `pip install` does for an installed package; an editable one compiles on first use.
+            package = str(bl.REPO_DIR / "hfmirror")
+            subprocess.run([sys.executable, "-m", "compileall", "-q", package], check=False)
             server.warm(ctx.large_repo)
             server.warm(ctx.small_repo)
         for name in chosen:
