@@ -9,7 +9,9 @@ download took 1.7-2.0 s without this, 1.3-1.4 s with it), and a 15 GB model need
 else out of the page cache.
 
 The asking happens on a thread of its own: it can block while the kernel queues the writes, and the
-hash, which on a fast link is what the whole download waits for, must not block with it.
+hash, which on a fast link is what the whole download waits for, must not block with it. The same
+thread flushes the file to disk as soon as its last byte is written, while the hash is still catching
+up, so that the ``fsync`` before the final rename finds nothing left to write.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class PageRecycler:
         self.dropped = 0  # dropping was asked for bytes [0, dropped), once they were on disk
         self._target = 0
         self._closing = False
+        self._flush_asked = False
+        self.flushed = False
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
 
@@ -47,9 +51,16 @@ class PageRecycler:
             if offset <= self._target or self._closing:
                 return
             self._target = offset
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="hfmirror-pages", daemon=True)
-                self._thread.start()
+            self._start()
+            self._wake.notify()
+
+    def flush(self) -> None:
+        """Every byte is written: put the file on disk now, without waiting for the hash."""
+        with self._wake:
+            if self._closing or self._flush_asked:
+                return
+            self._flush_asked = True
+            self._start()
             self._wake.notify()
 
     def close(self) -> None:
@@ -60,16 +71,24 @@ class PageRecycler:
         if self._thread is not None:
             self._thread.join()
 
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="hfmirror-pages", daemon=True)
+            self._thread.start()
+
     def _run(self) -> None:
         while True:
             with self._wake:
-                while self._target == self.kicked and not self._closing:
+                while self._target == self.kicked and self._flush_asked == self.flushed and not self._closing:
                     self._wake.wait()
-                target, closing = self._target, self._closing
+                target, flush, closing = self._target, self._flush_asked and not self.flushed, self._closing
             try:
+                if flush:
+                    os.fdatasync(self.fd) if hasattr(os, "fdatasync") else os.fsync(self.fd)
+                    self.flushed = True
                 self._release(target)
             except OSError:
-                return  # only advice: the download goes on without it
+                return  # only a head start: the caller's own fsync still decides
             if closing:
                 return
 

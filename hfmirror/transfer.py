@@ -785,6 +785,9 @@ class FileTransfer:
                     self._cut_for_connections(attempt)
                 if opened or segment.remaining <= 0 or attempt.unsaved >= constants.CHECKPOINT_BYTES:
                     self._wake.notify_all()
+                if segment.remaining <= 0 and attempt.pages is not None:
+                    if attempt.state.prefix_end() == self.file.size:  # the last byte is in
+                        attempt.pages.flush()
             written += usable
             self.stats.add(bytes_fetched=usable)
             self.on_bytes(usable)

@@ -335,7 +335,7 @@ def test_the_ramp_opens_at_once_when_asked_or_when_there_is_one_connection(
     assert ConnectionRamp(8, now=0.0).allowed == 8
 
 
-def test_the_page_recycler_drops_only_hashed_bytes_and_stops_before_the_file_closes(
+def test_the_page_recycler_drops_only_hashed_bytes_flushes_once_and_stops_before_the_file_closes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Page residency cannot be observed portably, so the advice itself is recorded: writing out is
@@ -343,12 +343,16 @@ def test_the_page_recycler_drops_only_hashed_bytes_and_stops_before_the_file_clo
     monkeypatch.setattr(constants, "DROP_PAGES_LAG", 1000)
     asked: list[tuple[int, int, int]] = []
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, n, advice: asked.append((offset, n, advice)))
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fdatasync", synced.append)
     fd = os.open(tmp_path / "partial", os.O_RDWR | os.O_CREAT)
     try:
         recycler = PageRecycler(fd)
         recycler.hashed_up_to(500)
         recycler.hashed_up_to(3000)
         recycler.hashed_up_to(2000)  # never backwards
+        recycler.flush()  # the last byte is written: to disk now, once, however often asked
+        recycler.flush()
         recycler.close()
         recycler.hashed_up_to(9000)  # after close: ignored
     finally:
@@ -367,6 +371,7 @@ def test_the_page_recycler_drops_only_hashed_bytes_and_stops_before_the_file_clo
             assert next_drop + 1000 <= next_out, f"dropped bytes the hash had not passed by 1000: {asked}"
     assert (next_out, next_drop) == (3000, 2000), asked
     assert (recycler.kicked, recycler.dropped) == (3000, 2000)
+    assert synced == [fd] and recycler.flushed
 
 
 def test_prefix_end_stops_at_the_first_unfinished_segment(tmp_path: Path) -> None:
