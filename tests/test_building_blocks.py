@@ -313,11 +313,14 @@ def test_the_ramp_opens_every_connection_when_the_first_is_slow(monkeypatch: pyt
     assert not slow.observe(5_000, now=0.05)  # too early to judge
     assert slow.observe(4_000, now=0.1)  # 9 kB in 0.1 s = 90 kB/s: slower than 100 kB/s
     assert slow.allowed == 8 and slow.open and not slow.probing
+    assert slow.read_block() == constants.READ_BLOCK  # many slow connections: small reads, little lost
     assert not slow.observe(1, now=5.0)  # opened once, it stays open
 
     fast = ConnectionRamp(8, now=0.0)
+    assert fast.read_block() == constants.PROBE_READ_BLOCK  # heard from within the probe
     assert not fast.observe(20_000, now=0.1)  # 200 kB/s: one connection is enough
     assert fast.allowed == 1 and not fast.probing
+    assert fast.read_block() == constants.FAST_READ_BLOCK  # one fast connection: large, cheap reads
     # A short hiccup inside the next (one-second) window is not a slow link ...
     assert not fast.observe(0, now=0.5)
     assert not fast.observe(150_000, now=1.1)

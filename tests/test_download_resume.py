@@ -13,12 +13,26 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from hfmirror import constants
+from hfmirror.endpoints import EndpointPool
+from hfmirror.hashing import ContentHasher
+from hfmirror.listing import RemoteFile, RepoListing
+from hfmirror.transfer import (
+    ConnectionRamp,
+    FileTransfer,
+    ResumeState,
+    Segment,
+    TransferOptions,
+    TransferStats,
+    _Attempt,
+)
 from tests.support import make_repo
 
 SIZE = 12 * 1024 * 1024
@@ -150,3 +164,42 @@ def test_two_processes_on_the_same_repo_both_succeed_with_one_copy(fault_server,
     # One process waited for the other's lock instead of fetching the file a second time.
     assert faults.bytes_sent(f"*/{WEIGHTS}") <= SIZE + constants.READ_BLOCK
     os.stat(snapshot / WEIGHTS)
+
+
+
+def test_the_hash_advances_in_bounded_steps_so_checkpoints_are_not_held_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wave of pieces finishing together leaves a long run to hash. Hashing it in one go kept the
+    coordinator from saving checkpoints meanwhile (a kill at 50% lost 2% of a 1 GiB file, not 0.5%),
+    so one call hashes at most HASH_STEP and the coordinator's loop gets its turn in between."""
+    monkeypatch.setattr(constants, "HASH_STEP", 1 << 20)
+    content = os.urandom(3 * (1 << 20) + 5)
+    partial = tmp_path / "w.bin.incomplete"
+    partial.write_bytes(content)
+    file = RemoteFile("w.bin", len(content), hashlib.sha256(content).hexdigest())
+    listing = RepoListing("a/b", "model", "main", "0" * 40, (file,), "http://127.0.0.1:1")
+    transfer = FileTransfer(
+        file,
+        listing,
+        partial_path=partial,
+        state_path=tmp_path / "state.json",
+        pool=EndpointPool([listing.endpoint]),
+        session_for=requests.Session,
+        options=TransferOptions(),
+        stats=TransferStats(),
+        cancel=threading.Event(),
+    )
+    state = ResumeState(tmp_path / "state.json", file, [Segment(0, len(content), len(content))])
+    hasher = ContentHasher(file.oid, file.size)
+    fd = os.open(partial, os.O_RDONLY)
+    try:
+        attempt = _Attempt(state, fd, ConnectionRamp(1, now=0.0))
+        steps = []
+        while attempt.hashed < len(content):
+            transfer._hash_arrived(attempt, hasher)
+            steps.append(attempt.hashed)
+    finally:
+        os.close(fd)
+    assert steps == [1 << 20, 2 << 20, 3 << 20, len(content)]
+    assert hasher.hexdigest() == file.oid
