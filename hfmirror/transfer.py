@@ -759,7 +759,9 @@ class FileTransfer:
         segment shrank, the attempt ended) closes it when the response is closed.
         """
         body = _body_reader(response)
-        buffer = memoryview(bytearray(max(constants.READ_BLOCK, constants.FAST_READ_BLOCK)))
+        largest = max(constants.READ_BLOCK, constants.FAST_READ_BLOCK, constants.PROBE_READ_BLOCK)
+        with self._lock:  # a segment only ever shrinks: a small file needs no 1 MiB buffer
+            buffer = memoryview(bytearray(max(1, min(largest, segment.end - segment.pos))))
         written = 0
         while True:
             with self._lock:
