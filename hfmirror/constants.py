@@ -36,8 +36,9 @@ RAMP_WINDOW_SECONDS = 1.0
 # lost if the process is killed). A connection judged fast enough alone reads FAST_READ_BLOCK at a time:
 # large reads cost less CPU per byte (a 1 GiB body takes ~0.1 s less of it in 1 MiB reads than in
 # 256 KiB ones), and there CPU is what the download waits for. Several slow connections read
-# READ_BLOCK: there the network is, and eight connections holding 1 MiB each lost 1% of a file to a
-# kill. While the first connection is on probation, reads are PROBE_READ_BLOCK, so that even a slow
+# READ_BLOCK: there the network is the limit, and each connection's unwritten block is lost to a kill
+# (eight 1 MiB blocks, with the unbounded hash steps HASH_STEP now prevents, lost 1-2% of a 1 GiB
+# file). While the first connection is on probation, reads are PROBE_READ_BLOCK, so that even a slow
 # link has been heard from by the end of RAMP_PROBE_SECONDS.
 READ_BLOCK = 256 * 1024
 FAST_READ_BLOCK = 1024 * 1024
