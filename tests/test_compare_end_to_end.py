@@ -11,15 +11,28 @@ from pathlib import Path
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "hfmirror", *args], capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "hfmirror", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, **(env or {})},
     )
 
 
 def test_compare_bert_base_uncased_through_the_mirror(hub_server, tmp_path: Path) -> None:
     """A small stand-in served as `bert-base-uncased` (no org, BertForMaskedLM keys with `bert.` prefix)."""
-    out = run("compare", "bert-base-uncased", "--endpoint", hub_server.url, "--cache-dir", str(tmp_path),
-              "--text", "hello world", "--text", "the cat sat on the mat")
+    out = run(
+        "compare",
+        "bert-base-uncased",
+        "--endpoint",
+        hub_server.url,
+        "--cache-dir",
+        str(tmp_path),
+        "--text",
+        "hello world",
+        "--text",
+        "the cat sat on the mat",
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     # A masked-LM checkpoint has no pooler weights, so there is no pooler stage to compare.
     assert "layer.0.attention" in out.stdout and "last_hidden_state" in out.stdout
@@ -27,8 +40,14 @@ def test_compare_bert_base_uncased_through_the_mirror(hub_server, tmp_path: Path
     assert (tmp_path / "models--bert-base-uncased" / "refs" / "main").is_file()
 
     # Second time: no network needed, the cache answers (HF_HUB_OFFLINE as huggingface_hub has it).
-    out = run("compare", "bert-base-uncased", "--cache-dir", str(tmp_path), "--json",
-              env={"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    out = run(
+        "compare",
+        "bert-base-uncased",
+        "--cache-dir",
+        str(tmp_path),
+        "--json",
+        env={"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"},
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["passed"] is True and report["first_failing_stage"] is None

@@ -10,7 +10,9 @@ import sys
 def test_demo_runs_offline_and_resumes_and_compares(tmp_path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "hfmirror", "demo", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout

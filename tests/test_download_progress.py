@@ -34,8 +34,17 @@ def run_with_terminal_stderr(args: list[str]) -> tuple[int, str, str]:
 
 def test_bars_on_a_terminal(hub_server, tmp_path: Path) -> None:
     code, out, err = run_with_terminal_stderr(
-        [sys.executable, "-m", "hfmirror", "download", "tiny/nested", "--endpoint", hub_server.url,
-         "--cache-dir", str(tmp_path)]
+        [
+            sys.executable,
+            "-m",
+            "hfmirror",
+            "download",
+            "tiny/nested",
+            "--endpoint",
+            hub_server.url,
+            "--cache-dir",
+            str(tmp_path),
+        ]
     )
     assert code == 0, err
     assert "total" in err and "100%" in err  # the overall bar reached the end
@@ -44,8 +53,17 @@ def test_bars_on_a_terminal(hub_server, tmp_path: Path) -> None:
 
 
 def test_no_bars_when_piped_and_nothing_but_the_path_when_quiet(hub_server, tmp_path: Path) -> None:
-    base = [sys.executable, "-m", "hfmirror", "download", "tiny/nested", "--endpoint", hub_server.url,
-            "--cache-dir", str(tmp_path)]
+    base = [
+        sys.executable,
+        "-m",
+        "hfmirror",
+        "download",
+        "tiny/nested",
+        "--endpoint",
+        hub_server.url,
+        "--cache-dir",
+        str(tmp_path),
+    ]
     piped = subprocess.run(base, capture_output=True, text=True, timeout=300)
     assert piped.returncode == 0, piped.stderr
     assert "%|" not in piped.stderr and "files (" in piped.stderr

@@ -52,9 +52,24 @@ def slow_repo(fault_server, faults, request) -> tuple[str, Path, str]:
 
 def start_download(url: str, repo_id: str, cache: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "hfmirror", "download", repo_id, "--endpoint", url, "--cache-dir", str(cache),
-         "--connections", "1", "-q", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "hfmirror",
+            "download",
+            repo_id,
+            "--endpoint",
+            url,
+            "--cache-dir",
+            str(cache),
+            "--connections",
+            "1",
+            "-q",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -83,7 +98,9 @@ def wait_until_saved(process: subprocess.Popen, state: Path, at_least: int, blob
         time.sleep(0.05)
 
 
-def test_kill_9_twice_then_resume_fetches_each_byte_about_once(fault_server, faults, slow_repo, tmp_path) -> None:
+def test_kill_9_twice_then_resume_fetches_each_byte_about_once(
+    fault_server, faults, slow_repo, tmp_path
+) -> None:
     repo_id, folder, oid = slow_repo
     good = (folder / WEIGHTS).read_bytes()
     blob, partial, state = paths_for(tmp_path, repo_id, oid)
@@ -140,8 +157,19 @@ def test_a_changed_remote_file_restarts_that_file(fault_server, faults, slow_rep
     blob, partial, state = paths_for(tmp_path, repo_id, oid)
     partial.parent.mkdir(parents=True)
     partial.write_bytes(b"\0" * SIZE)
-    state.write_text(json.dumps({"version": 1, "path": WEIGHTS, "oid": "f" * 64, "size": SIZE,
-                                 "ranges_supported": True, "validators": {}, "segments": [[0, SIZE // 2, SIZE]]}))
+    state.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "path": WEIGHTS,
+                "oid": "f" * 64,
+                "size": SIZE,
+                "ranges_supported": True,
+                "validators": {},
+                "segments": [[0, SIZE // 2, SIZE]],
+            }
+        )
+    )
     faults.reset()
     process = start_download(fault_server.url, repo_id, tmp_path)
     out, err = process.communicate(timeout=300)
@@ -164,7 +192,6 @@ def test_two_processes_on_the_same_repo_both_succeed_with_one_copy(fault_server,
     # One process waited for the other's lock instead of fetching the file a second time.
     assert faults.bytes_sent(f"*/{WEIGHTS}") <= SIZE + constants.READ_BLOCK
     os.stat(snapshot / WEIGHTS)
-
 
 
 def test_the_hash_advances_in_bounded_steps_so_checkpoints_are_not_held_back(

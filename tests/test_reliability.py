@@ -68,7 +68,19 @@ def repo_dir(cache: Path, repo_id: str) -> Path:
 def start_cli(url: str, repo_id: str, cache: Path, *extra: str) -> subprocess.Popen:
     """``hfmirror download`` in a real process, as a user runs it."""
     return subprocess.Popen(
-        [sys.executable, "-m", "hfmirror", "download", repo_id, "--endpoint", url, "--cache-dir", str(cache), "-q", *extra],
+        [
+            sys.executable,
+            "-m",
+            "hfmirror",
+            "download",
+            repo_id,
+            "--endpoint",
+            url,
+            "--cache-dir",
+            str(cache),
+            "-q",
+            *extra,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -191,9 +203,13 @@ def test_kill_9_at_ten_random_points_then_finish(fault_server, faults, tmp_path:
     )
     served = faults.bytes_sent(f"*/{WEIGHTS}")
     bound = KILL_SIZE + KILLS * lost_per_kill
-    assert KILL_SIZE <= served <= bound, f"served {served} bytes for a {KILL_SIZE}-byte file; bound {bound:.0f}"
+    assert KILL_SIZE <= served <= bound, (
+        f"served {served} bytes for a {KILL_SIZE}-byte file; bound {bound:.0f}"
+    )
     # Every run after the first one resumed with a Range from what was saved.
-    resumed = [r for r in faults.requests(f"*/{WEIGHTS}", "GET") if r.range and not r.range.startswith("bytes=0-")]
+    resumed = [
+        r for r in faults.requests(f"*/{WEIGHTS}", "GET") if r.range and not r.range.startswith("bytes=0-")
+    ]
     assert len(resumed) >= KILLS, [r.range for r in faults.requests(f"*/{WEIGHTS}", "GET")]
 
 
@@ -266,7 +282,13 @@ def matrix_repo(fault_server) -> Path:
 @pytest.mark.parametrize("name", list(MATRIX_FILES))
 @pytest.mark.parametrize("kind", list(FAULT_KINDS))
 def test_fault_matrix_ends_byte_identical(
-    fault_server, faults, matrix_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, name: str
+    fault_server,
+    faults,
+    matrix_repo: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    name: str,
 ) -> None:
     monkeypatch.setattr(constants, "MIN_SEGMENT", 256 * 1024)
     monkeypatch.setattr(constants, "MULTI_CONNECTION_THRESHOLD", 512 * 1024)
@@ -322,8 +344,12 @@ def test_a_server_ignoring_range_with_many_connections_still_works(
     faults.ignore_range(path=f"*/resolve/*/{name}")
     for run in range(5):
         result = download(
-            MATRIX_REPO, filenames=[name], endpoints=[fault_server.url], cache_dir=tmp_path / f"run-{run}",
-            connections=8, progress=False,
+            MATRIX_REPO,
+            filenames=[name],
+            endpoints=[fault_server.url],
+            cache_dir=tmp_path / f"run-{run}",
+            connections=8,
+            progress=False,
         )
         assert (result.path / name).read_bytes() == good
 
@@ -341,7 +367,9 @@ class RawConnection(http.client.HTTPConnection):
         return request.encode("utf-8", "surrogatepass")
 
 
-def raw_request(url: str, method: str, target: str, headers: dict[str, str]) -> tuple[int | None, bytes, bytes]:
+def raw_request(
+    url: str, method: str, target: str, headers: dict[str, str]
+) -> tuple[int | None, bytes, bytes]:
     """(status, raw headers, body); status None if the server closed the connection without answering."""
     host, port = url.removeprefix("http://").split(":")
     conn = RawConnection(host, int(port), timeout=10)
@@ -397,12 +425,58 @@ _PREFIXES = [
     "",
 ]
 _TRICKY_SEGMENTS = [
-    "..", ".", "", "...", "%2e%2e", "%2E%2E", "%2e", ".%2e", "%2e.", "%252e%252e", "%c0%ae%c0%ae", "..;",
-    "..%2f..%2f..%2fcanary.txt", "..%2F..%2Fcanary.txt", "..\\..\\canary.txt", "..%5c..%5ccanary.txt",
-    "%2fetc%2fpasswd", "canary.txt", "outside", "link-out.txt", "dir-out", "link-repo", "root", "org", "m",
-    "main", "resolve", "api", "models", "datasets", "tree", "revision", "ok.txt", "weights.bin", "%00",
-    "ok.txt%00.png", "\x00", "%ff%fe", "%", "%%", "%zz", "C:", "C:%5c", "~", "é", "日本", "\ud800",
-    "?recursive=true", "#frag", ";", "a" * 300, "b" * 5000,
+    "..",
+    ".",
+    "",
+    "...",
+    "%2e%2e",
+    "%2E%2E",
+    "%2e",
+    ".%2e",
+    "%2e.",
+    "%252e%252e",
+    "%c0%ae%c0%ae",
+    "..;",
+    "..%2f..%2f..%2fcanary.txt",
+    "..%2F..%2Fcanary.txt",
+    "..\\..\\canary.txt",
+    "..%5c..%5ccanary.txt",
+    "%2fetc%2fpasswd",
+    "canary.txt",
+    "outside",
+    "link-out.txt",
+    "dir-out",
+    "link-repo",
+    "root",
+    "org",
+    "m",
+    "main",
+    "resolve",
+    "api",
+    "models",
+    "datasets",
+    "tree",
+    "revision",
+    "ok.txt",
+    "weights.bin",
+    "%00",
+    "ok.txt%00.png",
+    "\x00",
+    "%ff%fe",
+    "%",
+    "%%",
+    "%zz",
+    "C:",
+    "C:%5c",
+    "~",
+    "é",
+    "日本",
+    "\ud800",
+    "?recursive=true",
+    "#frag",
+    ";",
+    "a" * 300,
+    "b" * 5000,
 ]
 _JOINERS = ["/", "/", "/", "//", "%2f", "%2F", "\\", "%5c", "%5C"]
 
@@ -438,25 +512,56 @@ def test_fuzzed_paths_never_5xx_and_never_leak_the_canary(canary_server: dict[st
     ]
     target = data.draw(hostile_targets(canary_paths), label="target")
     method = data.draw(st.sampled_from(["GET", "HEAD"]), label="method")
-    headers = data.draw(st.sampled_from([{}, {"Range": "bytes=0-"}, {"Range": "bytes=-100"}]), label="headers")
+    headers = data.draw(
+        st.sampled_from([{}, {"Range": "bytes=0-"}, {"Range": "bytes=-100"}]), label="headers"
+    )
     status, raw_headers, body = raw_request(canary_server["url"], method, target, headers)
     marker = canary_server["marker"]
     assert marker not in body and marker not in raw_headers, (target, status)
     # uvicorn may close the connection on a request line it cannot parse at all; the app never answers 5xx.
     assert status is None or 200 <= status < 500, (target, status, body[:300])
     if status is None:
-        assert any(ch in target for ch in " \x00#\ud800") or any(ord(ch) < 0x20 or ord(ch) > 0x7E for ch in target), target
+        assert any(ch in target for ch in " \x00#\ud800") or any(
+            ord(ch) < 0x20 or ord(ch) > 0x7E for ch in target
+        ), target
 
 
 # ====================================================================== 3b. fuzzing the downloader's listings
 
 _HEX = "0123456789abcdef"
 _EVIL_NAMES = [
-    "../escaped.txt", "../../escaped.txt", "a/../../escaped.txt", "a/b/../../../escaped.txt", "./escaped.txt",
-    "a/./b.txt", "a//b.txt", "a/", "/", ".", "..", "", "\\escaped.txt", "..\\escaped.txt", "a\\..\\..\\escaped.txt",
-    "C:\\escaped.txt", "C:/escaped.txt", "c:escaped.txt", "x\x00y.txt", "x\ny.txt", ".cache/huggingface/download/x.metadata",
-    ".cache/x", "%2e%2e/escaped.txt", "~/escaped.txt", "a" * 300, "a" * 5000, "d/" * 2100 + "x", "é/日本.txt",
-    "config.json", "a", "a/b", "a/b/c.bin",
+    "../escaped.txt",
+    "../../escaped.txt",
+    "a/../../escaped.txt",
+    "a/b/../../../escaped.txt",
+    "./escaped.txt",
+    "a/./b.txt",
+    "a//b.txt",
+    "a/",
+    "/",
+    ".",
+    "..",
+    "",
+    "\\escaped.txt",
+    "..\\escaped.txt",
+    "a\\..\\..\\escaped.txt",
+    "C:\\escaped.txt",
+    "C:/escaped.txt",
+    "c:escaped.txt",
+    "x\x00y.txt",
+    "x\ny.txt",
+    ".cache/huggingface/download/x.metadata",
+    ".cache/x",
+    "%2e%2e/escaped.txt",
+    "~/escaped.txt",
+    "a" * 300,
+    "a" * 5000,
+    "d/" * 2100 + "x",
+    "é/日本.txt",
+    "config.json",
+    "a",
+    "a/b",
+    "a/b/c.bin",
 ]
 
 
@@ -469,7 +574,10 @@ def _content_for(index: int, size: int) -> bytes:
 def hostile_listing(draw, absolute_name: str) -> dict[str, Any]:
     """A listing (JSON body) and, per file name, what its resolve URL answers."""
     json_scalar = st.one_of(
-        st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False),
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(allow_nan=False, allow_infinity=False),
         st.text(max_size=10),
     )
     names = st.one_of(
@@ -479,8 +587,13 @@ def hostile_listing(draw, absolute_name: str) -> dict[str, Any]:
         json_scalar,
     )
     sizes = st.one_of(
-        st.integers(0, 3000), st.integers(0, 3000), st.integers(-(2**40), -1), st.integers(2**40, 2**80), json_scalar,
-        st.just([1]), st.just({"size": 1}),
+        st.integers(0, 3000),
+        st.integers(0, 3000),
+        st.integers(-(2**40), -1),
+        st.integers(2**40, 2**80),
+        json_scalar,
+        st.just([1]),
+        st.just({"size": 1}),
     )
     hex40 = st.text(_HEX, min_size=40, max_size=40)
     hex64 = st.text(_HEX, min_size=64, max_size=64)
@@ -489,7 +602,9 @@ def hostile_listing(draw, absolute_name: str) -> dict[str, Any]:
     # downloads get as far as the hostile file answers; the other half are hostile from the first byte.
     plausible = draw(st.booleans(), label="plausible")
     if plausible:
-        safe_names = st.from_regex(r"[a-z]{1,8}(/[a-z]{1,8}){0,2}\.(txt|json|bin|safetensors)", fullmatch=True)
+        safe_names = st.from_regex(
+            r"[a-z]{1,8}(/[a-z]{1,8}){0,2}\.(txt|json|bin|safetensors)", fullmatch=True
+        )
         chosen = draw(st.lists(safe_names, max_size=4, unique=True), label="names")
         sizes = st.integers(0, 3000)
         checksums = st.sampled_from(["VALID"] * 9 + ["0" * 40])
@@ -508,25 +623,43 @@ def hostile_listing(draw, absolute_name: str) -> dict[str, Any]:
             sibling["size"] = size
         blob_id = draw(checksums, label="blobId")
         sibling["blobId"] = git_blob_sha1(content) if blob_id == "VALID" else blob_id
-        lfs_kinds = ["none", "valid"] if plausible else ["none", "none", "valid", "garbage", "missing-keys", "not-a-dict"]
+        lfs_kinds = (
+            ["none", "valid"]
+            if plausible
+            else ["none", "none", "valid", "garbage", "missing-keys", "not-a-dict"]
+        )
         lfs_kind = draw(st.sampled_from(lfs_kinds), label="lfs")
         if lfs_kind == "valid":
             sha = draw(checksums, label="lfs sha256")
-            sibling["lfs"] = {"sha256": sha256(content) if sha == "VALID" else sha, "size": size, "pointerSize": 134}
+            sibling["lfs"] = {
+                "sha256": sha256(content) if sha == "VALID" else sha,
+                "size": size,
+                "pointerSize": 134,
+            }
         elif lfs_kind == "garbage":
-            sibling["lfs"] = {"sha256": draw(json_scalar), "size": draw(sizes), "pointerSize": draw(json_scalar)}
+            sibling["lfs"] = {
+                "sha256": draw(json_scalar),
+                "size": draw(sizes),
+                "pointerSize": draw(json_scalar),
+            }
         elif lfs_kind == "missing-keys":
             sibling["lfs"] = {"sha256": sha256(content)}
         elif lfs_kind == "not-a-dict":
             sibling["lfs"] = draw(st.one_of(st.text(min_size=1, max_size=5), st.integers(1, 5), st.just([1])))
         siblings.append(sibling)
-        answer = draw(st.sampled_from(["exact", "exact", "garbage", "short", "long", "status", "headers", "redirect"]))
+        answer = draw(
+            st.sampled_from(["exact", "exact", "garbage", "short", "long", "status", "headers", "redirect"])
+        )
         status = draw(st.sampled_from([206, 301, 302, 400, 401, 403, 404, 416, 429, 500, 503]))
         if isinstance(name, str):
             responses[name] = {"answer": answer, "content": content, "status": status}
     commit = "1" * 40 if plausible else draw(st.one_of(st.just("1" * 40), hex40, json_scalar), label="sha")
     body: Any = {"id": "evil/repo", "sha": commit, "private": False, "siblings": siblings}
-    shape = "normal" if plausible else draw(st.sampled_from(["normal"] * 5 + ["no-siblings", "siblings-not-a-list", "not-an-object"]))
+    shape = (
+        "normal"
+        if plausible
+        else draw(st.sampled_from(["normal"] * 5 + ["no-siblings", "siblings-not-a-list", "not-an-object"]))
+    )
     if shape == "no-siblings":
         del body["siblings"]
     elif shape == "siblings-not-a-list":
@@ -557,7 +690,9 @@ class HostileHub:
         name = unquote(tail.partition("/")[2]) if found else ""
         spec = self.example["responses"].get(name)
         if spec is None:
-            return JSONResponse({"error": "not found"}, status_code=404, headers={"X-Error-Code": "EntryNotFound"})
+            return JSONResponse(
+                {"error": "not found"}, status_code=404, headers={"X-Error-Code": "EntryNotFound"}
+            )
         content: bytes = spec["content"]
         answer = spec["answer"]
         if answer == "garbage":
@@ -567,10 +702,17 @@ class HostileHub:
         if answer == "long":
             return Response(content + b"trailing garbage")
         if answer == "status":
-            return Response(b"{}", status_code=spec["status"], headers={"Retry-After": "99999", "Location": "/../../x"})
+            return Response(
+                b"{}", status_code=spec["status"], headers={"Retry-After": "99999", "Location": "/../../x"}
+            )
         if answer == "headers":
-            headers = {"ETag": '"' + "f" * 64 + '"', "X-Linked-Etag": "nonsense", "Content-Range": "bytes 5-2/1",
-                       "X-Xet-Hash": "0" * 64, "Link": '<http://127.0.0.1:1/x>; rel="xet-auth"'}
+            headers = {
+                "ETag": '"' + "f" * 64 + '"',
+                "X-Linked-Etag": "nonsense",
+                "Content-Range": "bytes 5-2/1",
+                "X-Xet-Hash": "0" * 64,
+                "Link": '<http://127.0.0.1:1/x>; rel="xet-auth"',
+            }
             return Response(content, status_code=206 if spec["status"] == 206 else 200, headers=headers)
         if answer == "redirect":
             return Response(b"", status_code=302, headers={"Location": "http://127.0.0.1:1/nowhere"})
@@ -605,7 +747,9 @@ def _outside_listing(base: Path) -> dict[str, tuple[int, int]]:
 _example_counter = iter(range(10**9))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 @given(data=st.data())
 def test_hostile_listings_raise_only_our_errors_and_write_only_inside_the_target(
     hostile_hub: tuple[HostileHub, str], listing_sandbox: Path, data
@@ -627,7 +771,9 @@ def test_hostile_listings_raise_only_our_errors_and_write_only_inside_the_target
         patch.setattr(constants, "FAILOVER_AFTER", 1)
         outcome: Any
         try:
-            outcome = download("evil/repo", endpoints=[url], local_dir=target, stall_timeout=2.0, progress=False)
+            outcome = download(
+                "evil/repo", endpoints=[url], local_dir=target, stall_timeout=2.0, progress=False
+            )
         except HfMirrorError as error:
             outcome = error
         # Anything else (KeyError, TypeError, AttributeError...) propagates and fails the example.
@@ -647,9 +793,15 @@ CONCURRENT_SIZE = 6 * 1024 * 1024 + 4321
 CONCURRENT_RATE = 2_000_000  # the big file takes about 3 s, so the four processes overlap
 
 
-def test_four_processes_on_one_repo_and_cache_leave_one_intact_copy(fault_server, faults, tmp_path: Path) -> None:
+def test_four_processes_on_one_repo_and_cache_leave_one_intact_copy(
+    fault_server, faults, tmp_path: Path
+) -> None:
     repo_id = "reliability/four-processes"
-    files: dict[str, bytes | int] = {WEIGHTS: CONCURRENT_SIZE, "config.json": b'{"processes": 4}\n', "vocab/tokens.txt": 5000}
+    files: dict[str, bytes | int] = {
+        WEIGHTS: CONCURRENT_SIZE,
+        "config.json": b'{"processes": 4}\n',
+        "vocab/tokens.txt": 5000,
+    }
     folder = make_repo(fault_server.root, repo_id, files)
     faults.limit_bandwidth(CONCURRENT_RATE, path=f"*/{WEIGHTS}")
     processes = [start_cli(fault_server.url, repo_id, tmp_path) for _ in range(4)]
@@ -665,7 +817,11 @@ def test_four_processes_on_one_repo_and_cache_leave_one_intact_copy(fault_server
         assert (snapshot / name).is_symlink()
     blobs = sorted(p.name for p in (repo_dir(tmp_path, repo_id) / "blobs").iterdir())
     assert blobs == sorted(hub_etag(name, content) for name, content in expected.items()), blobs
-    leftovers = [p for p in repo_dir(tmp_path, repo_id).rglob("*") if p.name.endswith((".tmp", constants.PARTIAL_SUFFIX))]
+    leftovers = [
+        p
+        for p in repo_dir(tmp_path, repo_id).rglob("*")
+        if p.name.endswith((".tmp", constants.PARTIAL_SUFFIX))
+    ]
     assert not leftovers, leftovers
 
     # The four listings all arrived while the (only) transfer of the big file was still running: they overlapped.
@@ -710,7 +866,9 @@ def test_server_under_load_serves_every_range_exactly(hub_server) -> None:
             info = response.json()
             sizes = {s["rfilename"]: s["size"] for s in info["siblings"]}
             if response.status_code != 200 or info["sha"] != commits[repo] or sizes.get(name) != len(data):
-                raise AssertionError(f"listing of {repo}: {response.status_code} {info.get('sha')} {sizes.get(name)}")
+                raise AssertionError(
+                    f"listing of {repo}: {response.status_code} {info.get('sha')} {sizes.get(name)}"
+                )
         elif op == "head":
             response = session.head(url, timeout=60)
             got = (response.status_code, response.headers.get("X-Linked-Size"), response.headers.get("ETag"))
@@ -736,7 +894,9 @@ def test_server_under_load_serves_every_range_exactly(hub_server) -> None:
             response = session.get(url, headers={"Range": header}, timeout=60)
             expected_range = f"bytes {start}-{end}/{size}"
             if (response.status_code, response.headers.get("Content-Range")) != (206, expected_range):
-                raise AssertionError(f"{header} of {name}: {response.status_code} {response.headers.get('Content-Range')}")
+                raise AssertionError(
+                    f"{header} of {name}: {response.status_code} {response.headers.get('Content-Range')}"
+                )
             if response.content != data[start : end + 1]:
                 raise AssertionError(f"{header} of {name}: wrong bytes")
         return op
