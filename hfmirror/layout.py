@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import constants
@@ -149,6 +149,11 @@ class CacheLayout(Layout):
 @dataclass(frozen=True)
 class LocalDirLayout(Layout):
     local_dir: Path
+    # Files hashed and found wrong, by path: (device, inode, size, mtime) as they were then. The check
+    # under the file's lock then need not hash the same unchanged file again (a 15 GB file: ~10 s).
+    _found_wrong: dict[Path, tuple[int, ...]] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     @property
     def result_path(self) -> Path:
@@ -191,7 +196,11 @@ class LocalDirLayout(Layout):
                 return True
         except (OSError, ValueError):
             pass
+        signature = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if self._found_wrong.get(final) == signature:
+            return False
         if file_digest(final, file.oid) != file.oid:
+            self._found_wrong[final] = signature
             return False
         if repair:
             self._write_metadata(file)

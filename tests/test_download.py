@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from hfmirror import constants
+from hfmirror import layout as layout_module
 from hfmirror.cli import cli
 from hfmirror.download import download
 from hfmirror.errors import (
@@ -179,7 +180,7 @@ def test_huggingface_hub_local_dir_is_recognised(fault_server, faults, tmp_path:
     assert faults.bytes_sent("*/resolve/*") == served
 
 
-def test_a_damaged_local_file_is_fetched_again(hub_server, tmp_path: Path) -> None:
+def test_a_damaged_local_file_is_fetched_again(hub_server, tmp_path: Path, monkeypatch) -> None:
     download("tiny/nested", endpoints=[hub_server.url], local_dir=tmp_path, progress=False)
     victim = tmp_path / "data" / "big.bin"
     good = victim.read_bytes()
@@ -187,9 +188,19 @@ def test_a_damaged_local_file_is_fetched_again(hub_server, tmp_path: Path) -> No
     damaged[100] ^= 0xFF
     victim.write_bytes(bytes(damaged))
     os.utime(victim, (1e10, 1e10))  # newer than the metadata: the metadata no longer vouches for it
+    hashed: list[Path] = []
+    real_digest = layout_module.file_digest
+
+    def counting_digest(path, expected):
+        hashed.append(Path(path))
+        return real_digest(path, expected)
+
+    monkeypatch.setattr(layout_module, "file_digest", counting_digest)
     result = download("tiny/nested", endpoints=[hub_server.url], local_dir=tmp_path, progress=False)
     assert victim.read_bytes() == good
     assert {f.path: f.status for f in result.files}["data/big.bin"] == "downloaded"
+    # Found wrong once, before any lock; the look under the lock trusts that while the file is unchanged.
+    assert hashed.count(victim) == 1
 
 
 # ----------------------------------------------------------------------------------- failover
