@@ -380,7 +380,11 @@ class FileTransfer:
     # ------------------------------------------------------------------ the file as a whole
 
     def resumable_bytes(self) -> int:
-        """How many bytes a previous run left that this one will keep."""
+        """How many bytes a previous run left that this one will keep.
+
+        An estimate, read without the file's lock, for the progress bar and the free-space check;
+        ``run()`` reads the state again under the lock, since another process may have moved it on.
+        """
         state = ResumeState.load(self.state_path, self.file)
         if state is None or not self.partial_path.exists():
             return 0
