@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,9 @@ def make_repo(
         else:
             target.write_bytes(content)
     return base
+
+
+def download_command(url: str, repo_id: str, cache: str | os.PathLike[str], *extra: str) -> list[str]:
+    """The command line of ``hfmirror download`` from ``url`` into ``cache``, run as users run it."""
+    command = [sys.executable, "-m", "hfmirror", "download", repo_id, "--endpoint", url]
+    return [*command, "--cache-dir", str(cache), *extra]

@@ -11,6 +11,8 @@ import sys
 import termios
 from pathlib import Path
 
+from tests.support import download_command
+
 
 def run_with_terminal_stderr(args: list[str]) -> tuple[int, str, str]:
     """Run with stderr on a pseudo-terminal (as in an interactive shell) and stdout on a pipe."""
@@ -33,19 +35,7 @@ def run_with_terminal_stderr(args: list[str]) -> tuple[int, str, str]:
 
 
 def test_bars_on_a_terminal(hub_server, tmp_path: Path) -> None:
-    code, out, err = run_with_terminal_stderr(
-        [
-            sys.executable,
-            "-m",
-            "hfmirror",
-            "download",
-            "tiny/nested",
-            "--endpoint",
-            hub_server.url,
-            "--cache-dir",
-            str(tmp_path),
-        ]
-    )
+    code, out, err = run_with_terminal_stderr(download_command(hub_server.url, "tiny/nested", tmp_path))
     assert code == 0, err
     assert "total" in err and "100%" in err  # the overall bar reached the end
     assert "downloaded" in err and hub_server.url in err  # the summary names the endpoint
@@ -53,17 +43,7 @@ def test_bars_on_a_terminal(hub_server, tmp_path: Path) -> None:
 
 
 def test_no_bars_when_piped_and_nothing_but_the_path_when_quiet(hub_server, tmp_path: Path) -> None:
-    base = [
-        sys.executable,
-        "-m",
-        "hfmirror",
-        "download",
-        "tiny/nested",
-        "--endpoint",
-        hub_server.url,
-        "--cache-dir",
-        str(tmp_path),
-    ]
+    base = download_command(hub_server.url, "tiny/nested", tmp_path)
     piped = subprocess.run(base, capture_output=True, text=True, timeout=300)
     assert piped.returncode == 0, piped.stderr
     assert "%|" not in piped.stderr and "files (" in piped.stderr

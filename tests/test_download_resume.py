@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from hfmirror.transfer import (
     TransferStats,
     _Attempt,
 )
-from tests.support import make_repo
+from tests.support import download_command, make_repo
 
 SIZE = 12 * 1024 * 1024
 RATE = 3_000_000  # bytes per second per connection
@@ -52,21 +51,7 @@ def slow_repo(fault_server, faults, request) -> tuple[str, Path, str]:
 
 def start_download(url: str, repo_id: str, cache: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hfmirror",
-            "download",
-            repo_id,
-            "--endpoint",
-            url,
-            "--cache-dir",
-            str(cache),
-            "--connections",
-            "1",
-            "-q",
-            *extra,
-        ],
+        download_command(url, repo_id, cache, "--connections", "1", "-q", *extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

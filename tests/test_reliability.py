@@ -23,7 +23,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -47,7 +46,7 @@ from hfmirror.errors import HfMirrorError
 from hfmirror.hashing import git_blob_sha1
 from hfmirror.server.app import ServerThread, create_app
 from hfmirror.server.repos import is_lfs_file
-from tests.support import make_repo
+from tests.support import download_command, make_repo
 
 WEIGHTS = "model.safetensors"
 
@@ -68,19 +67,7 @@ def repo_dir(cache: Path, repo_id: str) -> Path:
 def start_cli(url: str, repo_id: str, cache: Path, *extra: str) -> subprocess.Popen:
     """``hfmirror download`` in a real process, as a user runs it."""
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hfmirror",
-            "download",
-            repo_id,
-            "--endpoint",
-            url,
-            "--cache-dir",
-            str(cache),
-            "-q",
-            *extra,
-        ],
+        download_command(url, repo_id, cache, "-q", *extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
