@@ -151,6 +151,7 @@ class LocalDirLayout(Layout):
     local_dir: Path
     # Files hashed and found wrong, by path: (device, inode, size, mtime) as they were then. The check
     # under the file's lock then need not hash the same unchanged file again (a 15 GB file: ~10 s).
+    # Only verdicts of "wrong" are kept: a stale one can cost a fetch, never let a bad file through.
     _found_wrong: dict[Path, tuple[int, ...]] = field(
         default_factory=dict, init=False, compare=False, repr=False
     )
