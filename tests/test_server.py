@@ -239,6 +239,7 @@ def test_dataset_resolve(hub_server: RunningServer) -> None:
     [
         ("/no/such/resolve/main/config.json", 401, "RepoNotFound"),
         ("/api/models/no/such", 401, "RepoNotFound"),
+        ("/api/datasets//", 401, "RepoNotFound"),  # an empty name: the message must still be a valid header
         ("/api/models/tiny/bert/revision/v9", 404, "RevisionNotFound"),
         ("/tiny/bert/resolve/refs%2Fpr%2F1/config.json", 404, "RevisionNotFound"),
         ("/tiny/bert/resolve/main/nope.json", 404, "EntryNotFound"),

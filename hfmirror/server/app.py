@@ -65,8 +65,8 @@ class HubError(Exception):
 
 
 def _header_safe(text: str) -> str:
-    """Printable ASCII only: header values must not carry newlines or non-latin-1 characters."""
-    return "".join(ch if " " <= ch <= "~" else f"\\x{ord(ch):02x}" for ch in text)[:500]
+    """Printable ASCII only, no space at either end: a header value may carry neither (h11 refuses it)."""
+    return "".join(ch if " " <= ch <= "~" else f"\\x{ord(ch):02x}" for ch in text)[:500].strip()
 
 
 def _repo_not_found(repo_id: str) -> HubError:
