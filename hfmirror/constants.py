@@ -45,8 +45,11 @@ FAST_READ_BLOCK = 1024 * 1024
 PROBE_READ_BLOCK = 64 * 1024
 
 # The coordinator hashes at most this much at a time before it saves a checkpoint if one is due and
-# looks for errors and Ctrl-C again.
-HASH_STEP = 32 * 1024 * 1024
+# looks for errors and Ctrl-C again. Each step delays the next save: 32 MiB steps (20-40 ms of sha256
+# on a busy 2-core machine) let 8-9 MiB arrive unsaved from eight capped connections, and a kill at
+# 50% of a 1 GiB file lost up to 1.1% of it; 8 MiB steps lost at most 0.53% in 10 runs, at no cost to
+# a fast one-connection download (8 interleaved runs each: 1.07-1.12 s either way).
+HASH_STEP = 8 * 1024 * 1024
 # Hashed bytes are dropped from the page cache this far behind the hash (by then they are on disk).
 DROP_PAGES_LAG = 32 * 1024 * 1024
 
