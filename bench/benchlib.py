@@ -123,7 +123,9 @@ def _package_version(name: str) -> str | None:
 def machine_info() -> dict[str, Any]:
     """CPU, cores, RAM, OS, and the versions of everything measured."""
     git = _first_line(["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"])
-    dirty = _first_line(["git", "-C", str(REPO_DIR), "status", "--porcelain"])
+    # The bench's own output files do not count: a run with --only rewrites them before the next.
+    outputs = [":(exclude)bench/RESULTS.md", ":(exclude)bench/results.json"]
+    dirty = _first_line(["git", "-C", str(REPO_DIR), "status", "--porcelain", "--", ".", *outputs])
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": _cpu_model(),
