@@ -12,9 +12,10 @@ running (the *slow-tail re-split*), so the last few percent never crawl along on
 
 How it resumes
 --------------
-Every ``CHECKPOINT_BYTES`` of new data (or ``CHECKPOINT_INTERVAL`` seconds) the coordinator saves the
-segment table to ``<partial>.hfmirror.json``: what has been written survives ``kill -9`` in the page
-cache, so the next run loses at most what arrived since the last save. Every ``SYNC_INTERVAL`` seconds
+Every ``CHECKPOINT_BYTES`` of new data (or ``CHECKPOINT_INTERVAL`` seconds; on a fast link no more
+often than every ``CHECKPOINT_MIN_GAP``) the coordinator saves the segment table to
+``<partial>.hfmirror.json``: what has been written survives ``kill -9`` in the page cache, so the next
+run loses at most what arrived since the last save. Every ``SYNC_INTERVAL`` seconds
 the data is flushed to disk first, and that table is kept as the one to trust after a power cut (see
 ``ResumeState``). On resume, requests carry ``If-Range`` with the validator the same host gave
 before: if the file changed, the server sends it whole (200) and we start over.
@@ -453,10 +454,10 @@ class FileTransfer:
                 with self._wake:
                     running = any(w.is_alive() for w in attempt.workers)
                     # Sleep unless there is work already (a wake-up may have come while we hashed).
-                    unsaved = attempt.unsaved >= constants.CHECKPOINT_BYTES
-                    idle = state.prefix_end() == attempt.hashed and not unsaved
+                    save_in = _seconds_to_checkpoint(attempt.unsaved, time.monotonic() - last_checkpoint)
+                    idle = state.prefix_end() == attempt.hashed and save_in > 0
                     if idle and attempt.error is None and running and not self.cancel.is_set():
-                        self._wake.wait(timeout=0.2)
+                        self._wake.wait(timeout=min(0.2, save_in))
                     if attempt.ramp.observe(0, time.monotonic()):  # a stalled first connection is slow too
                         self._cut_for_connections(attempt)
                 if len(attempt.workers) < attempt.ramp.allowed:
@@ -470,10 +471,7 @@ class FileTransfer:
                     raise DownloadInterrupted("interrupted")
                 if attempt.hashed == self.file.size or not any(w.is_alive() for w in attempt.workers):
                     break  # every byte is in (workers still looking for work are stopped by _end)
-                if (
-                    time.monotonic() - last_checkpoint >= constants.CHECKPOINT_INTERVAL
-                    or attempt.unsaved >= constants.CHECKPOINT_BYTES
-                ):
+                if _seconds_to_checkpoint(attempt.unsaved, time.monotonic() - last_checkpoint) <= 0:
                     self._checkpoint(attempt)
                     last_checkpoint = time.monotonic()
             self._checkpoint(attempt)
@@ -813,6 +811,18 @@ class FileTransfer:
         if body is not response.raw and body.isclosed():
             response.raw.release_conn()  # the whole body was read: keep the connection for the next piece
         return written
+
+
+def _seconds_to_checkpoint(unsaved: int, since_last: float) -> float:
+    """How long until the resume state should be saved again (0 or less: now).
+
+    Every CHECKPOINT_BYTES of new data, but at most once per CHECKPOINT_MIN_GAP: on a fast link a kill
+    then loses what arrived in that gap, which takes no longer to fetch again. And at least every
+    CHECKPOINT_INTERVAL.
+    """
+    if unsaved >= constants.CHECKPOINT_BYTES:
+        return constants.CHECKPOINT_MIN_GAP - since_last
+    return constants.CHECKPOINT_INTERVAL - since_last
 
 
 def _body_reader(response: requests.Response) -> http.client.HTTPResponse | urllib3.BaseHTTPResponse:

@@ -31,6 +31,7 @@ from hfmirror.transfer import (
     TransferOptions,
     TransferStats,
     _Attempt,
+    _seconds_to_checkpoint,
 )
 from tests.support import download_command, make_repo
 
@@ -215,3 +216,18 @@ def test_the_hash_advances_in_bounded_steps_so_checkpoints_are_not_held_back(
         os.close(fd)
     assert steps == [1 << 20, 2 << 20, 3 << 20, len(content)]
     assert hasher.hexdigest() == file.oid
+
+
+def test_saves_come_every_4_mib_but_no_closer_together_than_the_minimum_gap() -> None:
+    """On a slow link the state is saved every CHECKPOINT_BYTES; on a fast one, where those bytes
+    arrive in a few milliseconds, at most once per CHECKPOINT_MIN_GAP (a save per 4 MiB at 1 GB/s
+    was CPU taken from the hash); and at least every CHECKPOINT_INTERVAL whatever arrives."""
+    many, gap, interval = (
+        constants.CHECKPOINT_BYTES,
+        constants.CHECKPOINT_MIN_GAP,
+        constants.CHECKPOINT_INTERVAL,
+    )
+    assert _seconds_to_checkpoint(many, since_last=0.001) == pytest.approx(gap - 0.001)  # fast: wait
+    assert _seconds_to_checkpoint(many, since_last=gap) <= 0  # enough bytes and time: save now
+    assert _seconds_to_checkpoint(many - 1, since_last=gap) > 0  # not enough bytes yet
+    assert _seconds_to_checkpoint(0, since_last=interval) <= 0  # nothing new, but time to save anyway
