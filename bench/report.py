@@ -107,8 +107,8 @@ def _scenario_lines(name: str, s: dict[str, Any]) -> list[str]:
                     _f(v["state_saved"] * 100 if v["state_saved"] is not None else None, 1, "%"),
                     _f(v.get("lost_at_kill_mib"), 1),
                     _f(v.get("rerun_beyond_missing_mib"), 1),
-                    _f(v["ratio"], 3),
-                    _f(v["ratio_max"], 3),
+                    _f(v["ratio"], 4),
+                    _f(v["ratio_max"], 4),
                     _f(v["rerun_seconds"]),
                     f"{v['ok_runs']}/{v['runs']}",
                 ]
