@@ -795,12 +795,14 @@ class FileTransfer:
                 segment.pos += usable
                 attempt.unsaved += usable
                 # Wake the coordinator only when it has something to do: a finished piece may extend
-                # the prefix it hashes, and enough unsaved bytes call for a checkpoint. Wake the waiting
-                # connections when this one proves too slow alone.
+                # the prefix it hashes, and crossing CHECKPOINT_BYTES unsaved calls for a checkpoint
+                # (once: from there the coordinator times its own wait to the next save). Wake the
+                # waiting connections when this one proves too slow alone.
                 opened = attempt.ramp.observe(usable, time.monotonic())
                 if opened:
                     self._cut_for_connections(attempt)
-                if opened or segment.remaining <= 0 or attempt.unsaved >= constants.CHECKPOINT_BYTES:
+                crossed = attempt.unsaved - usable < constants.CHECKPOINT_BYTES <= attempt.unsaved
+                if opened or segment.remaining <= 0 or crossed:
                     self._wake.notify_all()
                 if segment.remaining <= 0 and attempt.pages is not None:
                     if attempt.state.prefix_end() == self.file.size:  # the last byte is in
