@@ -343,6 +343,11 @@ class _Attempt:
         large = state.file.size > constants.DROP_PAGES_LAG and PageRecycler.available()
         self.pages = PageRecycler(fd) if large else None
         self.synced_at = time.monotonic()  # when the data file was last flushed to disk
+        self.saved_at = time.monotonic()  # when the resume state was last saved
+
+    def seconds_to_save(self) -> float:
+        """How long until the resume state is due to be saved again (0 or less: now)."""
+        return _seconds_to_checkpoint(self.unsaved, time.monotonic() - self.saved_at)
 
 
 class FileTransfer:
@@ -449,12 +454,11 @@ class FileTransfer:
             if os.fstat(fd).st_size != self.file.size:
                 os.ftruncate(fd, self.file.size)  # sparse: the blocks are written as bytes arrive
             self._start_workers(attempt)
-            last_checkpoint = time.monotonic()
             while True:
                 with self._wake:
                     running = any(w.is_alive() for w in attempt.workers)
                     # Sleep unless there is work already (a wake-up may have come while we hashed).
-                    save_in = _seconds_to_checkpoint(attempt.unsaved, time.monotonic() - last_checkpoint)
+                    save_in = attempt.seconds_to_save()
                     idle = state.prefix_end() == attempt.hashed and save_in > 0
                     if idle and attempt.error is None and running and not self.cancel.is_set():
                         self._wake.wait(timeout=min(0.2, save_in))
@@ -462,7 +466,9 @@ class FileTransfer:
                         self._cut_for_connections(attempt)
                 if len(attempt.workers) < attempt.ramp.allowed:
                     self._start_workers(attempt)
-                self._hash_arrived(attempt, hasher)
+                if attempt.seconds_to_save() <= 0:
+                    self._checkpoint(attempt)
+                self._hash_arrived(attempt, hasher)  # returns early when a save falls due
                 if attempt.error is not None or self.cancel.is_set():
                     attempt.stop.set()
                     self._checkpoint(attempt, sync=True)
@@ -471,9 +477,6 @@ class FileTransfer:
                     raise DownloadInterrupted("interrupted")
                 if attempt.hashed == self.file.size or not any(w.is_alive() for w in attempt.workers):
                     break  # every byte is in (workers still looking for work are stopped by _end)
-                if _seconds_to_checkpoint(attempt.unsaved, time.monotonic() - last_checkpoint) <= 0:
-                    self._checkpoint(attempt)
-                    last_checkpoint = time.monotonic()
             self._checkpoint(attempt)
             if state.prefix_end() != self.file.size:  # workers ended with bytes missing: should not happen
                 raise NetworkError(f"{self.file.path}: transfer ended early")
@@ -516,7 +519,9 @@ class FileTransfer:
         """Hash the finished prefix as far as it reaches now (at most HASH_STEP), reading it back.
 
         Bounded so that the coordinator's loop saves checkpoints between steps: hashing a whole wave
-        of pieces at once (250 MiB, 0.2 s) held back the checkpoints a kill -9 relies on.
+        of pieces at once (250 MiB, 0.2 s) held back the checkpoints a kill -9 relies on. A step also
+        ends after any block at which a save has fallen due: on a busy machine 8 MiB of sha256 can
+        take 20-30 ms, long enough for eight fast connections to bring several MiB more.
         """
         with self._lock:
             upto = min(attempt.state.prefix_end(), attempt.hashed + constants.HASH_STEP)
@@ -528,6 +533,8 @@ class FileTransfer:
                 raise StorageError(f"{self.partial_path}: could not read back what was written")
             hasher.update(buffer[:count])
             hashed += count
+            if attempt.seconds_to_save() <= 0:
+                break
         attempt.hashed = hashed
         if hashed > start and attempt.pages is not None:
             attempt.pages.hashed_up_to(hashed)
@@ -549,6 +556,7 @@ class FileTransfer:
             ResumeState.write(self.state_path, attempt.state.snapshot(table))
         except OSError as error:
             logger.warning("could not save resume state for %s: %s", self.file.path, error)
+        attempt.saved_at = time.monotonic()  # a failed save is not retried at once, either
 
     # ------------------------------------------------------------------ segments and workers
 

@@ -180,14 +180,8 @@ def test_two_processes_on_the_same_repo_both_succeed_with_one_copy(fault_server,
     os.stat(snapshot / WEIGHTS)
 
 
-def test_the_hash_advances_in_bounded_steps_so_checkpoints_are_not_held_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A wave of pieces finishing together leaves a long run to hash. Hashing it in one go kept the
-    coordinator from saving checkpoints meanwhile (a kill at 50% lost 2% of a 1 GiB file, not 0.5%),
-    so one call hashes at most HASH_STEP and the coordinator's loop gets its turn in between."""
-    monkeypatch.setattr(constants, "HASH_STEP", 1 << 20)
-    content = os.urandom(3 * (1 << 20) + 5)
+def _hashing_setup(tmp_path: Path, content: bytes) -> tuple[FileTransfer, _Attempt, ContentHasher, int]:
+    """A transfer whose file has fully arrived but is not hashed yet; the caller closes the fd."""
     partial = tmp_path / "w.bin.incomplete"
     partial.write_bytes(content)
     file = RemoteFile("w.bin", len(content), hashlib.sha256(content).hexdigest())
@@ -204,10 +198,20 @@ def test_the_hash_advances_in_bounded_steps_so_checkpoints_are_not_held_back(
         cancel=threading.Event(),
     )
     state = ResumeState(tmp_path / "state.json", file, [Segment(0, len(content), len(content))])
-    hasher = ContentHasher(file.oid, file.size)
     fd = os.open(partial, os.O_RDONLY)
+    return transfer, _Attempt(state, fd, ConnectionRamp(1, now=0.0)), ContentHasher(file.oid, file.size), fd
+
+
+def test_the_hash_advances_in_bounded_steps_so_checkpoints_are_not_held_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wave of pieces finishing together leaves a long run to hash. Hashing it in one go kept the
+    coordinator from saving checkpoints meanwhile (a kill at 50% lost 2% of a 1 GiB file, not 0.5%),
+    so one call hashes at most HASH_STEP and the coordinator's loop gets its turn in between."""
+    monkeypatch.setattr(constants, "HASH_STEP", 1 << 20)
+    content = os.urandom(3 * (1 << 20) + 5)
+    transfer, attempt, hasher, fd = _hashing_setup(tmp_path, content)
     try:
-        attempt = _Attempt(state, fd, ConnectionRamp(1, now=0.0))
         steps = []
         while attempt.hashed < len(content):
             transfer._hash_arrived(attempt, hasher)
@@ -215,7 +219,26 @@ def test_the_hash_advances_in_bounded_steps_so_checkpoints_are_not_held_back(
     finally:
         os.close(fd)
     assert steps == [1 << 20, 2 << 20, 3 << 20, len(content)]
-    assert hasher.hexdigest() == file.oid
+    assert hasher.hexdigest() == hashlib.sha256(content).hexdigest()
+
+
+def test_a_hash_step_ends_early_when_a_save_falls_due(tmp_path: Path) -> None:
+    """A save must not wait for a whole hash step: 8 MiB of sha256 takes 20-30 ms on a busy machine,
+    in which eight fast connections bring several MiB that a kill -9 would lose. The step stops at
+    the first block after which a save is due, and the coordinator saves before hashing on."""
+    content = os.urandom(3 * (1 << 20) + 5)
+    transfer, attempt, hasher, fd = _hashing_setup(tmp_path, content)
+    try:
+        attempt.unsaved = constants.CHECKPOINT_BYTES  # a save's worth of bytes has come in ...
+        attempt.saved_at = time.monotonic() - constants.CHECKPOINT_MIN_GAP  # ... and the gap has passed
+        transfer._hash_arrived(attempt, hasher)
+        assert attempt.hashed == 1 << 20  # one block, not the whole step
+        attempt.unsaved, attempt.saved_at = 0, time.monotonic()  # saved: the next step runs in full
+        transfer._hash_arrived(attempt, hasher)
+        assert attempt.hashed == len(content)
+    finally:
+        os.close(fd)
+    assert hasher.hexdigest() == hashlib.sha256(content).hexdigest()
 
 
 def test_saves_come_every_4_mib_but_no_closer_together_than_the_minimum_gap() -> None:
