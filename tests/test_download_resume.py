@@ -222,10 +222,13 @@ def test_the_hash_advances_in_bounded_steps_so_checkpoints_are_not_held_back(
     assert hasher.hexdigest() == hashlib.sha256(content).hexdigest()
 
 
-def test_a_hash_step_ends_early_when_a_save_falls_due(tmp_path: Path) -> None:
+def test_a_hash_step_ends_early_when_a_save_falls_due(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A save must not wait for a whole hash step: 8 MiB of sha256 takes 20-30 ms on a busy machine,
-    in which eight fast connections bring several MiB that a kill -9 would lose. The step stops at
-    the first block after which a save is due, and the coordinator saves before hashing on."""
+    in which eight fast connections bring several MiB that a kill -9 would lose. So the step stops
+    at the first block after which a save is due (the coordinator saves before it hashes on)."""
+    monkeypatch.setattr(constants, "CHECKPOINT_INTERVAL", 3600.0)  # no save falls due by time alone
     content = os.urandom(3 * (1 << 20) + 5)
     transfer, attempt, hasher, fd = _hashing_setup(tmp_path, content)
     try:
