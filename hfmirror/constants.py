@@ -44,11 +44,10 @@ READ_BLOCK = 256 * 1024
 FAST_READ_BLOCK = 1024 * 1024
 PROBE_READ_BLOCK = 64 * 1024
 
-# The coordinator hashes at most this much at a time before it saves a checkpoint if one is due and
-# looks for errors and Ctrl-C again. Each step delays the next save: 32 MiB steps (20-40 ms of sha256
-# on a busy 2-core machine) let 8-9 MiB arrive unsaved from eight capped connections, and a kill at
-# 50% of a 1 GiB file lost up to 1.1% of it; 8 MiB steps lost at most 0.59% in 10 runs. (On a fast
-# link smaller steps would mean more saves: CHECKPOINT_MIN_GAP keeps those as rare as before.)
+# The coordinator hashes at most this much at a time before it looks for errors and Ctrl-C again,
+# and a step ends early once a save falls due. Long steps held saves back: 32 MiB steps (20-40 ms of
+# sha256 on a busy 2-core machine) let 8-9 MiB arrive unsaved from eight capped connections, and a
+# kill at 50% of a 1 GiB file lost up to 1.1% of it; 8 MiB steps lost at most 0.59% in 10 runs.
 HASH_STEP = 8 * 1024 * 1024
 # Hashed bytes are dropped from the page cache this far behind the hash (by then they are on disk).
 DROP_PAGES_LAG = 32 * 1024 * 1024
