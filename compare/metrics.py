@@ -12,6 +12,10 @@ All metrics are computed in float64, so the measurement adds no rounding of its 
 
 Every position is compared, padded ones included: both implementations compute padded rows the same
 deterministic way (padding is masked as a *key*, not as a query), so they must agree there too.
+
+For models with an LM head, :func:`next_token_metrics` compares what the two would predict, at real
+(not padded) positions only: the share of positions where both rank the same token first, and the
+KL divergence KL(reference || ours) of the two next-token distributions.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["StageResult", "compare_tensors"]
+__all__ = ["NextTokenMetrics", "StageResult", "compare_tensors", "next_token_metrics"]
 
 
 @dataclass
@@ -100,4 +104,47 @@ def compare_tensors(
         rel_error=_finite_or_none(rel_error),
         cosine_similarity=cosine,
         tolerance_used=_finite_or_none(tolerance_used),
+    )
+
+
+@dataclass
+class NextTokenMetrics:
+    """What the two models would predict next, compared at real positions."""
+
+    agreement: float  # share of real positions where both rank the same token first
+    kl_divergence_mean: float  # KL(reference || ours) per position, in nats, mean over real positions
+    kl_divergence_max: float
+    positions: int  # how many real positions were compared
+    top1_ours: list[list[int]]  # (B, T): the top-1 token id at every position, padded ones included
+    top1_reference: list[list[int]]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "agreement": self.agreement,
+            "kl_divergence_mean": self.kl_divergence_mean,
+            "kl_divergence_max": self.kl_divergence_max,
+            "positions": self.positions,
+            "kl_direction": "KL(reference || ours), nats",
+        }
+
+
+def next_token_metrics(
+    ours: torch.Tensor, reference: torch.Tensor, attention_mask: torch.Tensor
+) -> NextTokenMetrics:
+    """Compare next-token predictions from logits (B, T, V), at the positions ``attention_mask`` keeps."""
+    top1_ours = ours.argmax(dim=-1)  # (B, T)
+    top1_reference = reference.argmax(dim=-1)  # (B, T)
+    real = attention_mask.bool()  # (B, T)
+    log_p_ours = torch.log_softmax(ours.to(torch.float64), dim=-1)  # (B, T, V)
+    log_p_reference = torch.log_softmax(reference.to(torch.float64), dim=-1)
+    kl = (log_p_reference.exp() * (log_p_reference - log_p_ours)).sum(dim=-1)  # (B, T)
+    kl = kl[real].clamp(min=0.0)  # (real positions,); tiny negatives are rounding
+    positions = int(real.sum())
+    return NextTokenMetrics(
+        agreement=float((top1_ours == top1_reference)[real].double().mean()) if positions else 1.0,
+        kl_divergence_mean=float(kl.mean()) if positions else 0.0,
+        kl_divergence_max=float(kl.max()) if positions else 0.0,
+        positions=positions,
+        top1_ours=top1_ours.tolist(),
+        top1_reference=top1_reference.tolist(),
     )

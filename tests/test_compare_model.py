@@ -198,11 +198,12 @@ def _assert_fails_at(report, stage: str) -> None:
 
 
 def test_dropped_attention_scale_fails_at_attention(bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def unscaled(query, key, value, mask=None):
+    def unscaled(query, key, value, mask=None, **options):
         scores = torch.matmul(query, key.transpose(-2, -1))  # the 1/sqrt(d) is missing
         if mask is not None:
             scores = scores + mask
-        return torch.matmul(torch.softmax(scores, dim=-1), value)
+        weights = torch.softmax(scores, dim=-1)
+        return torch.matmul(weights, value), weights
 
     monkeypatch.setattr(compare.layers, "scaled_dot_product_attention", unscaled)
     _assert_fails_at(compare_model_dir(bert), "layer.0.attention")
@@ -267,16 +268,11 @@ def test_pre_layer_norm_fails_at_first_attention(bert: Path, monkeypatch: pytest
     class PreLNLayer(BertEncoderLayer):
         """x + sublayer(LayerNorm(x)) instead of BERT's LayerNorm(x + sublayer(x))."""
 
-        def forward(self, x, mask, record):
-            attention_out = self.attention(self.attention_norm(x), mask)
-            record("attention", attention_out)
-            x = x + attention_out
-            record("attention_add_norm", x)
-            feed_forward_out = self.feed_forward(self.feed_forward_norm(x))
-            record("feed_forward", feed_forward_out)
-            x = x + feed_forward_out
-            record("output", x)
-            return x
+        def forward(self, x, context, record):
+            attention_out = record("attention", self.attention(self.attention_norm(x), context.mask))
+            x = record("attention_add_norm", x + attention_out)
+            feed_forward_out = record("feed_forward", self.feed_forward(self.feed_forward_norm(x)))
+            return record("output", x + feed_forward_out)
 
     monkeypatch.setattr(compare.bert, "BertEncoderLayer", PreLNLayer)
     # The attention now reads LayerNorm(x) instead of x: the first stage that sees it is the attention.
@@ -321,8 +317,8 @@ def _write_config(path: Path, **changes) -> Path:
 
 
 def test_unsupported_model_type_lists_supported(tmp_path: Path) -> None:
-    path = _write_config(save_random_bert(tmp_path / "m"), model_type="gpt2")
-    with pytest.raises(UnsupportedModelError, match="'gpt2'.*supported: bert"):
+    path = _write_config(save_random_bert(tmp_path / "m"), model_type="t5")
+    with pytest.raises(UnsupportedModelError, match="'t5'.*supported: bert, gpt2, llama"):
         compare_model_dir(path)
 
 
