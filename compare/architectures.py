@@ -143,6 +143,7 @@ QWEN_CONVERSION = ReferenceConversion(
         "c_proj -> down_proj): Qwen's own modelling code is remote code for transformers < 4.38 and "
         "does not run on transformers 5"
     ),
+    model_class="Qwen2ForCausalLM",
     config=qwen2_reference_config,
     tensors=qwen2_reference_tensors,
 )

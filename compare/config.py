@@ -1,8 +1,10 @@
-"""Reading a checkpoint's ``config.json`` with our own code, into a typed dataclass.
+"""Reading a checkpoint's ``config.json`` with our own code, into typed dataclasses.
 
-Everything the from-scratch model needs to know about its shape comes from here: nothing is
-hard-coded to bert-base. Validation happens at parse time, so a bad config fails with one clear
-message before any weight is read.
+Everything a from-scratch model needs to know about its shape comes from config.json: nothing is
+hard-coded to bert-base or Llama-7B. Validation happens at parse time, so a bad config fails with one
+clear message before any weight is read. This module holds the shared field readers, the rotary
+settings and BERT's config; each decoder's config sits with its model (compare.gpt2, compare.llama,
+compare.qwen). No torch here.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ __all__ = [
     "read_config_json",
 ]
 
-# The names ``hidden_act`` may take in a BERT config.json that compare.layers implements.
+# The activation names (``hidden_act``, GPT-2's ``activation_function``) compare.layers implements.
 # Kept here (not imported from layers) so that parsing a config does not need torch.
 SUPPORTED_ACTIVATIONS = (
     "gelu",  # exact GELU: x * Phi(x), with the Gaussian CDF written via erf

@@ -93,19 +93,20 @@ def load_reference(
     """
     import transformers
 
-    auto_class = getattr(transformers, architecture.reference.model_class)
     pinned = {"dtype": dtype, "attn_implementation": "eager", "output_loading_info": True}
     try:
         with _quiet_transformers():
             if architecture.conversion is None:
+                auto_class = getattr(transformers, architecture.reference.model_class)
                 model, info = auto_class.from_pretrained(
                     str(model_dir), **pinned, **architecture.reference_kwargs(options or {})
                 )
-            else:
+            else:  # transformers' own loading, of the converted config and tensors
                 conversion = architecture.conversion
+                model_class = getattr(transformers, conversion.model_class)
                 reference_config = transformers.AutoConfig.for_model(**conversion.config(config))
                 state = dict(conversion.tensors(iter_checkpoint_tensors(checkpoint_files(model_dir))))
-                model, info = auto_class.from_pretrained(
+                model, info = model_class.from_pretrained(
                     None, config=reference_config, state_dict=state, **pinned
                 )
     except CompareError:

@@ -56,11 +56,13 @@ class ReferenceConversion:
 
     Attributes:
         description: what the reference then is, said plainly in every report.
+        model_class: the transformers class that holds the converted checkpoint ("Qwen2ForCausalLM").
         config: our typed config -> keyword arguments of a transformers config (with "model_type").
         tensors: the checkpoint's (name, tensor) pairs -> the transformers model's, one by one, so
             that one layer can be converted alone.
     """
 
     description: str
+    model_class: str
     config: Callable[[Any], dict[str, Any]]
     tensors: Callable[[Iterable[tuple[str, Any]]], Iterator[tuple[str, Any]]]

@@ -123,6 +123,7 @@ def test_model_modules_import_torch_only() -> None:
         "import sys\n"
         "import compare, compare.layers, compare.config, compare.bert, compare.weights, compare.architectures\n"
         "import compare.metrics, compare.report, compare.runner\n"
+        "import compare.model, compare.gpt2, compare.llama, compare.qwen, compare.roberta, compare.reference_layout\n"
         "bad = sorted(m for m in sys.modules if m == 'transformers' or m.startswith('transformers.'))\n"
         "assert not bad, bad\n"
         "assert 'torch' in sys.modules\n"
