@@ -30,7 +30,7 @@ from hfmirror.errors import CompareError, UnsupportedModelError
 
 from .config import ConfigFields, check_activation, padding_id
 from .layers import FeedForward, FusedQKVAttention, LayerNorm, PreNormDecoderLayer, causal_mask
-from .model import Context, Recorder, TransformerModel
+from .model import CausalLanguageModel, Context, Recorder
 from .reference_layout import ReferenceLayout, StagePoint
 from .weights import Transposed
 
@@ -125,10 +125,8 @@ def _layer(config: GPT2Config, index: int) -> PreNormDecoderLayer:
     )
 
 
-class GPT2Model(TransformerModel):
+class GPT2Model(CausalLanguageModel):
     """GPT-2 with its language-modelling head: token ids (B, T) -> next-token logits (B, T, V)."""
-
-    final_modules = ("final_norm", "lm_head")
 
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
@@ -150,10 +148,6 @@ class GPT2Model(TransformerModel):
 
     def embed(self, input_ids: torch.Tensor, context: Context, record: Recorder) -> torch.Tensor:
         return record("embeddings", self.embeddings(input_ids, context.positions))
-
-    def finish(self, x: torch.Tensor, context: Context, record: Recorder) -> torch.Tensor:
-        x = record("final_norm", self.final_norm(x))  # (B, T, C)
-        return record("logits", self.lm_head(x))  # (B, T, V): a score for every possible next token
 
 
 def gpt2_weight_map(config: GPT2Config) -> dict[str, str | Transposed]:

@@ -44,7 +44,7 @@ from .layers import (
     rotary_cos_sin,
     rotary_inverse_frequencies,
 )
-from .model import Context, Recorder, TransformerModel
+from .model import CausalLanguageModel, Context
 from .reference_layout import ReferenceLayout, StagePoint
 
 __all__ = [
@@ -239,10 +239,8 @@ def _layer(config: LlamaConfig, index: int) -> PreNormDecoderLayer:
     )
 
 
-class LlamaModel(TransformerModel):
+class LlamaModel(CausalLanguageModel):
     """A Llama-family decoder with its LM head: token ids (B, T) -> next-token logits (B, T, V)."""
-
-    final_modules = ("final_norm", "lm_head")
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -261,13 +259,6 @@ class LlamaModel(TransformerModel):
             rotary_inverse_frequencies(self.config.head_dim, self.config.rotary),
             sliding_window=self.config.sliding_window,
         )
-
-    def embed(self, input_ids: torch.Tensor, context: Context, record: Recorder) -> torch.Tensor:
-        return record("embeddings", self.embeddings(input_ids))
-
-    def finish(self, x: torch.Tensor, context: Context, record: Recorder) -> torch.Tensor:
-        x = record("final_norm", self.final_norm(x))  # (B, T, C)
-        return record("logits", self.lm_head(x))  # (B, T, V)
 
 
 def llama_weight_map(config: LlamaConfig) -> dict[str, str]:

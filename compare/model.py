@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["NO_RECORDING", "Context", "Recorder", "TransformerModel"]
+__all__ = ["NO_RECORDING", "CausalLanguageModel", "Context", "Recorder", "TransformerModel"]
 
 
 @dataclass
@@ -172,3 +172,24 @@ class TransformerModel(nn.Module):
             pieces[f"layer.{i}"] = (f"layers.{i}.",)
         pieces["final"] = tuple(f"{name}." for name in self.final_modules)
         return pieces
+
+
+class CausalLanguageModel(TransformerModel):
+    """A decoder with its language-modelling head (GPT-2, Llama, Qwen): token ids (B, T) -> logits
+    (B, T, V), the scores of every possible next token at every position.
+
+    Subclasses set ``embeddings``, ``layers``, ``final_norm`` and ``lm_head`` (C -> V, no bias), and
+    ``make_context``; ``embed`` here looks tokens up only (GPT-2 adds learned positions to it).
+    """
+
+    final_modules = ("final_norm", "lm_head")
+    final_norm: nn.Module
+    lm_head: nn.Linear
+
+    def embed(self, input_ids: torch.Tensor, context: Context, record: Recorder) -> torch.Tensor:
+        return record("embeddings", self.embeddings(input_ids))  # (B, T, C)
+
+    def finish(self, x: torch.Tensor, context: Context, record: Recorder) -> torch.Tensor:
+        # Pre-LN layers never normalise the residual stream itself, hence one last norm.
+        x = record("final_norm", self.final_norm(x))  # (B, T, C)
+        return record("logits", self.lm_head(x))  # (B, T, V)

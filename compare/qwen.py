@@ -50,7 +50,7 @@ from .layers import (
     rotary_inverse_frequencies,
 )
 from .llama import LLAMA_REFERENCE, TokenEmbeddings, decoder_context
-from .model import Context, Recorder, TransformerModel
+from .model import CausalLanguageModel, Context
 
 __all__ = [
     "QWEN_REFERENCE",
@@ -144,10 +144,8 @@ def _layer(config: QwenConfig) -> PreNormDecoderLayer:
     )
 
 
-class QwenModel(TransformerModel):
+class QwenModel(CausalLanguageModel):
     """Qwen v1 with its LM head: token ids (B, T) -> next-token logits (B, T, V)."""
-
-    final_modules = ("final_norm", "lm_head")
 
     def __init__(self, config: QwenConfig) -> None:
         super().__init__()
@@ -169,13 +167,6 @@ class QwenModel(TransformerModel):
         return decoder_context(
             attention_mask, self.dtype, rotary_inverse_frequencies(self.config.head_dim, rotary)
         )
-
-    def embed(self, input_ids: torch.Tensor, context: Context, record: Recorder) -> torch.Tensor:
-        return record("embeddings", self.embeddings(input_ids))
-
-    def finish(self, x: torch.Tensor, context: Context, record: Recorder) -> torch.Tensor:
-        x = record("final_norm", self.final_norm(x))  # (B, T, C)
-        return record("logits", self.lm_head(x))  # (B, T, V)
 
 
 def qwen_weight_map(config: QwenConfig) -> dict[str, str]:

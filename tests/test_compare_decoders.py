@@ -26,12 +26,14 @@ from compare.architectures import REGISTRY, load_model, supported_model_types
 from compare.layers import ACTIVATIONS, additive_padding_mask, gelu_exact
 from compare.model import Recorder
 from compare.runner import DEFAULT_TOLERANCES, compare_model_dir, random_inputs
-from compare.weights import Transposed
+from compare.weights import Transposed, split_by_piece
 from hfmirror.errors import CompareError, UnsupportedModelError, WeightLoadError
 from tests.test_compare_support import (
     WORDS,
+    assert_fails_at,
     convert_qwen2_to_qwen_v1,
     remote_code_marker,
+    rewrite_safetensors,
     save_random_decoder,
     save_word_tokenizer,
 )
@@ -134,14 +136,6 @@ def qwen_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return original, convert_qwen2_to_qwen_v1(original, root / "qwen-v1")
 
 
-def _assert_fails_at(report, stage: str) -> None:
-    assert not report.passed, report.render_table()
-    assert report.first_failing_stage == stage, report.render_table()
-    names = [s.name for s in report.stages]
-    assert all(s.passed for s in report.stages[: names.index(stage)]), "stages before the bug must pass"
-    assert f"first failing stage: {stage}" in report.render_table().splitlines()[-1]
-
-
 # ---------------------------------------------------------------------------------------------- matching
 
 
@@ -239,7 +233,7 @@ def _interleaved_rotate_half(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["llama-gqa-biases-head_dim-llama3-tied", "qwen2-gqa8to2-tied-theta1e6"])
 def test_interleaved_rotary_fails_at_attention(models, monkeypatch, name) -> None:
     monkeypatch.setattr(compare.layers, "rotate_half", _interleaved_rotate_half)
-    _assert_fails_at(compare_model_dir(models[name]), "layer.0.attention")
+    assert_fails_at(compare_model_dir(models[name]), "layer.0.attention")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -253,7 +247,7 @@ def test_wrong_rope_theta_fails_at_attention(models, monkeypatch, dtype) -> None
     monkeypatch.setitem(
         REGISTRY, "qwen2", dataclasses.replace(architecture, parse_config=parse_with_llama_theta)
     )
-    _assert_fails_at(
+    assert_fails_at(
         compare_model_dir(models["qwen2-gqa8to2-tied-theta1e6"], dtype=dtype), "layer.0.attention"
     )
 
@@ -265,7 +259,7 @@ def test_missing_causal_mask_fails_at_attention(models, monkeypatch, name) -> No
 
     monkeypatch.setattr(compare.llama, "causal_mask", padding_only)
     monkeypatch.setattr(compare.gpt2, "causal_mask", padding_only)
-    _assert_fails_at(compare_model_dir(models[name]), "layer.0.attention")
+    assert_fails_at(compare_model_dir(models[name]), "layer.0.attention")
 
 
 def test_ignored_sliding_window_fails_at_attention(models, monkeypatch) -> None:
@@ -276,13 +270,13 @@ def test_ignored_sliding_window_fails_at_attention(models, monkeypatch) -> None:
             attention_mask, dtype
         ),
     )
-    _assert_fails_at(compare_model_dir(models["mistral-gqa4to1-sliding5"], seq_len=12), "layer.0.attention")
+    assert_fails_at(compare_model_dir(models["mistral-gqa4to1-sliding5"], seq_len=12), "layer.0.attention")
 
 
 def test_kv_heads_repeated_in_the_wrong_order_fail_at_attention(models, monkeypatch) -> None:
     # k0 k1 k0 k1 instead of k0 k0 k1 k1: every key/value head serves the wrong query heads.
     monkeypatch.setattr(compare.layers, "repeat_kv", lambda x, n_rep: x.repeat(1, n_rep, 1, 1))
-    _assert_fails_at(compare_model_dir(models["qwen2-gqa8to2-tied-theta1e6"]), "layer.0.attention")
+    assert_fails_at(compare_model_dir(models["qwen2-gqa8to2-tied-theta1e6"]), "layer.0.attention")
 
 
 def test_rms_norm_that_subtracts_the_mean_fails_at_attention(models, monkeypatch) -> None:
@@ -294,7 +288,7 @@ def test_rms_norm_that_subtracts_the_mean_fails_at_attention(models, monkeypatch
 
     monkeypatch.setattr(compare.layers.RMSNorm, "forward", layer_norm_like)
     # The first RMSNorm is the one before layer 0's attention; the embeddings are untouched.
-    _assert_fails_at(compare_model_dir(models["llama-3layers-theta1000-gelu-untied"]), "layer.0.attention")
+    assert_fails_at(compare_model_dir(models["llama-3layers-theta1000-gelu-untied"]), "layer.0.attention")
 
 
 def test_gate_and_up_swapped_fail_at_mlp(models, monkeypatch) -> None:
@@ -302,7 +296,7 @@ def test_gate_and_up_swapped_fail_at_mlp(models, monkeypatch) -> None:
         return self.down(self.activation(self.up(x)) * self.gate(x))
 
     monkeypatch.setattr(compare.layers.GatedFeedForward, "forward", swapped)
-    _assert_fails_at(compare_model_dir(models["qwen3-head_dim16-bias-gqa4to1"]), "layer.0.mlp")
+    assert_fails_at(compare_model_dir(models["qwen3-head_dim16-bias-gqa4to1"]), "layer.0.mlp")
 
 
 def test_gpt2_conv1d_not_transposed_fails(models, monkeypatch) -> None:
@@ -321,7 +315,7 @@ def test_gpt2_conv1d_not_transposed_fails(models, monkeypatch) -> None:
     monkeypatch.setitem(
         REGISTRY, "gpt2", dataclasses.replace(architecture, weight_map=untransposed("attn.c_proj"))
     )
-    _assert_fails_at(compare_model_dir(models["gpt2-tied"]), "layer.0.attention")
+    assert_fails_at(compare_model_dir(models["gpt2-tied"]), "layer.0.attention")
     # c_attn (C, 3C) read without transposing cannot even be loaded; the error names the tensor.
     monkeypatch.setitem(
         REGISTRY, "gpt2", dataclasses.replace(architecture, weight_map=untransposed("c_attn"))
@@ -336,14 +330,12 @@ def test_gpt2_conv1d_not_transposed_fails(models, monkeypatch) -> None:
 def test_exact_gelu_instead_of_tanh_fails_at_mlp(models, monkeypatch, dtype) -> None:
     # GPT-2's "gelu_new" is the tanh form; the exact erf form differs by up to ~1e-3 (nanoGPT's slip).
     monkeypatch.setitem(ACTIVATIONS, "gelu_new", gelu_exact)
-    _assert_fails_at(
-        compare_model_dir(models["gpt2-untied-n_inner-layer-scaled"], dtype=dtype), "layer.0.mlp"
-    )
+    assert_fails_at(compare_model_dir(models["gpt2-untied-n_inner-layer-scaled"], dtype=dtype), "layer.0.mlp")
 
 
 def test_roberta_positions_from_zero_fail_at_embeddings(models, monkeypatch) -> None:
     monkeypatch.setattr(compare.roberta.RobertaModel, "positions", compare.bert.BertModel.positions)
-    _assert_fails_at(compare_model_dir(models["roberta"], texts=TEXTS), "embeddings")
+    assert_fails_at(compare_model_dir(models["roberta"], texts=TEXTS), "embeddings")
 
 
 # ----------------------------------------------------------------------------------------------- Qwen v1
@@ -390,14 +382,14 @@ def test_qwen_v1_w1_and_w2_swapped_fail_at_mlp(qwen_pair, monkeypatch) -> None:
         }
 
     monkeypatch.setitem(REGISTRY, "qwen", dataclasses.replace(architecture, weight_map=swapped_map))
-    _assert_fails_at(compare_model_dir(qwen_pair[1]), "layer.0.mlp")
+    assert_fails_at(compare_model_dir(qwen_pair[1]), "layer.0.mlp")
 
 
 def test_qwen_v1_conversion_mistake_in_the_reference_is_caught(qwen_pair, monkeypatch) -> None:
     """A wrong reference conversion fails the comparison, while our reader still equals the truth."""
     monkeypatch.setitem(compare.qwen._QWEN2_NAMES, "mlp.w1.weight", "mlp.gate_proj.weight")
     monkeypatch.setitem(compare.qwen._QWEN2_NAMES, "mlp.w2.weight", "mlp.up_proj.weight")
-    _assert_fails_at(compare_model_dir(qwen_pair[1]), "layer.0.mlp")
+    assert_fails_at(compare_model_dir(qwen_pair[1]), "layer.0.mlp")
 
 
 def test_qwen_v1_tokenizer_is_remote_code_and_never_run(qwen_pair, tmp_path: Path) -> None:
@@ -532,13 +524,32 @@ def test_pieces_partition_the_weight_map(models: dict[str, Path]) -> None:
     for name in ("gpt2-tied", "llama-gqa-biases-head_dim-llama3-tied", "roberta"):
         loaded = load_model(models[name])
         weight_map = loaded.architecture.weight_map(loaded.config, **loaded.options)
-        pieces = loaded.model.piece_prefixes()
-        assert list(pieces)[0] == "embeddings" and list(pieces)[-1] == "final"
-        owners = {
-            ours: [piece for piece, prefixes in pieces.items() if ours.startswith(prefixes)]
-            for ours in weight_map
-        }
-        assert all(len(owner) == 1 for owner in owners.values()), owners
+        pieces = split_by_piece(weight_map, loaded.model.piece_prefixes())
+        assert list(pieces) == ["embeddings", "layer.0", "layer.1", "final"]
+        assert sum(len(piece) for piece in pieces.values()) == len(weight_map)  # each name in one piece
+        assert {k: v for piece in pieces.values() for k, v in piece.items()} == weight_map
+        assert all(name.startswith("layers.1.") for name in pieces["layer.1"])
+        assert pieces["final"] and all(
+            name.startswith(loaded.model.final_modules) for name in pieces["final"]
+        )
+
+
+def test_gpt2_hub_layout_loads(models: dict[str, Path], tmp_path: Path) -> None:
+    """The hub's gpt2: no ``transformer.`` prefix, and the causal-mask buffers saved beside the weights."""
+    import shutil
+
+    path = Path(shutil.copytree(models["gpt2-tied"], tmp_path / "gpt2"))
+
+    def hub_layout(state):
+        state = {name.removeprefix("transformer."): tensor for name, tensor in state.items()}
+        for i in range(2):
+            state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+            state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        return state
+
+    rewrite_safetensors(path, hub_layout)
+    report = compare_model_dir(path, dtype="float64")
+    assert report.passed, report.render_table()
 
 
 # ------------------------------------------------------------------------------------------ config

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tests.support import save_tiny_bert
 
 __all__ = [
+    "assert_fails_at",
     "convert_qwen2_to_qwen_v1",
     "randomise_weights",
     "rewrite_safetensors",
@@ -296,6 +297,15 @@ def convert_qwen2_to_qwen_v1(qwen2_dir: str | Path, path: str | Path) -> Path:
     (path / "tokenization_qwen.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     (path / "qwen.tiktoken").write_text("aGVsbG8= 0\n")
     return path
+
+
+def assert_fails_at(report: Any, stage: str) -> None:
+    """The comparison failed, first at ``stage``; every stage before it passed; the verdict says so."""
+    assert not report.passed, report.render_table()
+    assert report.first_failing_stage == stage, report.render_table()
+    names = [s.name for s in report.stages]
+    assert all(s.passed for s in report.stages[: names.index(stage)]), "stages before the bug must pass"
+    assert f"first failing stage: {stage}" in report.render_table().splitlines()[-1]
 
 
 def remote_code_marker(qwen_v1_dir: str | Path) -> Path:
