@@ -158,7 +158,7 @@ def attention_section(
     }
     layers = "\n".join(
         _layer_section(
-            layer, differences[layer], is_open=focus[0] == layer, stage_link=stage_links.get(layer)
+            layer, differences[layer], atol=atol, is_open=focus[0] == layer, link=stage_links.get(layer)
         )
         for layer in range(attention.num_layers)
     )
@@ -227,16 +227,23 @@ def _strip_styles(attention: AttentionMaps, probability: Any, difference: Any, f
     return "\n".join(rules)
 
 
-def _layer_section(layer: int, differences: list[float], *, is_open: bool, stage_link: str | None) -> str:
+def _layer_section(
+    layer: int, differences: list[float], *, atol: float, is_open: bool, link: str | None
+) -> str:
     """One layer's heads, each as three thumbnails (ours, reference, difference); closed unless
-    ``is_open``, so a large model's page opens without drawing hundreds of maps."""
+    ``is_open``, so a large model's page opens without drawing hundreds of maps. A layer whose maps
+    differ by more than atol is flagged in its summary line (a hint where to look, not a verdict:
+    the pass rule applies to the stages)."""
     heads = "\n".join(_head_button(layer, head, difference) for head, difference in enumerate(differences))
-    link = f' <a href="#{_e(stage_link)}">Its attention stage in the table.</a>' if stage_link else ""
-    summary = f"layer {layer}: {len(differences)} heads, largest |ours − reference| {max(differences):.2e}"
-    opened = " open" if is_open else ""
-    return f"""<details class="layer" id="attention-layer-{layer}" style="--heads:{len(differences)}"{opened}>
+    largest = max(differences)
+    flag = " (more than atol)" if largest > atol else ""
+    summary = f"layer {layer}: {len(differences)} heads, largest |ours − reference| {largest:.2e}{flag}"
+    stage = f' <a href="#{_e(link)}">Its attention stage in the table.</a>' if link else ""
+    classes = "layer differs" if flag else "layer"
+    return f"""<details class="{classes}" id="attention-layer-{layer}" style="--heads:{len(differences)}"\
+{" open" if is_open else ""}>
 <summary>{summary}</summary>
-<p class="kinds">Each head: ours · reference · difference.{link}</p>
+<p class="kinds">Each head: ours · reference · difference.{stage}</p>
 <div class="heads">
 {heads}
 </div>

@@ -237,6 +237,29 @@ def test_the_chart_marks_failing_points_in_the_failure_colour() -> None:
     assert not any(coloured_red("#" + stage_anchor(s["name"])) for s in report["stages"] if s["passed"])
 
 
+def test_the_chart_draws_exact_zeros_and_leaves_out_what_was_not_measured() -> None:
+    report = synthetic_report(2)
+    exact, unmeasured = report["stages"][0], report["stages"][2]
+    exact.update(max_abs_diff=0.0, mean_abs_diff=0.0, rel_error=0.0, tolerance_used=0.0)
+    unmeasured.update(
+        passed=False, max_abs_diff=None, rel_error=None, note="non-finite values (nan/inf) in ours"
+    )
+    report.update(passed=False, first_failing_stage=unmeasured["name"])
+    svg = parse(render_html(report)).select_one("#chart svg")
+    links = [a["xlink:href"] for a in svg.find_all("a")]
+    assert links.count("#" + stage_anchor(exact["name"])) == 1  # drawn (at the floor of the log axis)
+    assert "#" + stage_anchor(unmeasured["name"]) not in links
+    assert f"first failing: {unmeasured['name']}" in svg.get_text()
+
+
+def test_a_report_with_no_stages_says_so_instead_of_drawing() -> None:
+    report = synthetic_report(1) | {"stages": [], "passed": False, "max_abs_diff": None}
+    report["first_failing_stage"] = None
+    soup = parse(render_html(report))
+    assert soup.select_one("#verdict").get_text() == "No stages were compared."
+    assert not soup.select("#chart svg") and not soup.select("table.stages tbody tr")
+
+
 # -------------------------------------------------------------------------------------- attention
 
 
@@ -296,6 +319,18 @@ def test_the_pictures_hold_each_heads_weights_cell_by_cell(causal: bool) -> None
                     assert (cells == expected).all()
 
 
+def test_rounding_far_below_the_tolerance_leaves_the_difference_pictures_white() -> None:
+    report = synthetic_report(2)
+    attention = synthetic_attention(2, 3)  # the reference differs by rounding only (~1e-8)
+    largest = max(np.abs(attention.difference(layer)).max() for layer in range(2))
+    assert 0 < largest < report["atol"] / 10
+    page = render_html(report, attention=attention)
+    white = int(html_figures.difference_scale(1.0).indices(np.zeros(1))[0])
+    for layer in range(2):  # within a palette step or two of white: 1e-8 on a scale that ends at 1e-5
+        assert (np.abs(np.asarray(_strips(page)[f"s{layer}d"]).astype(int) - white) <= 2).all()
+    assert f"difference (full colour: ±{report['atol']:.2e})" in parse(page).select_one(".legends").get_text()
+
+
 def test_the_difference_picture_shows_where_ours_and_the_reference_differ() -> None:
     attention = synthetic_attention(2, 3, bug_layer=1)
     strips = _strips(render_html(synthetic_report(2), attention=attention))
@@ -312,6 +347,17 @@ def test_the_large_view_starts_on_the_head_that_differs_most() -> None:
     layer, head = np.unravel_index(np.argmax(np.stack(differences)), (3, 4))
     assert data["focus"] == [layer, head]
     assert [d.has_attr("open") for d in soup.select("details.layer")] == [i == layer for i in range(3)]
+
+
+def test_a_layer_whose_maps_differ_beyond_atol_is_flagged() -> None:
+    report = synthetic_report(3)
+    attention = synthetic_attention(3, 2, bug_layer=1)
+    sections = parse(render_html(report, attention=attention)).select("details.layer")
+    for layer, section in enumerate(sections):
+        beyond = np.abs(attention.difference(layer)).max() > report["atol"]
+        assert ("differs" in section["class"]) == beyond
+        assert ("more than atol" in section.summary.get_text()) == beyond
+    assert [("differs" in s["class"]) for s in sections] == [False, True, False]
 
 
 def test_a_causal_model_is_explained_as_causal_and_an_encoder_is_not() -> None:
