@@ -9,7 +9,7 @@ import torch
 
 from .metrics import NextTokenMetrics, StageResult
 
-__all__ = ["AttentionMaps", "ComparisonReport"]
+__all__ = ["AttentionWeights", "ComparisonReport"]
 
 # Input fields too long for the table's one-line summary (they are in the JSON).
 _LONG_INPUT_FIELDS = ("texts", "input_ids", "attention_mask", "tokens", "compared_positions")
@@ -25,13 +25,31 @@ def _cosine_gap(value: float | None) -> str:
 
 
 @dataclass
-class AttentionMaps:
+class AttentionWeights:
     """Every layer's attention weights, ours and the reference's: "layer.i" -> (B, nh, T, T).
 
-    Row q of head h is the query at position q's weighted look at the keys (it sums to 1)."""
+    Row q of head h is the query at position q's weighted look at the keys (it sums to 1).
+    ``causal``: a decoder's, where no query looks at a later key.
+    """
 
     ours: dict[str, torch.Tensor]
     reference: dict[str, torch.Tensor]
+    causal: bool
+
+    def for_row(self, row: int, tokens: list[str], *, text: str | None = None) -> Any:
+        """One input row's maps as the HTML report takes them (compare.html_attention.AttentionMaps),
+        cut to the row's ``len(tokens)`` real tokens (right padding dropped)."""
+        from .html_attention import AttentionMaps
+
+        length = len(tokens)
+        layers = sorted(self.ours, key=lambda name: int(name.split(".")[1]))
+
+        def cut(maps: dict[str, torch.Tensor]) -> list[Any]:
+            return [maps[name][row, :, :length, :length].double().numpy() for name in layers]  # (nh, T, T)
+
+        return AttentionMaps(
+            tokens=tokens, ours=cut(self.ours), reference=cut(self.reference), causal=self.causal, text=text
+        )
 
 
 @dataclass
@@ -55,7 +73,7 @@ class ComparisonReport:
     inputs: dict[str, Any] = field(default_factory=dict)  # what was fed in (source, shape, padding)
     reference: str = "transformers AutoModel, eager attention, eval, no_grad"
     next_token: NextTokenMetrics | None = None  # models with an LM head only
-    attention: AttentionMaps | None = None  # only when asked for (not part of the JSON)
+    attention: AttentionWeights | None = None  # only when asked for (not part of the JSON)
 
     @classmethod
     def from_stages(cls, stages: list[StageResult], **fields: Any) -> ComparisonReport:

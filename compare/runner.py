@@ -25,7 +25,7 @@ from hfmirror.errors import CompareError, RemoteCodeError
 from .architectures import LoadedModel, load_model
 from .metrics import StageResult, compare_tensors, next_token_metrics
 from .model import Recorder
-from .report import AttentionMaps, ComparisonReport
+from .report import AttentionWeights, ComparisonReport
 
 __all__ = ["DEFAULT_TOLERANCES", "DTYPES", "compare_model_dir", "compare_stages", "random_inputs"]
 
@@ -263,5 +263,9 @@ def compare_model_dir(
         inputs=batch_input.description,
         reference=architecture.describe_reference(),
         next_token=next_token,
-        attention=AttentionMaps(ours=ours.attention, reference=theirs.attention) if keep_attention else None,
+        attention=(
+            AttentionWeights(ours=ours.attention, reference=theirs.attention, causal=architecture.has_lm_head)
+            if keep_attention
+            else None
+        ),
     )

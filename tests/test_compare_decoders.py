@@ -485,6 +485,20 @@ def test_attention_weights_ours_and_reference(models: dict[str, Path], name: str
     assert compare_model_dir(models[name]).attention is None  # only when asked
 
 
+def test_attention_weights_for_the_html_report(models: dict[str, Path]) -> None:
+    report = compare_model_dir(
+        models["gpt2-tied"], texts=["hello world", "the cat sat on"], keep_attention=True
+    )
+    assert report.attention is not None and report.attention.causal
+    row = 0  # "hello world", padded to 4 tokens
+    maps = report.attention.for_row(row, report.inputs["tokens"][row][:2], text="hello world")
+    assert maps.tokens == ("hello", "world") and maps.num_layers == 2 and maps.causal
+    assert maps.ours[1].shape == (4, 2, 2)
+    torch.testing.assert_close(
+        torch.from_numpy(maps.ours[1]), report.attention.ours["layer.1"][0, :, :2, :2].double()
+    )
+
+
 # ------------------------------------------------------------------------------------ building blocks
 
 
