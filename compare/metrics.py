@@ -9,6 +9,15 @@ All metrics are computed in float64, so the measurement adds no rounding of its 
 - ``tolerance_used``: max over elements of |ours - ref| / (atol + rtol * |ref|). A stage passes when
   this is <= 1, which is exactly ``torch.allclose(ours, ref, rtol, atol)``; it also says how much of
   the tolerance budget was spent (0.01 = a margin of 100x).
+- ``nmse``: sum (ours - ref)^2 / sum ref^2, the normalised mean squared error, as llama.cpp's
+  conversion checks use it (mse(ref, ours) / mse(ref, 0)).
+- ``p99_abs_diff``: the 99th percentile of |ours - ref|: the error of nearly every element, which a
+  handful of outliers cannot move (as they move the max).
+
+Each stage is measured twice (compare.model explains how): **carried**, our model run on its own
+numbers from the embeddings on (the fields above), and **isolated**, our component fed exactly the
+reference's input to it (``isolated``: the same measures, its own error). The verdict follows the
+isolated errors: a stage fails because of what it computes, not because of what it inherited.
 
 Every position is compared, padded ones included: both implementations compute padded rows the same
 deterministic way (padding is masked as a *key*, not as a query), so they must agree there too.
@@ -28,12 +37,20 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["NextTokenMetrics", "StageResult", "compare_tensors", "next_token_metrics"]
+__all__ = ["ISOLATED_FIELDS", "NextTokenMetrics", "StageResult", "compare_tensors", "next_token_metrics"]
+
+
+# The fields of an isolated measurement in the JSON report.
+ISOLATED_FIELDS = ("max_abs_diff", "mean_abs_diff", "rel_error", "cosine_similarity", "passed")
 
 
 @dataclass
 class StageResult:
-    """One stage's comparison. Metrics are None when they cannot be computed (shape mismatch, absent)."""
+    """One stage's comparison. Metrics are None when they cannot be computed (shape mismatch, absent).
+
+    The fields are the carried measurement; ``isolated`` is the same stage measured with our component
+    fed the reference's input (None when not measured).
+    """
 
     name: str
     passed: bool
@@ -44,9 +61,20 @@ class StageResult:
     cosine_similarity: float | None
     tolerance_used: float | None
     note: str | None = None
+    nmse: float | None = None
+    p99_abs_diff: float | None = None
+    isolated: StageResult | None = None
+
+    @property
+    def verdict_passed(self) -> bool:
+        """Whether this stage passes the verdict: its isolated error if measured, else its carried one."""
+        return self.isolated.passed if self.isolated is not None else self.passed
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        fields = {key: value for key, value in asdict(self).items() if key != "isolated"}
+        if self.isolated is not None:
+            fields["isolated"] = {key: getattr(self.isolated, key) for key in ISOLATED_FIELDS}
+        return fields
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -103,6 +131,12 @@ def compare_tensors(
     )
     tolerance_used = ratio.max().item()
     passed = bool((diff <= allowed).all())
+    reference_energy = b.pow(2).sum().item()
+    error_energy = diff.pow(2).sum().item()
+    nmse = (
+        error_energy / reference_energy if reference_energy > 0 else (0.0 if error_energy == 0 else math.inf)
+    )
+    p99 = diff.kthvalue(max(1, math.ceil(0.99 * diff.numel()))).values.item()
     return StageResult(
         name=name,
         passed=passed,
@@ -113,6 +147,8 @@ def compare_tensors(
         cosine_similarity=cosine,
         tolerance_used=_finite_or_none(tolerance_used),
         note=note,
+        nmse=_finite_or_none(nmse),
+        p99_abs_diff=p99,
     )
 
 
