@@ -31,7 +31,7 @@ from torch import nn
 
 from hfmirror.errors import CompareError
 
-from .reference import _first_tensor, _quiet_transformers, _submodule
+from .reference import ReferenceRun, _first_tensor, _quiet_transformers, _submodule
 from .reference_layout import ReferenceLayout, StagePoint
 
 if TYPE_CHECKING:
@@ -393,3 +393,16 @@ class StreamedReference:
             stages |= self.steps.finish(self.model, hidden)
         order = [point.stage for point in self.layout.final]
         return {name: stages[name] for name in order if name in stages}
+
+    def stages(self, inputs: dict[str, torch.Tensor], *, keep_attention: bool = False) -> ReferenceRun:
+        """Every stage of one forward pass, run piece by piece (what compare.reference.reference_stages
+        gives for the whole model at once)."""
+        run = ReferenceRun(stages={}, attention={})
+        hidden, context, run.stages = self.embeddings(inputs)
+        for index in range(len(self.model.get_submodule(self.layout.layers))):
+            hidden, stages, weights = self.layer(index, hidden, context, keep_attention=keep_attention)
+            run.stages |= stages
+            if weights is not None:
+                run.attention[f"layer.{index}"] = weights
+        run.stages |= self.final(hidden)
+        return run
