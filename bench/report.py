@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ORDER = ("large", "capped", "small", "resume", "compare", "compare-decoders", "startup")
+ORDER = ("large", "capped", "small", "resume", "compare", "compare-decoders", "compare-stream", "startup")
 
 
 def _f(value: Any, digits: int = 2, suffix: str = "") -> str:

@@ -98,7 +98,7 @@ def compare_tensors(
             note=f"shape {list(ours.shape)} != reference {list(ref.shape)}",
         )
     a = ours.detach().to(torch.float64).flatten()
-    b = ref.detach().to(torch.float64).flatten()
+    b = ref.detach().to(torch.float64, copy=True).flatten()  # a copy of our own: changed in place below
     finite = torch.isfinite(a)
     note = None
     if not (finite.all() and torch.isfinite(b).all()):
@@ -112,7 +112,8 @@ def compare_tensors(
     if a.numel() == 0:
         return StageResult(name, True, list(ref.shape), 0.0, 0.0, 0.0, 1.0, 0.0, note or "empty")
 
-    diff = (a - b).abs()
+    # Written to hold few float64 copies at once: a stage can be the logits, (B, T, V) with V ~ 150k.
+    diff = (a - b).abs_()
     max_abs = diff.max().item()
     scale = b.abs().max().item()
     rel_error = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
@@ -121,21 +122,22 @@ def compare_tensors(
         cosine = (torch.dot(a, b) / norms).item()
     else:
         cosine = 1.0 if a.norm() == b.norm() else 0.0  # both zero vectors: same; one zero: unrelated
-    allowed = atol + rtol * b.abs()
-    # Where nothing is allowed (atol = 0 and ref = 0), any difference at all uses an infinite budget.
-    nothing_allowed = allowed == 0
-    ratio = torch.where(
-        nothing_allowed,
-        torch.where(diff > 0, math.inf, 0.0),
-        diff / torch.where(nothing_allowed, 1.0, allowed),
-    )
-    tolerance_used = ratio.max().item()
-    passed = bool((diff <= allowed).all())
-    reference_energy = b.pow(2).sum().item()
-    error_energy = diff.pow(2).sum().item()
+    reference_energy = torch.dot(b, b).item()
+    error_energy = torch.dot(diff, diff).item()
     nmse = (
         error_energy / reference_energy if reference_energy > 0 else (0.0 if error_energy == 0 else math.inf)
     )
+    del a
+    allowed = b.abs_().mul_(rtol).add_(atol)  # atol + rtol * |ref|, in b's place
+    passed = bool((diff <= allowed).all())
+    # Where nothing is allowed (atol = 0 and ref = 0), any difference at all uses an infinite budget.
+    nothing_allowed = allowed == 0
+    ratio = diff / allowed.masked_fill_(nothing_allowed, 1.0)
+    ratio.masked_fill_(nothing_allowed & (diff > 0), math.inf).masked_fill_(
+        nothing_allowed & (diff == 0), 0.0
+    )
+    tolerance_used = ratio.max().item()
+    del allowed, ratio, nothing_allowed
     p99 = diff.kthvalue(max(1, math.ceil(0.99 * diff.numel()))).values.item()
     return StageResult(
         name=name,
@@ -191,9 +193,13 @@ def next_token_metrics(
     top1_reference = reference.argmax(dim=-1)  # (B, T)
     finite = torch.isfinite(ours).all(dim=-1) & torch.isfinite(reference).all(dim=-1)  # (B, T)
     real = attention_mask.bool() & finite  # (B, T); where the reference gives nan, ours must too (stages)
-    log_p_ours = torch.log_softmax(ours.to(torch.float64), dim=-1)  # (B, T, V)
-    log_p_reference = torch.log_softmax(reference.to(torch.float64), dim=-1)
-    kl = (log_p_reference.exp() * (log_p_reference - log_p_ours)).sum(dim=-1)  # (B, T)
+    log_p_ours = torch.log_softmax(ours, dim=-1, dtype=torch.float64)  # (B, T, V)
+    log_p_reference = torch.log_softmax(reference, dim=-1, dtype=torch.float64)
+    gap = log_p_reference.sub_(log_p_ours)  # log p_ref - log p_ours, in place (V can be ~150k)
+    del log_p_ours
+    gap.mul_(torch.log_softmax(reference, dim=-1, dtype=torch.float64).exp_())  # p_ref * (...)
+    kl = gap.sum(dim=-1)  # (B, T)
+    del gap
     kl = kl[real].clamp(min=0.0)  # (real positions,); tiny negatives are rounding
     positions = int(real.sum())
     return NextTokenMetrics(

@@ -311,7 +311,9 @@ def test_nmse_and_p99_by_hand() -> None:
     errors = torch.zeros(200, dtype=torch.float64)
     errors[:2] = 1.0  # two outliers: the 99th percentile does not see them
     errors[2:] = 1e-3
-    result = compare_tensors("s", ref + errors, ref, atol=0.0, rtol=0.0)
+    ours, before = ref + errors, ref.clone()
+    result = compare_tensors("s", ours, ref, atol=0.0, rtol=0.0)
+    assert torch.equal(ref, before) and torch.equal(ours, before + errors), "the inputs are left as they were"
     assert result.nmse == pytest.approx((2 * 1.0 + 198 * 1e-6) / float((ref**2).sum()))
     assert result.p99_abs_diff == pytest.approx(1e-3) and result.max_abs_diff == pytest.approx(1.0)
     assert compare_tensors("z", torch.zeros(3), torch.zeros(3), atol=0, rtol=0).nmse == 0.0
