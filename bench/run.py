@@ -582,12 +582,52 @@ def ensure_model(model: BenchModel) -> Path:
     return folder
 
 
+def run_processes(
+    ctx: Context, commands: dict[str, list[str]], *, tag: str = "", timeout: float = 1800
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """Run every command ``ctx.runs`` times, interleaved, in processes of their own: the medians per
+    command (wall, peak RSS, CPU), and the stdout of each run that exited 0."""
+    env = bl.clean_env(HF_HUB_OFFLINE="1")
+    runs: dict[str, list[dict]] = {name: [] for name in commands}
+    outputs: dict[str, list[str]] = {name: [] for name in commands}
+    for i in range(ctx.runs):
+        for name, argv in commands.items():
+            result = bl.run(argv, env=env, cwd=bl.REPO_DIR, timeout=timeout)
+            runs[name].append(
+                {
+                    "ok": result.ok,
+                    "seconds": result.wall,
+                    "rss_mib": result.maxrss_mib,
+                    "cpu": result.cpu,
+                    "error": None if result.ok else result.stderr.strip()[-400:],
+                }
+            )
+            if result.ok:
+                outputs[name].append(result.stdout)
+            print(
+                f"  {tag}run {i + 1}/{ctx.runs} {name:<40} {result.wall:7.1f}s  "
+                f"peak RSS {result.maxrss_mib:7.0f} MiB  exit {result.returncode}",
+                flush=True,
+            )
+    summary = {
+        name: {
+            "runs": len(items),
+            "ok_runs": sum(r["ok"] for r in items),
+            "seconds": bl.median([r["seconds"] for r in items]),
+            "rss_mib": bl.median([r["rss_mib"] for r in items]),
+            "cpu": bl.median([r["cpu"] for r in items]),
+            "errors": [r["error"] for r in items if r["error"]],
+        }
+        for name, items in runs.items()
+    }
+    return summary, outputs
+
+
 def measure_compare(ctx: Context, model: BenchModel, *, seq_len: int, batch: int) -> dict[str, Any]:
     """``hfmirror compare`` vs the transformers forward pass alone, each in its own process:
     {"tools": medians per process, "goals": wall time and peak RSS ratios, "weight_bytes": ...}."""
     folder = ensure_model(model)
     weight_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))  # saved in float32
-    env = bl.clean_env(HF_HUB_OFFLINE="1")
     shape = [str(batch), str(seq_len)]
     commands = {
         "reference": [sys.executable, "-c", REFERENCE_SCRIPT, str(folder), model.reference_class, *shape],
@@ -603,36 +643,7 @@ def measure_compare(ctx: Context, model: BenchModel, *, seq_len: int, batch: int
             str(batch),
         ],
     }
-    runs: dict[str, list[dict]] = {name: [] for name in commands}
-    for i in range(ctx.runs):
-        for name, argv in commands.items():
-            result = bl.run(argv, env=env, cwd=bl.REPO_DIR)
-            runs[name].append(
-                {
-                    "ok": result.ok,
-                    "seconds": result.wall,
-                    "rss_mib": result.maxrss_mib,
-                    "cpu": result.cpu,
-                    "returncode": result.returncode,
-                    "error": None if result.ok else result.stderr.strip()[-400:],
-                }
-            )
-            print(
-                f"  {model.name} run {i + 1}/{ctx.runs} {name:<17} {result.wall:6.2f}s  peak RSS "
-                f"{result.maxrss_mib:7.0f} MiB  exit {result.returncode}",
-                flush=True,
-            )
-    summary = {
-        name: {
-            "runs": len(items),
-            "ok_runs": sum(r["ok"] for r in items),
-            "seconds": bl.median([r["seconds"] for r in items]),
-            "rss_mib": bl.median([r["rss_mib"] for r in items]),
-            "cpu": bl.median([r["cpu"] for r in items]),
-            "errors": [r["error"] for r in items if r["error"]],
-        }
-        for name, items in runs.items()
-    }
+    summary, _ = run_processes(ctx, commands, tag=f"{model.name} ")
     ours, ref = summary["hfmirror compare"], summary["reference"]
     time_ratio = ours["seconds"] / ref["seconds"]
     rss_ratio = ours["rss_mib"] * bl.MIB / weight_bytes
@@ -845,7 +856,6 @@ def scenario_compare_stream(ctx: Context, seq_len: int = 128, batch: int = 1) ->
         + shape["hidden"]
     )
     fp32_bytes = 4 * parameters
-    env = bl.clean_env(HF_HUB_OFFLINE="1")
     compare_argv = [
         sys.executable,
         "-m",
@@ -870,38 +880,8 @@ def scenario_compare_stream(ctx: Context, seq_len: int = 128, batch: int = 1) ->
         "hfmirror compare": [*compare_argv[:4], str(folder), *compare_argv[4:]],
         "hfmirror compare, tiny model (runtime)": [*compare_argv[:4], str(runtime_folder), *compare_argv[4:]],
     }
-    runs: dict[str, list[dict]] = {name: [] for name in commands}
-    reports = []
-    for i in range(ctx.runs):
-        for label, argv in commands.items():
-            result = bl.run(argv, env=env, cwd=bl.REPO_DIR, timeout=7200)
-            runs[label].append(
-                {
-                    "ok": result.ok,
-                    "seconds": result.wall,
-                    "rss_mib": result.maxrss_mib,
-                    "cpu": result.cpu,
-                    "error": None if result.ok else result.stderr.strip()[-400:],
-                }
-            )
-            if label == "hfmirror compare" and result.ok:
-                reports.append(json.loads(result.stdout))
-            print(
-                f"  run {i + 1}/{ctx.runs} {label:<40} {result.wall:7.1f}s  "
-                f"peak RSS {result.maxrss_mib:7.0f} MiB  exit {result.returncode}",
-                flush=True,
-            )
-    summary = {
-        label: {
-            "runs": len(items),
-            "ok_runs": sum(r["ok"] for r in items),
-            "seconds": bl.median([r["seconds"] for r in items]),
-            "rss_mib": bl.median([r["rss_mib"] for r in items]),
-            "cpu": bl.median([r["cpu"] for r in items]),
-            "errors": [r["error"] for r in items if r["error"]],
-        }
-        for label, items in runs.items()
-    }
+    summary, outputs = run_processes(ctx, commands, timeout=7200)
+    reports = [json.loads(stdout) for stdout in outputs["hfmirror compare"]]
     ours, ref = summary["hfmirror compare"], summary["reference (whole model)"]
     runtime = summary["hfmirror compare, tiny model (runtime)"]
     rss_share = ours["rss_mib"] * bl.MIB / fp32_bytes
