@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -432,6 +433,36 @@ def test_a_long_wait_is_said_and_a_retry_after_beyond_the_limit_is_not_waited_ou
     assert refused.exit_code == 5, refused.output
     assert "asked us to wait 3600 s (HTTP 429), more than the 300 s we wait" in refused.stderr
     assert moved.endpoint == hub_server.url and moved.failovers == 1
+
+
+def test_a_long_wait_ends_at_once_on_ctrl_c(tmp_path: Path) -> None:
+    lines: list[str] = []
+    announced = threading.Event()
+    command = [sys.executable, "-m", "hfmirror", "download", NESTED, "--cache-dir", str(tmp_path)]
+    with HostileServer() as bad:
+        bad.answer("*", status(429, {"Retry-After": "200"}))
+        with subprocess.Popen(
+            [*command, "--endpoint", bad.url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        ) as process:
+
+            def read_stderr() -> None:
+                assert process.stderr is not None
+                for line in process.stderr:
+                    lines.append(line)
+                    if "asked us to wait 200 s" in line:
+                        announced.set()
+
+            reader = threading.Thread(target=read_stderr, daemon=True)
+            reader.start()
+            try:
+                assert announced.wait(60), "".join(lines)
+                process.send_signal(signal.SIGINT)
+                process.wait(30)  # a bound on the wait, far from the 200 s asked for
+            finally:
+                process.kill()
+                reader.join(10)
+    assert process.returncode == 130, "".join(lines)
+    assert "interrupted" in "".join(lines)
 
 
 # ======================================================================== offline: only what was asked
