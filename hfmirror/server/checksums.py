@@ -24,6 +24,7 @@ DEFAULT_STATE_DIR = Path("~/.cache/hfmirror")
 SHA256 = "sha256"  # LFS object id
 GIT_SHA1 = "git-sha1"  # git blob id: sha1(b"blob <size>\0" + content)
 
+_LOGGED_HASH_SIZE = 64 * 1024 * 1024  # hashing a file this large takes a noticeable fraction of a second
 _Key = tuple[str, int, int, str]  # (real path, size, mtime_ns, kind)
 
 
@@ -80,7 +81,9 @@ class ChecksumCache:
             with self._lock:
                 if key in self._memory:
                     return self._memory[key]
-            logger.info("hashing %s (%s, %d bytes)", real, kind, st.st_size)
+            # Only large files are worth a line: a 20,000-file repo would otherwise fill the log at start.
+            level = logging.INFO if st.st_size >= _LOGGED_HASH_SIZE else logging.DEBUG
+            logger.log(level, "hashing %s (%s, %d bytes)", real, kind, st.st_size)
             value = sha256_of_file(real) if kind == SHA256 else git_blob_sha1_of_file(real)
             with self._lock:
                 self.computed += 1
