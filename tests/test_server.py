@@ -497,7 +497,7 @@ def test_hfmirror_serve_command_answers_and_stops_on_sigint(hub_root: Path, tmp_
             line = process.stdout.readline()
             if not line:
                 break
-            match = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
+            match = re.search(r"serving on http://127\.0\.0\.1:(\d+)", line)
             port = int(match.group(1)) if match else None
         assert port, "the server did not report its port"
         r = requests.get(f"http://127.0.0.1:{port}/tiny/bert/resolve/main/config.json", timeout=10)

@@ -18,26 +18,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
-import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
 
 from ..errors import BadInputError, RevisionNotFoundError, UnsafePathError
 from ..paths import validate_relative_path
 from .checksums import ChecksumCache
 from .repos import RepoLocation, RepoStore, Snapshot
+from .runner import ServerThread, prepare_server
 
 __all__ = ["DEFAULT_PAGE_SIZE", "ServerThread", "create_app", "run_server"]
 
@@ -350,65 +347,4 @@ def run_server(
     state_dir: str | os.PathLike[str] | None = None,
 ) -> None:
     """Serve ``root`` until Ctrl-C (or SIGTERM), logging one line per request; then return normally."""
-    app = create_app(root, state_dir=state_dir)
-    config = uvicorn.Config(app, host=host, port=port, lifespan="off", timeout_graceful_shutdown=5)
-    try:
-        uvicorn.Server(config).run()
-    except KeyboardInterrupt:
-        # uvicorn re-raises the SIGINT it caught once it has shut down cleanly; nothing was interrupted.
-        pass
-    logger.info("hfmirror server stopped")
-
-
-class ServerThread:
-    """Run an ASGI app with uvicorn in a background thread on a free port (tests, benchmarks).
-
-    Use as a context manager, or call :meth:`start` and :meth:`stop`::
-
-        with ServerThread(create_app(root)) as server:
-            requests.get(server.url + "/api/models/org/name")
-    """
-
-    def __init__(
-        self, app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0, access_log: bool = False
-    ) -> None:
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            lifespan="off",
-            log_level="warning",
-            access_log=access_log,
-            timeout_graceful_shutdown=2,
-        )
-        self.app = app
-        self.host = host
-        self.port = port
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="hfmirror-server", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 20.0) -> ServerThread:
-        """Start serving and wait until the socket is listening."""
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server thread did not start")
-            time.sleep(0.01)
-        self.port = self._server.servers[0].sockets[0].getsockname()[1]
-        return self
-
-    def stop(self) -> None:
-        """Ask uvicorn to shut down and wait for the thread."""
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-
-    def __enter__(self) -> ServerThread:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    prepare_server(create_app(root, state_dir=state_dir), host=host, port=port).run()
