@@ -46,6 +46,12 @@ class ChecksumCache:
         self._pending: dict[_Key, threading.Lock] = {}
         # One connection shared by all threads (sqlite serialises anyway); our lock keeps it safe.
         self._db = sqlite3.connect(self.db_path, check_same_thread=False, timeout=30)
+        # Write-ahead log, synced at checkpoints rather than at every commit: the default synced each
+        # stored checksum (10 ms a file: over three minutes for a 20,000-file repo's first listing).
+        # A power cut can then lose the last few values, which only costs hashing those files again;
+        # the database itself stays consistent.
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
         with self._db:
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS checksums ("
