@@ -5,7 +5,8 @@ Exit codes (also in the README):
 ====  =====================================================================
 0     success
 1     ``compare`` found a stage that does not match; or an unexpected bug
-2     bad input: usage errors, malformed repo id, unsafe names, unsupported model or checkpoint
+2     bad input: usage errors, malformed repo id, unsafe names, unsupported model or checkpoint;
+      ``serve``: a port already in use
 3     not found: repository, revision or file
 4     access denied: gated or private repository (try ``--token``)
 5     network: no endpoint reachable, or retries ran out
