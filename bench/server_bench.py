@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.client
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,14 +58,7 @@ class ServeCommand:
         raise RuntimeError(f"hfmirror serve did not start; see {self.log_path}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        bl._LIVE.pop(self.proc.pid, None)
+        bl.terminate(self.proc)
         self._log.close()
 
 

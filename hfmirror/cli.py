@@ -261,7 +261,7 @@ def download(
 @click.option(
     "--max-connections",
     type=click.IntRange(1, 1_000_000),
-    default=1000,
+    default=1000,  # server.guard.DEFAULT_MAX_CONNECTIONS, not imported: --help stays light
     show_default=True,
     help="Most connections at once (lowered to fit the open-file limit); the longest-stalled go first.",
 )
