@@ -153,11 +153,12 @@ def test_governor_halves_on_overload_and_recovers() -> None:
 
 def test_governor_waits_for_retry_after() -> None:
     governor = RateGovernor(4)
-    governor.on_overloaded(0.3)
+    # The clock starts before the pause is set, so the bound holds however late this thread runs.
     started = time.monotonic()
+    governor.on_overloaded(0.3)
     governor.acquire()
     governor.release()
-    assert time.monotonic() - started >= 0.25
+    assert time.monotonic() - started >= 0.3
 
 
 def test_pool_fails_over_after_repeated_failures() -> None:

@@ -6,7 +6,10 @@ import re
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_demo_runs_offline_and_resumes_and_compares(tmp_path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "hfmirror", "demo", "--workdir", str(tmp_path)],

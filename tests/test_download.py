@@ -67,6 +67,7 @@ def free_port() -> int:
 # ------------------------------------------------------------------------------------ layouts
 
 
+@pytest.mark.slow
 def test_cache_layout_is_the_hubs_and_transformers_loads_it_offline(hub_server, tmp_path: Path) -> None:
     cache = tmp_path / "hub"
     result = download("tiny/bert", endpoints=[hub_server.url], cache_dir=cache, progress=False)
@@ -206,6 +207,7 @@ def test_a_damaged_local_file_is_fetched_again(hub_server, tmp_path: Path, monke
 # ----------------------------------------------------------------------------------- failover
 
 
+@pytest.mark.slow
 def test_fails_over_from_a_dead_endpoint(hub_server, tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     result = download("tiny/nested", endpoints=[dead, hub_server.url], cache_dir=tmp_path, progress=False)
@@ -441,6 +443,7 @@ def test_model_download_py_with_a_qwen_stand_in(hub_server, tmp_path: Path) -> N
     assert bad.returncode == 3 and "Traceback" not in bad.stderr and "not found" in bad.stderr
 
 
+@pytest.mark.slow
 def test_offline_falls_back_to_the_cached_snapshot(hub_server, tmp_path: Path) -> None:
     first = download("tiny/nested", endpoints=[hub_server.url], cache_dir=tmp_path, progress=False)
     dead = f"http://127.0.0.1:{free_port()}"
