@@ -9,7 +9,7 @@ Exit codes (also in the README):
 3     not found: repository, revision or file
 4     access denied: gated or private repository (try ``--token``)
 5     network: no endpoint reachable, or retries ran out
-6     integrity: a file's size or checksum never matched
+6     integrity: a file's size or checksum never matched; ``verify`` found a file that does not match
 7     storage: not enough disk space, or the target is not writable
 8     the server sent a listing that would write outside the target
 130   interrupted (Ctrl-C); partial data is kept and a re-run resumes
@@ -124,6 +124,7 @@ def cli(debug: bool) -> None:
     Examples:
       hfmirror download Qwen/Qwen-7B
       hfmirror download bert-base-uncased config.json --local-dir ./bert
+      hfmirror verify Qwen/Qwen-7B
       hfmirror serve ./models --port 8000
       hfmirror compare bert-base-uncased
       hfmirror demo
@@ -241,6 +242,102 @@ def download(
         click.echo(result.describe(), err=True)
     if not as_json:
         click.echo(str(result.path))
+
+
+# ----------------------------------------------------------------------------------------- verify
+
+
+@cli.command()
+@click.argument("repo_id", required=False)
+@click.option(
+    "--local-dir",
+    type=click.Path(file_okay=False),
+    help="Verify the files downloaded into DIR (with --local-dir) instead of the cache.",
+)
+@click.option(
+    "--repo-type",
+    type=click.Choice(["model", "dataset"]),
+    default="model",
+    show_default=True,
+    help="What kind of repository REPO_ID names.",
+)
+@click.option("--revision", help="Branch, tag or commit in the cache [default: main].")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    help="Hugging Face cache folder "
+    "[default: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub].",
+)
+@click.option("--repair", is_flag=True, help="Fetch again what is wrong or missing (needs the network).")
+@click.option(
+    "--endpoint",
+    "endpoints",
+    multiple=True,
+    metavar="URL",
+    help="With --repair: mirror to use; repeat for failover order [default: as for download].",
+)
+@click.option("--token", help="With --repair: access token [default: HF_TOKEN, else the stored token].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only problems and errors.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict on every file as JSON.")
+@_handle_errors
+def verify(
+    repo_id: str | None,
+    local_dir: str | None,
+    repo_type: str,
+    revision: str | None,
+    cache_dir: str | None,
+    repair: bool,
+    endpoints: tuple[str, ...],
+    token: str | None,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Hash the downloaded files of REPO_ID again (or of --local-dir DIR) and compare each with the
+    checksum recorded when it was downloaded. Offline; exit 6 naming the files that do not match.
+
+    In the cache a blob's name is its checksum and the snapshot's links say which files belong to the
+    revision; in a local dir, .cache/huggingface/download/<file>.metadata records it. With --repair,
+    what is wrong is removed and fetched again from the same commit, then verified once more.
+
+    \b
+    Examples:
+      hfmirror verify Qwen/Qwen-7B
+      hfmirror verify bert-base-uncased --revision v1.0 --json
+      hfmirror verify --local-dir ./bert
+      hfmirror verify bert-base-uncased --local-dir ./bert --repair
+    """
+    from .verify import repair as run_repair
+    from .verify import verify as run_verify
+
+    progress = not (quiet or as_json)
+    report = run_verify(
+        repo_id,
+        local_dir=local_dir,
+        repo_type=repo_type,
+        revision=revision,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    if repair and report.wrong:
+        if not as_json:
+            for line in report.problem_lines():
+                click.echo(line, err=True)
+            click.echo(f"repairing {len(report.wrong)} files...", err=True)
+        report = run_repair(
+            report, cache_dir=cache_dir, endpoints=list(endpoints) or None, token=token, progress=progress
+        )
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for line in report.problem_lines(unchecked=not quiet):
+            click.echo(line)
+        if not quiet:
+            click.echo(report.summary())
+    if report.wrong:
+        names = ", ".join(f.path for f in report.wrong[:10])
+        more = f" and {len(report.wrong) - 10} more" if len(report.wrong) > 10 else ""
+        hint = "" if repair else " (--repair fetches them again)"
+        raise IntegrityError(f"{len(report.wrong)} files do not match their download: {names}{more}{hint}")
 
 
 # ------------------------------------------------------------------------------------------ serve

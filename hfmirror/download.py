@@ -227,7 +227,11 @@ def download(
         )
     except NetworkError as error:
         # Like huggingface_hub: with no network, a snapshot already in the cache is still an answer.
-        cached = None if local_dir is not None else _cached_snapshot(cache_base, repo_id, repo_type, revision)
+        cached = (
+            None
+            if local_dir is not None
+            else _cached_snapshot(cache_base, repo_id, repo_type, revision, filenames)
+        )
         if cached is None:
             raise
         logger.warning("%s; using the copy of %s already in the cache", error, repo_id)
@@ -319,8 +323,11 @@ def _offline_mode() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _cached_snapshot(cache: Path, repo_id: str, repo_type: str, revision: str) -> DownloadResult | None:
-    """The cached snapshot of ``revision`` (a branch recorded in ``refs/`` or a commit), if there is one."""
+def _cached_snapshot(
+    cache: Path, repo_id: str, repo_type: str, revision: str, filenames: list[str] | None = None
+) -> DownloadResult | None:
+    """The cached snapshot of ``revision`` (a branch recorded in ``refs/`` or a commit), if there is one
+    and it holds every file of ``filenames``: a copy without a file that was asked for is no answer."""
     repo_dir = cache / repo_folder_name(repo_id, repo_type)
     commit = revision
     if not is_git_sha1(revision):
@@ -338,6 +345,8 @@ def _cached_snapshot(cache: Path, repo_id: str, repo_type: str, revision: str) -
         for path in sorted(snapshot.rglob("*"))
         if path.is_file()
     ]
+    if filenames and not set(filenames) <= {f.path for f in files}:
+        return None
     return DownloadResult(
         repo_id=repo_id,
         repo_type=repo_type,

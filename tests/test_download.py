@@ -457,6 +457,19 @@ def test_offline_falls_back_to_the_cached_snapshot(hub_server, tmp_path: Path) -
         download("tiny/nested", revision="other", endpoints=[dead], cache_dir=tmp_path, progress=False)
 
 
+def test_offline_a_named_file_the_cache_lacks_is_an_error(hub_server, tmp_path: Path, monkeypatch) -> None:
+    """The cached snapshot answers offline only if it holds what was asked for (hf_hub_download too
+    raises when the file is not cached): success without the file would be a lie."""
+    download(
+        "tiny/nested", include=["*.json"], endpoints=[hub_server.url], cache_dir=tmp_path, progress=False
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    present = download("tiny/nested", filenames=["config.json"], cache_dir=tmp_path, progress=False)
+    assert [f.path for f in present.files if f.path == "config.json"] == ["config.json"]
+    with pytest.raises(NetworkError):
+        download("tiny/nested", filenames=["config.json", "a/top.txt"], cache_dir=tmp_path, progress=False)
+
+
 def test_dry_run_writes_nothing(hub_server, tmp_path: Path) -> None:
     """A dry run only looks: no metadata recorded, no snapshot links made, nothing removed."""
     import shutil
