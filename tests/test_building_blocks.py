@@ -243,6 +243,14 @@ def test_filter_files_by_name_and_globs() -> None:
     assert [f.path for f in filter_files(files, filenames=["sub/a.py"])] == ["sub/a.py"]
     with pytest.raises(EntryNotFoundError, match="nope.bin"):
         filter_files(files, filenames=["nope.bin"])
+    # Globs that leave nothing name themselves; an empty repository with no globs is no error.
+    with pytest.raises(
+        EntryNotFoundError, match=r"none of the 4 files .* --include '\*\.gguf' --exclude 'sub/'"
+    ):
+        filter_files(files, include=["*.gguf"], exclude=["sub/"])
+    with pytest.raises(EntryNotFoundError, match="none of the 1 files named matches --include"):
+        filter_files(files, filenames=["sub/a.py"], include=["*.json"])
+    assert filter_files([], include=["*.json"]) == [] and filter_files(files, filenames=[]) == files
 
 
 # ---------------------------------------------------------------------------------- resume state

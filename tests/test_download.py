@@ -263,6 +263,13 @@ def test_target_that_cannot_be_written(hub_server, tmp_path: Path) -> None:
         (["tiny/nested", "missing.txt"], 3, "missing.txt"),
         (["tiny/nested", "--revision", "../../etc"], 2, "malformed revision"),
         (["tiny/nested", "--endpoint", "ftp://x"], 2, "not an http(s) endpoint"),
+        # A selection that matches nothing is a mistake to point out, not an empty success.
+        (
+            ["tiny/nested", "--include", "*.gguf"],
+            3,
+            "none of the 5 files in the repository matches --include '*.gguf'",
+        ),
+        (["tiny/nested", "--include", "*.txt", "--exclude", "a/"], 3, "--include '*.txt' --exclude 'a/'"),
     ],
 )
 def test_cli_bad_input_gives_one_line_and_an_exit_code(hub_server, tmp_path, args, code, message) -> None:
