@@ -5,7 +5,8 @@ Exit codes (also in the README):
 ====  =====================================================================
 0     success
 1     ``compare`` found a stage that does not match; or an unexpected bug
-2     bad input: usage errors, malformed repo id, unsafe names, unsupported model or checkpoint
+2     bad input: usage errors, malformed repo id, unsafe names, unsupported model or checkpoint, or an
+      optional extra (``serve``, ``compare``) that is not installed
 3     not found: repository, revision or file
 4     access denied: gated or private repository (try ``--token``)
 5     network: no endpoint reachable, or retries ran out
@@ -22,8 +23,10 @@ them, so ``hfmirror --help`` stays instant.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +40,7 @@ from .errors import (
     DownloadInterrupted,
     HfMirrorError,
     IntegrityError,
+    MissingExtraError,
     NetworkError,
     RemoteError,
     StorageError,
@@ -65,6 +69,7 @@ _EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (UnsupportedModelError, EXIT_BAD_INPUT),
     (WeightLoadError, EXIT_BAD_INPUT),
     (CompareError, EXIT_BAD_INPUT),
+    (MissingExtraError, EXIT_BAD_INPUT),
     (NetworkError, EXIT_NETWORK),
     (IntegrityError, EXIT_INTEGRITY),
     (StorageError, EXIT_STORAGE),
@@ -81,7 +86,11 @@ def exit_code_for(error: BaseException) -> int:
 
 
 def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn hfmirror errors into one line on stderr and an exit code; tracebacks only with --debug."""
+    """Turn hfmirror errors into one line on stderr and an exit code; tracebacks only with --debug.
+
+    --debug adds the traceback and changes nothing else: scripts that look at the exit code get the
+    documented one either way.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -91,26 +100,51 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:
-            if debug:
-                raise
-            click.echo("hfmirror: interrupted.", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+            _fail("hfmirror: interrupted.", EXIT_INTERRUPTED, debug)
         except HfMirrorError as error:
-            if debug:
-                raise
-            click.echo(f"hfmirror: error: {error}", err=True)
-            sys.exit(exit_code_for(error))
+            _fail(f"hfmirror: error: {error}", exit_code_for(error), debug)
         except Exception as error:  # a bug: still one line unless asked for more
-            if debug:
-                raise
-            click.echo(
-                f"hfmirror: unexpected error: {type(error).__name__}: {error} "
-                "(re-run with --debug for details)",
-                err=True,
-            )
-            sys.exit(EXIT_MISMATCH)
+            hint = "" if debug else " (re-run with --debug for details)"
+            _fail(f"hfmirror: unexpected error: {type(error).__name__}: {error}{hint}", EXIT_MISMATCH, debug)
 
     return wrapper
+
+
+def _fail(message: str, code: int, debug: bool) -> None:
+    """Print the traceback of the error being handled (with --debug), then the message; exit."""
+    if debug:
+        traceback.print_exc(file=sys.stderr)
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+# The optional extras (pyproject.toml) and the modules a command of each cannot run without.
+_EXTRAS: dict[str, tuple[str, ...]] = {
+    "serve": ("starlette", "uvicorn"),
+    "compare": ("torch", "transformers", "safetensors"),
+}
+
+
+def _needs_extras(*extras: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Before the command runs (and touches the network), check its extras are installed; if not,
+    say which ``pip install`` fixes it. ``find_spec`` only looks: nothing heavy is imported."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for extra in extras:
+                missing = [name for name in _EXTRAS[extra] if importlib.util.find_spec(name) is None]
+                if missing:
+                    raise MissingExtraError(
+                        f"this command needs {', '.join(missing)} (the '{extra}' extra), which is not "
+                        f"installed: pip install 'hfmirror[{extra}]' (from a source checkout: "
+                        f"pip install -e '.[{extra}]')"
+                    )
+            return command(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -355,6 +389,7 @@ def verify(
     help="Where remembered checksums are kept [default: ~/.cache/hfmirror].",
 )
 @_handle_errors
+@_needs_extras("serve")
 def serve(root: str, host: str, port: int, state_dir: str | None) -> None:
     """Serve the models under ROOT with the Hugging Face Hub's HTTP API.
 
@@ -382,7 +417,7 @@ def _register_compare() -> None:
     from .compare_command import compare
 
     command = copy.copy(compare)
-    command.callback = _handle_errors(compare.callback)
+    command.callback = _handle_errors(_needs_extras("compare")(compare.callback))
     cli.add_command(command)
 
 
@@ -396,6 +431,7 @@ _register_compare()
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep the demo's files here.")
 @click.option("--keep", is_flag=True, help="Keep the temporary folder afterwards.")
 @_handle_errors
+@_needs_extras("serve", "compare")
 def demo(workdir: str | None, keep: bool) -> None:
     """Run the whole story offline: make a small BERT, serve it, download it (killing the first
     download half-way and resuming it), and compare our from-scratch BERT with transformers.
