@@ -101,7 +101,9 @@ def compare(
 ) -> None:
     """Compare our from-scratch implementation of MODEL with transformers, stage by stage.
 
-    MODEL is a local folder (config.json + weights) or a repo id, which is downloaded first.
+    MODEL is a local folder (config.json + weights) or a repo id: then config.json is fetched first
+    (an unsupported model type is refused before any weight), then one weight format and the
+    tokenizer, not the TensorFlow/Flax/ONNX/... copies.
     Every stage (embeddings; per layer: attention, attention_add_norm, feed_forward, output;
     last_hidden_state; pooler) is compared; the first one outside tolerance is named.
     Exit status: 0 all stages match, 1 a stage differs.
@@ -116,10 +118,10 @@ def compare(
 
     if Path(model).is_dir():
         model_dir = Path(model)
-    else:
-        from hfmirror.download import download
+    else:  # config.json first, then one weight format and the tokenizer (see compare.fetch)
+        from compare.fetch import fetch_checkpoint
 
-        result = download(
+        model_dir = fetch_checkpoint(
             model,
             revision=revision,
             endpoints=list(endpoints) or None,
@@ -127,7 +129,6 @@ def compare(
             cache_dir=cache_dir,
             progress=not as_json,
         )
-        model_dir = Path(result.path)
 
     report = compare_model_dir(
         model_dir,
