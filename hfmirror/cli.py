@@ -167,18 +167,27 @@ def cli(debug: bool) -> None:
 
 # --------------------------------------------------------------------------------------- download
 
-
-@cli.command()
-@click.argument("repo_id")
-@click.argument("filenames", nargs=-1)
-@click.option("--revision", default="main", show_default=True, help="Branch, tag or commit sha.")
-@click.option(
+# Options several commands share.
+_repo_type_option = click.option(
     "--repo-type",
     type=click.Choice(["model", "dataset"]),
     default="model",
     show_default=True,
     help="What kind of repository REPO_ID names.",
 )
+_cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    help="Hugging Face cache folder "
+    "[default: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub].",
+)
+
+
+@cli.command()
+@click.argument("repo_id")
+@click.argument("filenames", nargs=-1)
+@click.option("--revision", default="main", show_default=True, help="Branch, tag or commit sha.")
+@_repo_type_option
 @click.option("--include", multiple=True, metavar="GLOB", help="Only files matching GLOB (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching GLOB (repeatable).")
 @click.option(
@@ -186,12 +195,7 @@ def cli(debug: bool) -> None:
     type=click.Path(file_okay=False),
     help="Write plain files into DIR instead of the Hugging Face cache.",
 )
-@click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False),
-    help="Hugging Face cache folder "
-    "[default: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub].",
-)
+@_cache_dir_option
 @click.option(
     "--endpoint",
     "endpoints",
@@ -288,20 +292,9 @@ def download(
     type=click.Path(file_okay=False),
     help="Verify the files downloaded into DIR (with --local-dir) instead of the cache.",
 )
-@click.option(
-    "--repo-type",
-    type=click.Choice(["model", "dataset"]),
-    default="model",
-    show_default=True,
-    help="What kind of repository REPO_ID names.",
-)
+@_repo_type_option
 @click.option("--revision", help="Branch, tag or commit in the cache [default: main].")
-@click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False),
-    help="Hugging Face cache folder "
-    "[default: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub].",
-)
+@_cache_dir_option
 @click.option("--repair", is_flag=True, help="Fetch again what is wrong or missing (needs the network).")
 @click.option(
     "--endpoint",
