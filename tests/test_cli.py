@@ -71,3 +71,13 @@ def test_a_missing_extra_says_which_pip_install_fixes_it(
     assert len(line.splitlines()) == 1 and "Traceback" not in line
     assert f"pip install 'hfmirror[{extra}]'" in line and all(name in line for name in hide)
     assert not (tmp_path / "demo").exists()  # refused before doing anything
+
+
+def test_model_download_py_debug_keeps_the_exit_code_too(hub_server, tmp_path: Path) -> None:
+    command = [sys.executable, str(REPO / "model_download.py"), "--repo_id", "nobody/nothing"]
+    command += ["--endpoint", hub_server.url, "--local_dir", str(tmp_path / "m")]
+    plain = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert plain.returncode == debug.returncode == 3, (plain.stderr, debug.stderr)
+    assert "Traceback" not in plain.stderr and "Traceback (most recent call last)" in debug.stderr
+    assert "not found" in debug.stderr.strip().splitlines()[-1]
