@@ -350,9 +350,7 @@ def verify(
             for line in report.problem_lines():
                 click.echo(line, err=True)
             click.echo(f"repairing {len(report.wrong)} files...", err=True)
-        report = run_repair(
-            report, cache_dir=cache_dir, endpoints=list(endpoints) or None, token=token, progress=progress
-        )
+        report = run_repair(report, endpoints=list(endpoints) or None, token=token, progress=progress)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

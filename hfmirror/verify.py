@@ -408,7 +408,6 @@ class _HashProgress:
 def repair(
     report: VerifyReport,
     *,
-    cache_dir: str | os.PathLike[str] | None = None,
     endpoints: list[str] | None = None,
     token: str | None = None,
     progress: bool = False,
@@ -431,6 +430,9 @@ def repair(
         raise BadInputError("--repair needs REPO_ID: a local dir's records do not say which repository")
     from .download import download
 
+    in_cache = report.layout == "cache"
+    cache_dir = report.path.parents[2] if in_cache else None  # {cache}/models--org--name/snapshots/<commit>
+    local_dir = None if in_cache else report.path
     by_commit: dict[str, list[FileCheck]] = {}
     for check in wrong:
         if check.commit is None:
@@ -445,8 +447,8 @@ def repair(
             filenames=[c.path for c in checks],
             revision=commit,
             repo_type=report.repo_type,
-            local_dir=report.path if report.layout == "local-dir" else None,
-            cache_dir=cache_dir if report.layout == "cache" else None,
+            local_dir=local_dir,
+            cache_dir=cache_dir,
             endpoints=endpoints,
             token=token,
             progress=progress,
@@ -454,10 +456,10 @@ def repair(
     names = {c.path for c in wrong}
     again = verify(
         report.repo_id,
-        local_dir=report.path if report.layout == "local-dir" else None,
+        local_dir=local_dir,
         repo_type=report.repo_type,
-        revision=report.commit if report.layout == "cache" else None,
-        cache_dir=cache_dir if report.layout == "cache" else None,
+        revision=report.commit,
+        cache_dir=cache_dir,
         only=names,
     )
     fixed = {f.path: f for f in again.files}

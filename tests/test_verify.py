@@ -298,3 +298,14 @@ def test_the_console_command_exits_6(hub_server, source, tmp_path: Path) -> None
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 6 and "config.json" in result.stderr
     assert result.stdout.startswith("MISMATCH  config.json")
+
+
+def test_the_default_cache_is_verified_and_repaired_in_place(hub_server, source, isolated_home: Path) -> None:
+    """No --cache-dir: HF_HUB_CACHE (here the session's temporary home, see tests/isolation.py)."""
+    snapshot = download(REPO_ID, endpoints=[hub_server.url], progress=False).path
+    assert snapshot.is_relative_to(isolated_home)
+    truncate(snapshot / "weights/model.safetensors")
+    assert run("verify", REPO_ID)[0] == 6
+    code, _, err = run("verify", REPO_ID, "--repair", "--endpoint", hub_server.url, "-q")
+    assert code == 0, err
+    assert same_as_source(snapshot, source) and run("verify", REPO_ID, "-q") == (0, "", "")
