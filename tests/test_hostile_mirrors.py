@@ -488,6 +488,26 @@ def test_offline_answers_only_with_the_files_asked_for(hub_server, tmp_path: Pat
         download(NESTED, filenames=["nope.txt"], endpoints=[dead], cache_dir=tmp_path, progress=False)
 
 
+def test_an_offline_dry_run_shows_what_is_here_and_what_is_missing(hub_server, tmp_path: Path) -> None:
+    """A dry run only looks, offline too: it lists the commit's files (from the recorded listing),
+    present or not, instead of failing; it is what `compare REPO_ID` plans its fetches with."""
+    first = download(NESTED, endpoints=[hub_server.url], cache_dir=tmp_path, progress=False)
+    download(
+        NESTED,
+        filenames=["config.json"],
+        endpoints=[hub_server.url],
+        cache_dir=tmp_path / "some",
+        progress=False,
+    )
+    dead = f"http://127.0.0.1:{free_port()}"
+    plan = download(NESTED, endpoints=[dead], cache_dir=tmp_path / "some", dry_run=True, progress=False)
+    statuses = {f.path: f.status for f in plan.files}
+    assert set(statuses) == {f.path for f in first.files}
+    assert statuses.pop("config.json") == "present" and set(statuses.values()) == {"would-download"}
+    with pytest.raises(NetworkError, match="lacks what was asked for"):  # not a dry run: still an error
+        download(NESTED, endpoints=[dead], cache_dir=tmp_path / "some", progress=False)
+
+
 def test_offline_is_honoured_with_a_local_dir_and_by_model_download(
     fault_server, faults, tmp_path: Path
 ) -> None:
