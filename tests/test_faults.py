@@ -103,6 +103,7 @@ def test_stall_before_headers(fault_server: RunningServer, faults: FaultPlan) ->
     assert r.status_code == 200 and time.monotonic() - start >= 0.8
 
 
+@pytest.mark.slow
 def test_stall_mid_body(fault_server: RunningServer, faults: FaultPlan) -> None:
     faults.stall(2.0, after_bytes=5000, path="*/data/big.bin", times=1)
     start = time.monotonic()

@@ -247,6 +247,7 @@ def test_repair_in_a_local_dir(fault_server, faults, source, tmp_path: Path) -> 
     assert same_as_source(tmp_path, source)
 
 
+@pytest.mark.slow
 def test_a_failed_repair_leaves_no_wrong_file_in_place(hub_server, source, tmp_path: Path) -> None:
     snapshot = fetch_to_cache(hub_server.url, tmp_path)
     weights = snapshot / "weights/model.safetensors"
