@@ -117,6 +117,7 @@ def fetch_checkpoint(
     Raises:
         CompareError: no config.json in the repository.
         UnsupportedModelError: its model_type has no implementation (nothing but config.json fetched).
+        CompareError: a config.json our implementation cannot use (likewise).
         WeightLoadError: no weights in a readable format, or an unreadable shard index.
         Any error of :func:`hfmirror.download.download`.
     """
@@ -141,7 +142,8 @@ def fetch_checkpoint(
     names = [f.path for f in plan.files]
     if "config.json" not in names:
         raise CompareError(f"{repo_id} has no config.json: it is not a transformers model repository")
-    architecture_for(read_config_json(fetch(["config.json"], plan.commit).path))
+    raw_config = read_config_json(fetch(["config.json"], plan.commit).path)
+    architecture_for(raw_config).parse_config(raw_config)  # unsupported or malformed: before any weight
     chosen = choose_files(names)
     weights = [chosen.weights]
     if chosen.sharded:

@@ -127,8 +127,10 @@ def mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Faul
     make_repo(root, "org/sharded", {**stale, "tf_model.h5": 3000})
     pickled = write_sharded_bin(save_tiny_bert(root / "org" / "pickled", safe_serialization=False))
     make_repo(root, "org/pickled", {"tf_model.h5": 3000})
-    gpt = make_repo(root, "org/not-bert", {"model.safetensors": 50_000, "tokenizer.json": b"{}"})
-    (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    t5 = make_repo(root, "org/not-bert", {"model.safetensors": 50_000, "tokenizer.json": b"{}"})
+    (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "num_layers": 2}))
+    gpt = make_repo(root, "org/bad-gpt2", {"model.safetensors": 50_000, "tokenizer.json": b"{}"})
+    (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))  # no n_embd
     assert (
         len(list(sharded.glob("model-*.safetensors"))) > 2
         and (pickled / "pytorch_model.bin.index.json").exists()
@@ -201,7 +203,15 @@ def test_an_unsupported_model_type_is_refused_before_any_weight(mirror, tmp_path
     url, plan, _ = mirror
     plan.reset()
     code, output = compare(url, "org/not-bert", tmp_path)
-    assert code == 2 and "model_type 'gpt2' is not supported" in output
+    assert code == 2 and "model_type 't5' is not supported" in output
     assert fetched(plan) == ["config.json"]
     assert not any(p.name == "model.safetensors" for p in tmp_path.rglob("*"))
     assert os.path.isdir(tmp_path / "models--org--not-bert")  # (the config was fetched into the cache)
+
+
+def test_a_config_our_model_cannot_use_is_refused_before_any_weight(mirror, tmp_path: Path) -> None:
+    url, plan, _ = mirror
+    plan.reset()
+    code, output = compare(url, "org/bad-gpt2", tmp_path)
+    assert code == 2 and "n_embd" in output, output
+    assert fetched(plan) == ["config.json"]
