@@ -200,6 +200,7 @@ def test_one_piece_per_side_holds_weights_at_a_time(every_architecture, monkeypa
 # --------------------------------------------------------------------------------- carried and isolated
 
 
+@pytest.mark.slow
 def test_honest_deep_model_passes_in_isolation(deep_gpt2: Path) -> None:
     report = compare_model_dir(deep_gpt2, seq_len=16, batch=3)
     assert report.passed, report.render_table()
@@ -226,6 +227,7 @@ def _exact_gelu_in_layer(bad: int):
     return layer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", [0, 13, 27])
 def test_a_gelu_sized_bug_in_one_layer_is_blamed_on_it(deep_gpt2: Path, monkeypatch, bad: int) -> None:
     monkeypatch.setattr(compare.gpt2, "_layer", _exact_gelu_in_layer(bad))
@@ -240,6 +242,7 @@ def test_a_gelu_sized_bug_in_one_layer_is_blamed_on_it(deep_gpt2: Path, monkeypa
     assert not stages[f"layer.{bad}.output"].passed and stages[f"layer.{bad}.output"].isolated.passed
 
 
+@pytest.mark.slow
 def test_a_bug_in_the_reference_layer_is_blamed_on_it(deep_gpt2: Path, monkeypatch) -> None:
     """The same, planted on the other side: transformers' layer 20 uses exact GELU."""
     original = StreamedReference.layer
@@ -257,6 +260,7 @@ def test_a_bug_in_the_reference_layer_is_blamed_on_it(deep_gpt2: Path, monkeypat
     assert not stages["layer.21.output"].passed and stages["layer.21.output"].isolated.passed
 
 
+@pytest.mark.slow
 def test_layers_range(deep_gpt2: Path, monkeypatch) -> None:
     report = compare_model_dir(deep_gpt2, seq_len=8, layers="12-14")
     assert report.passed and report.layers == "12-14"
@@ -348,6 +352,7 @@ def _peak_rss_mib(model_dir: Path) -> float:
     return int(peak.split()[1]) / 1024  # KiB
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_depth(tmp_path: Path) -> None:
     """Two Llama-shaped models of one width, 2 and 12 layers (bfloat16 on disk, compared in float32):
     held whole, the deeper one would need 10 x 51 MB more per side; streamed, about nothing more."""
