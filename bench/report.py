@@ -10,7 +10,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ORDER = ("large", "capped", "small", "resume", "compare", "compare-decoders", "startup", "serve_scale")
+ORDER = (
+    "large",
+    "capped",
+    "small",
+    "resume",
+    "compare",
+    "compare-decoders",
+    "compare-stream",
+    "startup",
+    "serve_scale",
+)
 
 
 def _f(value: Any, digits: int = 2, suffix: str = "") -> str:

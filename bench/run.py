@@ -9,7 +9,9 @@ Scenarios (``--only`` names): ``large`` (unthrottled 1 GiB), ``capped`` (16 MB/s
 ``small`` (500 x 100 KB behind a request-rate limit), ``resume`` (kill -9 at ~50%, re-run),
 ``compare`` (``hfmirror compare`` on a bert-base-sized random model vs the transformers forward
 alone), ``compare-decoders`` (the same on a GPT-2-small-sized and a ~1B-parameter Llama-shaped
-random model; ``--quick``: tiny versions of both), ``startup`` (``--help`` start-up time and heavy
+random model; ``--quick``: tiny versions of both), ``compare-stream`` (a Llama-shaped random model
+with 8 GiB of float32 weights, stored as bfloat16: peak memory and time of the layer-by-layer
+comparison, and what they predict for Qwen/Qwen-7B), ``startup`` (``--help`` start-up time and heavy
 imports), ``serve_scale`` (``hfmirror serve``: one GET's latency at 10 to 20,000 files in the repo;
 see server_bench.py).
 
@@ -41,7 +43,17 @@ import benchlib as bl  # noqa: E402
 import report  # noqa: E402
 import server_bench  # noqa: E402
 
-SCENARIOS = ("large", "capped", "small", "resume", "compare", "compare-decoders", "startup", "serve_scale")
+SCENARIOS = (
+    "large",
+    "capped",
+    "small",
+    "resume",
+    "compare",
+    "compare-decoders",
+    "compare-stream",
+    "startup",
+    "serve_scale",
+)
 MB = 1_000_000  # bandwidth caps are in MB/s (10^6), as the issue states them
 
 HF_SCRIPT = r"""
@@ -685,12 +697,52 @@ def ensure_model(model: BenchModel) -> Path:
     return folder
 
 
+def run_processes(
+    ctx: Context, commands: dict[str, list[str]], *, tag: str = "", timeout: float = 1800
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """Run every command ``ctx.runs`` times, interleaved, in processes of their own: the medians per
+    command (wall, peak RSS, CPU), and the stdout of each run that exited 0."""
+    env = bl.clean_env(HF_HUB_OFFLINE="1")
+    runs: dict[str, list[dict]] = {name: [] for name in commands}
+    outputs: dict[str, list[str]] = {name: [] for name in commands}
+    for i in range(ctx.runs):
+        for name, argv in commands.items():
+            result = bl.run(argv, env=env, cwd=bl.REPO_DIR, timeout=timeout)
+            runs[name].append(
+                {
+                    "ok": result.ok,
+                    "seconds": result.wall,
+                    "rss_mib": result.maxrss_mib,
+                    "cpu": result.cpu,
+                    "error": None if result.ok else result.stderr.strip()[-400:],
+                }
+            )
+            if result.ok:
+                outputs[name].append(result.stdout)
+            print(
+                f"  {tag}run {i + 1}/{ctx.runs} {name:<40} {result.wall:7.1f}s  "
+                f"peak RSS {result.maxrss_mib:7.0f} MiB  exit {result.returncode}",
+                flush=True,
+            )
+    summary = {
+        name: {
+            "runs": len(items),
+            "ok_runs": sum(r["ok"] for r in items),
+            "seconds": bl.median([r["seconds"] for r in items]),
+            "rss_mib": bl.median([r["rss_mib"] for r in items]),
+            "cpu": bl.median([r["cpu"] for r in items]),
+            "errors": [r["error"] for r in items if r["error"]],
+        }
+        for name, items in runs.items()
+    }
+    return summary, outputs
+
+
 def measure_compare(ctx: Context, model: BenchModel, *, seq_len: int, batch: int) -> dict[str, Any]:
     """``hfmirror compare`` vs the transformers forward pass alone, each in its own process:
     {"tools": medians per process, "goals": wall time and peak RSS ratios, "weight_bytes": ...}."""
     folder = ensure_model(model)
     weight_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))  # saved in float32
-    env = bl.clean_env(HF_HUB_OFFLINE="1")
     shape = [str(batch), str(seq_len)]
     commands = {
         "reference": [sys.executable, "-c", REFERENCE_SCRIPT, str(folder), model.reference_class, *shape],
@@ -706,36 +758,7 @@ def measure_compare(ctx: Context, model: BenchModel, *, seq_len: int, batch: int
             str(batch),
         ],
     }
-    runs: dict[str, list[dict]] = {name: [] for name in commands}
-    for i in range(ctx.runs):
-        for name, argv in commands.items():
-            result = bl.run(argv, env=env, cwd=bl.REPO_DIR)
-            runs[name].append(
-                {
-                    "ok": result.ok,
-                    "seconds": result.wall,
-                    "rss_mib": result.maxrss_mib,
-                    "cpu": result.cpu,
-                    "returncode": result.returncode,
-                    "error": None if result.ok else result.stderr.strip()[-400:],
-                }
-            )
-            print(
-                f"  {model.name} run {i + 1}/{ctx.runs} {name:<17} {result.wall:6.2f}s  peak RSS "
-                f"{result.maxrss_mib:7.0f} MiB  exit {result.returncode}",
-                flush=True,
-            )
-    summary = {
-        name: {
-            "runs": len(items),
-            "ok_runs": sum(r["ok"] for r in items),
-            "seconds": bl.median([r["seconds"] for r in items]),
-            "rss_mib": bl.median([r["rss_mib"] for r in items]),
-            "cpu": bl.median([r["cpu"] for r in items]),
-            "errors": [r["error"] for r in items if r["error"]],
-        }
-        for name, items in runs.items()
-    }
+    summary, _ = run_processes(ctx, commands, tag=f"{model.name} ")
     ours, ref = summary["hfmirror compare"], summary["reference"]
     time_ratio = ours["seconds"] / ref["seconds"]
     rss_ratio = ours["rss_mib"] * bl.MIB / weight_bytes
@@ -793,6 +816,241 @@ def scenario_compare_decoders(ctx: Context, seq_len: int = 128, batch: int = 1) 
         result["weight_bytes"][model.name] = measured["weight_bytes"]
     names = " and ".join(model.description for model in models)
     return {"title": f"5b. hfmirror compare on decoders: {names}; batch {batch}, seq-len {seq_len}", **result}
+
+
+# ------------------------------------------------------------------------------------ scenario 5c
+
+# Writes a Llama-shaped random checkpoint in bfloat16, one shard per piece (the embeddings, each layer,
+# the final norm and LM head), so the whole model is never in memory: at most one layer, plus one
+# tensor in float32 while it is drawn. Linear weights ~ N(0, 1/fan_in) keep activations O(1).
+MAKE_STREAM_MODEL_SCRIPT = r"""
+import json, math, sys
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+
+folder, shape = Path(sys.argv[1]), json.loads(sys.argv[2])
+C, I, L, H, KV, V = (shape[k] for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"))
+hd = C // H
+generator = torch.Generator().manual_seed(0)
+folder.mkdir(parents=True, exist_ok=True)
+
+def draw(rows, cols, scale):
+    return (torch.randn(rows, cols, generator=generator) * scale).to(torch.bfloat16)
+
+def linear(out_features, in_features):
+    return draw(out_features, in_features, 1 / math.sqrt(in_features))
+
+def ones(size):
+    return torch.ones(size, dtype=torch.bfloat16)
+
+pieces = [lambda: {"model.embed_tokens.weight": draw(V, C, 1.0)}]
+for i in range(L):
+    prefix = f"model.layers.{i}"
+    pieces.append(lambda prefix=prefix: {
+        f"{prefix}.input_layernorm.weight": ones(C),
+        f"{prefix}.self_attn.q_proj.weight": linear(H * hd, C),
+        f"{prefix}.self_attn.k_proj.weight": linear(KV * hd, C),
+        f"{prefix}.self_attn.v_proj.weight": linear(KV * hd, C),
+        f"{prefix}.self_attn.o_proj.weight": linear(C, H * hd),
+        f"{prefix}.post_attention_layernorm.weight": ones(C),
+        f"{prefix}.mlp.gate_proj.weight": linear(I, C),
+        f"{prefix}.mlp.up_proj.weight": linear(I, C),
+        f"{prefix}.mlp.down_proj.weight": linear(C, I),
+    })
+pieces.append(lambda: {"model.norm.weight": ones(C), "lm_head.weight": linear(V, C)})
+weight_map, total = {}, 0
+for number, make in enumerate(pieces, start=1):
+    tensors = make()
+    name = f"model-{number:05d}-of-{len(pieces):05d}.safetensors"
+    save_file(tensors, folder / name, metadata={"format": "pt"})
+    weight_map |= {tensor_name: name for tensor_name in tensors}
+    total += sum(t.numel() * t.element_size() for t in tensors.values())
+    del tensors
+index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+(folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+config = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": C, "intermediate_size": I,
+    "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": KV, "vocab_size": V,
+    "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+}
+(folder / "config.json").write_text(json.dumps(config, indent=2))
+print(total)
+"""
+
+# Qwen/Qwen-7B's real shapes (config.json: hidden 4096, 32 layers, 32 heads, no GQA, intermediate_size
+# 22016 = 2 x the width of w1 and w2, vocab 151936, untied), as parameters per piece.
+QWEN_7B = {
+    "layers": 32,
+    "layer": 4 * 4096 * 4096 + 3 * 4096 + 3 * 4096 * 11008 + 2 * 4096,  # c_attn (+bias), c_proj, mlp, norms
+    "embeddings": 151936 * 4096,
+    "final": 151936 * 4096 + 4096,
+}
+STREAM_SHAPE = dict(
+    hidden=2048, intermediate=8192, layers=34, heads=32, kv_heads=8, vocab=32000
+)  # 8.2 GiB fp32
+STREAM_QUICK_SHAPE = dict(hidden=512, intermediate=1408, layers=4, heads=8, kv_heads=2, vocab=32000)
+
+
+def ensure_stream_model(name: str, shape: dict[str, int]) -> Path:
+    """The random bfloat16 checkpoint of ``shape`` under bench/work/ (written once, shard by shard)."""
+    folder = bl.WORK_DIR / name
+    if not (folder / "model.safetensors.index.json").exists():
+        bl.fresh_dir(folder)
+        result = bl.run(
+            [sys.executable, "-c", MAKE_STREAM_MODEL_SCRIPT, str(folder), json.dumps(shape)],
+            env=bl.clean_env(),
+        )
+        if not result.ok:
+            raise RuntimeError(f"could not make {name}: {result.stderr[-1000:]}")
+    return folder
+
+
+def _piece_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """Seconds and parameters per piece kind, from a compare --json report's timing."""
+    pieces = report["timing"]["pieces"]
+    layers = [p for p in pieces if p["piece"].startswith("layer.")]
+
+    def seconds(p: dict[str, Any]) -> float:
+        return p["reference_seconds"] + p["ours_seconds"]
+
+    by_name = {p["piece"]: p for p in pieces}
+    return {
+        "layer_seconds": bl.median([seconds(p) for p in layers]),
+        "layer_parameters": layers[0]["parameters"],
+        "embeddings_seconds": seconds(by_name["embeddings"]),
+        "embeddings_parameters": by_name["embeddings"]["parameters"],
+        "final_seconds": seconds(by_name["final"]),
+        "final_parameters": by_name["final"]["parameters"],
+        "total_seconds": report["timing"]["total_seconds"],
+    }
+
+
+def qwen_7b_estimate(figures: dict[str, Any], peak_mib: float, runtime_mib: float) -> dict[str, float]:
+    """Qwen/Qwen-7B's peak memory and time, scaled from the measured pieces.
+
+    Time: each piece's seconds scale with its parameters (at one input shape the matrix products, and
+    reading the tensors, dominate). Memory: the peak is the runtime plus the largest piece's float32
+    bytes times the factor measured here (both sides' copies, the bfloat16 pages, activations)."""
+    largest = max(figures[f"{kind}_parameters"] for kind in ("layer", "embeddings", "final"))
+    factor = (peak_mib - runtime_mib) * bl.MIB / (4 * largest)
+    qwen_largest = max(QWEN_7B["layer"], QWEN_7B["embeddings"], QWEN_7B["final"])
+    seconds = sum(
+        figures[f"{kind}_seconds"] * QWEN_7B[kind] / figures[f"{kind}_parameters"] * count
+        for kind, count in (("layer", QWEN_7B["layers"]), ("embeddings", 1), ("final", 1))
+    )
+    return {
+        "peak_gib": (runtime_mib * bl.MIB + factor * 4 * qwen_largest) / 2**30,
+        "seconds": seconds,
+        "factor": factor,
+        "fp32_gib": 4
+        * (QWEN_7B["layers"] * QWEN_7B["layer"] + QWEN_7B["embeddings"] + QWEN_7B["final"])
+        / 2**30,
+    }
+
+
+def scenario_compare_stream(ctx: Context, seq_len: int = 128, batch: int = 1) -> dict[str, Any]:
+    """5c. The layer-by-layer comparison of a model with 8 GiB of float32 weights (bfloat16 on disk):
+    peak RSS and wall time vs one whole-model reference forward; then Qwen-7B, predicted."""
+    shape = STREAM_QUICK_SHAPE if ctx.quick else STREAM_SHAPE
+    name = "llama-stream-quick" if ctx.quick else "llama-stream-8gib"
+    folder = ensure_stream_model(name, shape)
+    runtime_folder = ensure_stream_model(
+        "llama-stream-runtime", dict(STREAM_QUICK_SHAPE, layers=1, hidden=64, intermediate=128, vocab=256)
+    )
+    parameters = (
+        shape["layers"]
+        * (
+            2 * shape["hidden"] ** 2
+            + 2 * shape["hidden"] * (shape["hidden"] // shape["heads"]) * shape["kv_heads"]
+            + 3 * shape["hidden"] * shape["intermediate"]
+            + 2 * shape["hidden"]
+        )
+        + 2 * shape["vocab"] * shape["hidden"]
+        + shape["hidden"]
+    )
+    fp32_bytes = 4 * parameters
+    compare_argv = [
+        sys.executable,
+        "-m",
+        "hfmirror",
+        "compare",
+        "--seq-len",
+        str(seq_len),
+        "--batch",
+        str(batch),
+        "--json",
+    ]
+    commands = {
+        "reference (whole model)": [
+            sys.executable,
+            "-c",
+            REFERENCE_SCRIPT,
+            str(folder),
+            "AutoModelForCausalLM",
+            str(batch),
+            str(seq_len),
+        ],
+        "hfmirror compare": [*compare_argv[:4], str(folder), *compare_argv[4:]],
+        "hfmirror compare, tiny model (runtime)": [*compare_argv[:4], str(runtime_folder), *compare_argv[4:]],
+    }
+    summary, outputs = run_processes(ctx, commands, timeout=7200)
+    reports = [json.loads(stdout) for stdout in outputs["hfmirror compare"]]
+    ours, ref = summary["hfmirror compare"], summary["reference (whole model)"]
+    runtime = summary["hfmirror compare, tiny model (runtime)"]
+    rss_share = ours["rss_mib"] * bl.MIB / fp32_bytes
+    time_ratio = ours["seconds"] / ref["seconds"]
+    fp32_mib, fp32_gib = fp32_bytes / bl.MIB, fp32_bytes / 2**30
+    goals = [
+        {
+            "goal": "streamed compare peak RSS <= 25% of the fp32 weight bytes",
+            "measured": f"{rss_share:.1%} ({ours['rss_mib']:.0f} MiB vs {fp32_mib:.0f} MiB)",
+            "met": rss_share <= 0.25,
+        },
+        {
+            "goal": "streamed compare wall time <= 3x one whole-model reference forward",
+            "measured": f"{time_ratio:.2f}x ({ours['seconds']:.1f} s vs {ref['seconds']:.1f} s)",
+            "met": time_ratio <= 3.0,
+        },
+        {
+            "goal": "streamed compare reports a match (exit 0)",
+            "measured": f"{ours['ok_runs']}/{ours['runs']} runs exit 0",
+            "met": ours["ok_runs"] == ours["runs"],
+        },
+    ]
+    reference_share = ref["rss_mib"] * bl.MIB / fp32_bytes
+    notes = [
+        f"Model: Llama-shaped random weights, {shape}, {parameters / 1e9:.2f} B parameters, "
+        f"{fp32_gib:.2f} GiB in float32, written as bfloat16 safetensors one shard per piece. Reference: "
+        f"AutoModelForCausalLM.from_pretrained(fp32, eager) + one forward (batch {batch}, seq-len "
+        f"{seq_len}) in its own process; it peaks at {reference_share:.0%} of the fp32 bytes.",
+    ]
+    result: dict[str, Any] = {"tools": summary, "goals": goals, "notes": notes, "fp32_bytes": fp32_bytes}
+    if reports:
+        figures = _piece_figures(reports[-1])
+        estimate = qwen_7b_estimate(figures, ours["rss_mib"], runtime["rss_mib"])
+        result |= {"pieces": figures, "qwen_7b": estimate}
+        notes.append(
+            "Per piece (the reference's, then ours isolated and carried): a layer "
+            f"({figures['layer_parameters'] / 1e6:.1f} M parameters) {figures['layer_seconds']:.2f} s, the "
+            f"embeddings {figures['embeddings_seconds']:.2f} s, the final norm + LM head "
+            f"{figures['final_seconds']:.2f} s. Runtime alone (a 1-layer, 64-wide model): "
+            f"{runtime['rss_mib']:.0f} MiB; the peak above it is {estimate['factor']:.2f}x the largest "
+            "piece's float32 bytes."
+        )
+        notes.append(
+            f"Qwen/Qwen-7B on paper ({estimate['fp32_gib']:.1f} GiB of float32 weights; a layer has 202 M "
+            "parameters, the embeddings and the LM head 622 M each, the LM head being the largest piece): "
+            f"expected peak RSS {estimate['peak_gib']:.1f} GiB (the runtime + {estimate['factor']:.2f}x "
+            "2.3 GiB), "
+            f"expected time {estimate['seconds'] / 60:.0f} min at batch {batch}, seq-len {seq_len} (each "
+            "piece's measured seconds scaled by its parameter count)."
+        )
+    title = (
+        f"5c. hfmirror compare, layer by layer, on {fp32_gib:.1f} GiB of float32 weights (bfloat16 on disk)"
+    )
+    return {"title": title, **result}
 
 
 # ------------------------------------------------------------------------------------ scenario 6
@@ -893,6 +1151,7 @@ SCENARIO_FUNCS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "resume": scenario_resume,
     "compare": scenario_compare,
     "compare-decoders": scenario_compare_decoders,
+    "compare-stream": scenario_compare_stream,
     "startup": scenario_startup,
     "serve_scale": server_bench.scenario_serve_scale,
 }

@@ -21,12 +21,16 @@ Reading order:
 5. ``compare.weights``       reading safetensors / pytorch_model.bin (sharded or not) into the model.
 6. ``compare.architectures`` the registry: model_type -> everything about that architecture.
 7. ``compare.reference``     transformers, pinned (dtype, eager attention, eval), with forward hooks
-                             at the places each architecture's ReferenceLayout names.
-8. ``compare.metrics``       how two tensors are compared, the pass rule, next-token agreement and KL.
-9. ``compare.report``        ``ComparisonReport``: JSON and a readable table.
-10. ``compare.runner``       ``compare_model_dir``: everything above, in order.
+                             at the places each architecture's ReferenceLayout names; the tokenizer.
+8. ``compare.reference_stream`` the same transformers model, run one piece at a time.
+9. ``compare.metrics``       how two tensors are compared, the pass rule, NMSE and p99, next-token
+                             agreement and KL.
+10. ``compare.streaming``    the comparison piece by piece: each stage carried and isolated.
+11. ``compare.report``       ``ComparisonReport``: JSON and a readable table.
+12. ``compare.runner``       ``compare_model_dir``: everything above, in order.
 
-Everything except compare.reference and compare.runner imports torch only, never transformers.
+Everything except compare.reference, compare.reference_stream, compare.streaming and compare.runner
+imports torch only, never transformers (and those import it only when a comparison runs).
 Typical use::
 
     from compare.runner import compare_model_dir

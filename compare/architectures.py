@@ -37,7 +37,7 @@ from .qwen import (
 )
 from .reference_layout import ReferenceConversion, ReferenceLayout
 from .roberta import RobertaConfig, RobertaModel
-from .weights import WeightMap, checkpoint_files, checkpoint_tensor_names, load_weights
+from .weights import CheckpointReader, TensorCache, WeightMap, checkpoint_files, load_piece, plan_weights
 
 __all__ = [
     "REGISTRY",
@@ -45,6 +45,7 @@ __all__ = [
     "LoadedModel",
     "architecture_for",
     "load_model",
+    "prepare_model",
     "supported_model_types",
 ]
 
@@ -204,17 +205,25 @@ def architecture_for(raw_config: dict[str, Any]) -> Architecture:
 
 @dataclass
 class LoadedModel:
-    """A from-scratch model with its weights, and what it was built from."""
+    """A from-scratch model, what it was built from, and how its weights are read.
+
+    Made by :func:`prepare_model`, the model is on the "meta" device (shapes only) and its pieces are
+    loaded as they are needed; :func:`load_model` loads all of it at once.
+    """
 
     model: TransformerModel
     config: Any
     architecture: Architecture
     options: dict[str, Any]
     files: list[Path] = field(default_factory=list)  # the checkpoint's weight files
+    reader: CheckpointReader | None = None
+    weight_map: WeightMap = field(default_factory=dict)
+    plan: dict[str, str] = field(default_factory=dict)  # our parameter -> checkpoint tensor name
 
 
-def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Build our implementation of the checkpoint in ``model_dir`` and load its weights, in eval mode.
+def prepare_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Our implementation of the checkpoint in ``model_dir``, on "meta", with the checkpoint checked
+    against its weight map (names, shapes, dtypes, from the files' headers; no data read yet).
 
     Raises:
         CompareError: no or malformed config.json.
@@ -225,14 +234,39 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> 
     architecture = architecture_for(raw_config)
     config = architecture.parse_config(raw_config)
     files = checkpoint_files(model_dir)
-    names = {architecture.canonical_name(name) for name in checkpoint_tensor_names(files)}
+    reader = CheckpointReader(files)
+    names = {architecture.canonical_name(name) for name in reader.names()}
     options = architecture.detect_options({name for name in names if name is not None})
 
     with torch.device("meta"):  # shapes only: the checkpoint's tensors become the parameters
-        model = architecture.model_class(config, **options)
-    weight_map = architecture.weight_map(config, **options)
-    load_weights(model, files, weight_map, rename=architecture.canonical_name, dtype=dtype)
+        model = architecture.model_class(config, **options).to(dtype)
     model.requires_grad_(False)
+    weight_map = architecture.weight_map(config, **options)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    plan = plan_weights(reader, weight_map, shapes, rename=architecture.canonical_name)
     return LoadedModel(
-        model=model.eval(), config=config, architecture=architecture, options=options, files=files
+        model=model.eval(),
+        config=config,
+        architecture=architecture,
+        options=options,
+        files=files,
+        reader=reader,
+        weight_map=weight_map,
+        plan=plan,
     )
+
+
+def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Build our implementation of the checkpoint in ``model_dir`` and load all its weights, in eval mode.
+
+    Raises:
+        CompareError: no or malformed config.json.
+        UnsupportedModelError: a model_type (or variant) we do not implement.
+        WeightLoadError: a missing, unexpected or wrongly shaped tensor.
+    """
+    loaded = prepare_model(model_dir, dtype=dtype)
+    assert loaded.reader is not None
+    tensors = TensorCache(loaded.reader, dtype)
+    load_piece(loaded.model, "", loaded.plan, loaded.weight_map, tensors)
+    tensors.clear()  # the parameters keep what they hold
+    return loaded

@@ -184,4 +184,7 @@ BERT_REFERENCE = ReferenceLayout(
         StagePoint("pooler", "pooler", optional=True),
     ),
     attention="attention.self",  # returns (context, attention weights)
+    steps="encoder",
+    embedding_modules=("embeddings",),
+    final_modules=("pooler",),
 )

@@ -196,4 +196,7 @@ GPT2_REFERENCE = ReferenceLayout(
     ),
     final=(StagePoint("final_norm", "transformer.ln_f"), StagePoint("logits", "lm_head")),
     attention="attn",
+    steps="gpt2",
+    embedding_modules=("transformer.wte", "transformer.wpe"),
+    final_modules=("transformer.ln_f", "lm_head"),
 )

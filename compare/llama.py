@@ -302,4 +302,7 @@ LLAMA_REFERENCE = ReferenceLayout(
     ),
     final=(StagePoint("final_norm", "model.norm"), StagePoint("logits", "lm_head")),
     attention="self_attn",
+    steps="llama",
+    embedding_modules=("model.embed_tokens",),
+    final_modules=("model.norm", "lm_head"),
 )

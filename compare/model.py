@@ -173,6 +173,17 @@ class TransformerModel(nn.Module):
         pieces["final"] = tuple(f"{name}." for name in self.final_modules)
         return pieces
 
+    def piece_modules(self, piece: str) -> list[tuple[str, nn.Module]]:
+        """(parameter-name prefix, module) of each module of ``piece`` ("embeddings", "layer.i",
+        "final"), to load that piece's weights alone."""
+        if piece == "embeddings":
+            return [("embeddings.", self.embeddings)]
+        if piece.startswith("layer."):
+            index = int(piece.split(".")[1])
+            return [(f"layers.{index}.", self.layers[index])]
+        modules = [(f"{name}.", getattr(self, name)) for name in self.final_modules]
+        return [(prefix, module) for prefix, module in modules if module is not None]
+
 
 class CausalLanguageModel(TransformerModel):
     """A decoder with its language-modelling head (GPT-2, Llama, Qwen): token ids (B, T) -> logits

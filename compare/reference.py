@@ -8,6 +8,10 @@ is never run (``trust_remote_code`` stays False).
 Intermediate stages are captured with forward hooks on the transformers modules that each
 architecture's ReferenceLayout names (compare.bert, compare.gpt2, compare.llama, compare.qwen); each
 stage name means the same tensor as in our model's ``record`` calls.
+
+:func:`load_reference` and :func:`reference_stages` run the whole model at once, as ``from_pretrained``
+loads it: the comparison itself runs it one piece at a time (compare.reference_stream), and the tests
+check that both give the same stages.
 """
 
 from __future__ import annotations

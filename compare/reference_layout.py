@@ -40,6 +40,10 @@ class ReferenceLayout:
         embeddings, final: stages before and after the layers (paths relative to the model).
         layer: the stages of one layer (paths relative to the layer; names without "layer.{i}.").
         attention: path, within a layer, of the attention module whose output is (output, weights).
+        steps: how the model's forward strings its pieces together, to run them one at a time
+            (compare.reference_stream: "encoder", "gpt2" or "llama").
+        embedding_modules, final_modules: paths of the modules holding the weights of the pieces
+            before and after the layers.
     """
 
     model_class: str
@@ -48,6 +52,9 @@ class ReferenceLayout:
     layer: tuple[StagePoint, ...]
     final: tuple[StagePoint, ...]
     attention: str
+    steps: str
+    embedding_modules: tuple[str, ...]
+    final_modules: tuple[str, ...]
 
 
 @dataclass(frozen=True)

@@ -56,9 +56,11 @@ class AttentionWeights:
 class ComparisonReport:
     """Our implementation vs the reference, stage by stage.
 
-    ``passed`` is True when every stage is within tolerance; ``first_failing_stage`` names the
-    earliest stage (in forward order) that is not, which is where to start looking for the bug:
-    later stages inherit its error.
+    Each stage is measured carried and, where the comparison ran that way, isolated (see
+    compare.metrics). ``passed`` is True when every stage is within tolerance in isolation (carried
+    when no isolated measurement exists); ``first_failing_stage`` names the earliest stage (in forward
+    order) that is not: the stage whose own computation is wrong, where to start looking for the bug.
+    ``max_abs_diff`` is the largest carried difference: what a user of our model would see.
     """
 
     model: str
@@ -74,11 +76,13 @@ class ComparisonReport:
     reference: str = "transformers AutoModel, eager attention, eval, no_grad"
     next_token: NextTokenMetrics | None = None  # models with an LM head only
     attention: AttentionWeights | None = None  # only when asked for (not part of the JSON)
+    timing: dict[str, Any] | None = None  # seconds per piece, parameters per piece (streamed runs)
+    layers: str | None = None  # the range of layers compared ("3-7"), when not all of them
 
     @classmethod
     def from_stages(cls, stages: list[StageResult], **fields: Any) -> ComparisonReport:
         """Build a report, deriving the verdict fields from the stage results."""
-        failing = [stage.name for stage in stages if not stage.passed]
+        failing = [stage.name for stage in stages if not stage.verdict_passed]
         measured = [stage.max_abs_diff for stage in stages if stage.max_abs_diff is not None]
         return cls(
             passed=bool(stages) and not failing,
@@ -90,6 +94,11 @@ class ComparisonReport:
 
     @property
     def failing_stages(self) -> list[str]:
+        """Stages outside tolerance, by the verdict's measure (isolated where measured)."""
+        return [stage.name for stage in self.stages if not stage.verdict_passed]
+
+    @property
+    def carried_failing_stages(self) -> list[str]:
         return [stage.name for stage in self.stages if not stage.passed]
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,6 +116,8 @@ class ComparisonReport:
             "reference": self.reference,
             "stages": [stage.to_dict() for stage in self.stages],
             **self._next_token_fields(),
+            **({"timing": self.timing} if self.timing is not None else {}),
+            **({"layers": self.layers} if self.layers is not None else {}),
         }
 
     def _next_token_fields(self) -> dict[str, Any]:
@@ -120,41 +131,59 @@ class ComparisonReport:
     def verdict(self) -> str:
         """One line: PASS, or FAIL naming the first failing stage."""
         tolerance = f"atol={self.atol:g}, rtol={self.rtol:g}"
+        isolated = any(stage.isolated is not None for stage in self.stages)
+        how = " in isolation" if isolated else ""
+        carried = len(self.carried_failing_stages)
         if self.passed:
+            inherited = f", {carried} outside it carried" if isolated and carried else ""
             return (
-                f"PASS: all {len(self.stages)} stages match the reference within {tolerance} "
-                f"(max abs diff {_sci(self.max_abs_diff)})"
+                f"PASS: all {len(self.stages)} stages match the reference within {tolerance}{how} "
+                f"(carried max abs diff {_sci(self.max_abs_diff)}{inherited})"
             )
         if not self.stages:
             return "FAIL: no stages were compared"
-        return (
-            f"FAIL: first failing stage: {self.first_failing_stage} "
-            f"({len(self.failing_stages)} of {len(self.stages)} stages outside {tolerance})"
-        )
+        counts = f"{len(self.failing_stages)} of {len(self.stages)} stages outside {tolerance}{how}"
+        if isolated:
+            counts += f", {carried} carried"
+        return f"FAIL: first failing stage: {self.first_failing_stage} ({counts})"
 
     def render_table(self) -> str:
         """An aligned text table, one row per stage, with a final verdict line."""
+        isolated = any(stage.isolated is not None for stage in self.stages)
         headers = [
             "stage",
             "max abs diff",
             "mean abs diff",
             "rel error",
             "1 - cosine",
-            "budget used",
-            "result",
+            "nmse",
+            "p99 abs diff",
         ]
-        rows = [
-            [
+        headers += ["budget used"] + (["isolated max", "isolated budget"] if isolated else []) + ["result"]
+
+        def result(stage: StageResult) -> str:
+            text = "PASS" if stage.verdict_passed else "FAIL"
+            if stage.isolated is not None and stage.passed != stage.isolated.passed:
+                text += f"  (carried {'PASS' if stage.passed else 'FAIL'})"
+            notes = [note for note in (stage.note, stage.isolated.note if stage.isolated else None) if note]
+            return text + "".join(f"  ({note})" for note in dict.fromkeys(notes))
+
+        rows = []
+        for stage in self.stages:
+            row = [
                 stage.name,
                 _sci(stage.max_abs_diff),
                 _sci(stage.mean_abs_diff),
                 _sci(stage.rel_error),
                 _cosine_gap(stage.cosine_similarity),
+                _sci(stage.nmse),
+                _sci(stage.p99_abs_diff),
                 _sci(stage.tolerance_used),
-                ("PASS" if stage.passed else "FAIL") + (f"  ({stage.note})" if stage.note else ""),
             ]
-            for stage in self.stages
-        ]
+            if isolated:
+                alone = stage.isolated
+                row += [_sci(alone.max_abs_diff), _sci(alone.tolerance_used)] if alone else ["-", "-"]
+            rows.append([*row, result(stage)])
         widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers) - 1)]
 
         def line(cells: list[str]) -> str:
@@ -176,6 +205,13 @@ class ComparisonReport:
             "           'budget used' is the largest |ours - ref| / (atol + rtol * |ref|): 1 is the limit)",
             f"input:     {inputs}",
         ]
+        if isolated:
+            out.append(
+                "measured:  carried (our model on its own numbers from the embeddings on) and isolated "
+                "(each component fed the reference's input); the result follows the isolated error"
+            )
+        if self.layers is not None:
+            out.append(f"layers:    {self.layers} only (the reference's output feeds the first of them)")
         if "compared_positions" in self.inputs:
             out.append(f"compared:  {self.inputs['compared_positions']}")
         out += [

@@ -1,19 +1,22 @@
 """Run our model and the reference on the same input and compare them stage by stage.
 
-Order of work, chosen so that only one model is in memory at a time:
+Order of work:
 
-1. read config.json and load *our* model (malformed checkpoints fail here, with a named tensor);
+1. read config.json, build *our* model on "meta" and check the checkpoint against its weight map
+   from the files' headers (malformed checkpoints fail here, with a named tensor, before any data is
+   read);
 2. build the input: the checkpoint's tokenizer (or ``tokenizer``) on ``texts`` (a padded batch), or
    random ids with a random padding pattern;
-3. run ours, keep its stages, free it;
-4. load the reference (transformers, pinned), run it with hooks, keep its stages, free it;
-5. compare every stage in forward order (see compare.metrics for the metrics and the pass rule), and,
-   for models with an LM head, the next-token predictions.
+3. build the reference (transformers, pinned) on "meta" from its config;
+4. compare piece by piece, carried and isolated (compare.streaming): one code path for every size,
+   with only one piece's weights in memory at a time;
+5. for models with an LM head, compare the next-token predictions (carried logits: what a user of
+   our model would get).
 """
 
 from __future__ import annotations
 
-import gc
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +25,19 @@ import torch
 
 from hfmirror.errors import CompareError, RemoteCodeError
 
-from .architectures import LoadedModel, load_model
-from .metrics import StageResult, compare_tensors, next_token_metrics
-from .model import Recorder
+from .architectures import Architecture, prepare_model
+from .metrics import next_token_metrics
 from .report import AttentionWeights, ComparisonReport
+from .streaming import compare_pieces
+from .weights import TensorCache
 
-__all__ = ["DEFAULT_TOLERANCES", "DTYPES", "compare_model_dir", "compare_stages", "random_inputs"]
+__all__ = [
+    "DEFAULT_TOLERANCES",
+    "DTYPES",
+    "compare_model_dir",
+    "parse_layers",
+    "random_inputs",
+]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -66,26 +76,6 @@ def random_inputs(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
 
 
-def compare_stages(
-    ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], *, atol: float, rtol: float
-) -> list[StageResult]:
-    """Compare stage by stage, in our forward order; a stage only one side produced fails."""
-
-    def missing(name: str, tensor: torch.Tensor, note: str) -> StageResult:
-        return StageResult(name, False, list(tensor.shape), None, None, None, None, None, note)
-
-    results = []
-    for name, tensor in ours.items():
-        if name in reference:
-            results.append(compare_tensors(name, tensor, reference[name], atol=atol, rtol=rtol))
-        else:
-            results.append(missing(name, tensor, "the reference has no such stage"))
-    for name, tensor in reference.items():
-        if name not in ours:
-            results.append(missing(name, tensor, "our model did not produce this stage"))
-    return results
-
-
 @dataclass
 class _Input:
     """The batch both models get, and how the report describes it."""
@@ -96,7 +86,7 @@ class _Input:
 
 
 def _tokenized(
-    model_dir: Path, tokenizer: str | Path | None, texts: list[str], loaded: LoadedModel
+    model_dir: Path, tokenizer: str | Path | None, texts: list[str], config: Any
 ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any], str | None]:
     """(inputs, description, note); inputs None when the tokenizer is custom code."""
     from . import reference
@@ -107,10 +97,8 @@ def _tokenized(
     except RemoteCodeError as error:
         note = f"{error}: comparing on random token ids instead (pass --tokenizer DIR_OR_REPO to use another)"
         return None, {"texts_not_used": list(texts)}, note
-    limit, _ = loaded.config.sequence_limit()
-    tensors = reference.tokenize(
-        loaded_tokenizer, texts, max_length=limit, vocab_size=loaded.config.vocab_size
-    )
+    limit, _ = config.sequence_limit()
+    tensors = reference.tokenize(loaded_tokenizer, texts, max_length=limit, vocab_size=config.vocab_size)
     tokens = [loaded_tokenizer.convert_ids_to_tokens(row) for row in tensors["input_ids"].tolist()]
     description = {"source": "text", "texts": list(texts), "tokenizer": str(source), "tokens": tokens}
     return tensors, description, None
@@ -118,7 +106,8 @@ def _tokenized(
 
 def _make_input(
     model_dir: Path,
-    loaded: LoadedModel,
+    architecture: Architecture,
+    config: Any,
     *,
     texts: list[str] | None,
     tokenizer: str | Path | None,
@@ -126,10 +115,9 @@ def _make_input(
     batch: int,
     seed: int,
 ) -> _Input:
-    config = loaded.config
     tensors, description, note = None, {}, None
     if texts:
-        tensors, description, note = _tokenized(model_dir, tokenizer, texts, loaded)
+        tensors, description, note = _tokenized(model_dir, tokenizer, texts, config)
     if tensors is None:
         limit, why = config.sequence_limit()
         if seq_len > limit:
@@ -148,7 +136,7 @@ def _make_input(
         "batch": mask.shape[0],
         "seq_len": mask.shape[1],
         "padded_positions": int((mask == 0).sum()),
-        "compared_positions": _DECODER_POSITIONS if loaded.architecture.has_lm_head else _ENCODER_POSITIONS,
+        "compared_positions": _DECODER_POSITIONS if architecture.has_lm_head else _ENCODER_POSITIONS,
         "input_ids": tensors["input_ids"].tolist(),
         "attention_mask": mask.tolist(),
     }
@@ -157,12 +145,20 @@ def _make_input(
     return _Input(tensors=tensors, description=description, note=note)
 
 
-def _our_run(loaded: LoadedModel, inputs: dict[str, torch.Tensor], *, keep_attention: bool) -> Recorder:
-    record = Recorder(keep_attention=keep_attention)
-    token_types = inputs["token_type_ids"] if loaded.architecture.uses_token_types else None
-    with torch.no_grad():
-        loaded.model(inputs["input_ids"], inputs["attention_mask"], token_types, record=record)
-    return record
+def parse_layers(text: str, num_layers: int) -> tuple[int, int]:
+    """ "A-B" (or "A") -> (A, B), checked against the model's ``num_layers``.
+
+    Raises:
+        CompareError: not a range of existing layers.
+    """
+    first, _, last = text.partition("-")
+    try:
+        bounds = (int(first), int(last or first))
+    except ValueError:
+        raise CompareError(f"--layers takes A-B (e.g. 3-7), got {text!r}") from None
+    if not 0 <= bounds[0] <= bounds[1] < num_layers:
+        raise CompareError(f"--layers {text}: the model has layers 0-{num_layers - 1}")
+    return bounds
 
 
 def compare_model_dir(
@@ -179,6 +175,7 @@ def compare_model_dir(
     tokenizer: str | Path | None = None,
     keep_attention: bool = False,
     on_note: Any = None,
+    layers: str | None = None,
 ) -> ComparisonReport:
     """Compare our from-scratch model with transformers on the checkpoint in ``model_dir``.
 
@@ -193,6 +190,8 @@ def compare_model_dir(
         keep_attention: also keep every layer's attention weights, ours and the reference's
             (``report.attention``).
         on_note: called with a one-line note the user should see (e.g. texts not used), if given.
+        layers: "A-B" to compare layers A to B only (the reference's output of layer A - 1 feeds
+            layer A, carried and isolated alike).
 
     Returns:
         A :class:`ComparisonReport`; ``report.passed`` is False when any stage differs.
@@ -213,59 +212,82 @@ def compare_model_dir(
         raise CompareError("atol and rtol must not be negative")
     torch_dtype = DTYPES[dtype]
     model_dir = Path(model_dir)
+    began = time.perf_counter()
 
     from . import reference  # imports transformers lazily, only when a comparison actually runs
+    from .reference_stream import StreamedReference
 
-    # 1. Ours first: a malformed checkpoint fails here with the tensor named.
-    loaded = load_model(model_dir, dtype=torch_dtype)
-    architecture, config, options = loaded.architecture, loaded.config, loaded.options
+    # 1. Ours, on "meta": a malformed checkpoint fails here with the tensor named.
+    prepared = prepare_model(model_dir, dtype=torch_dtype)
+    architecture, config, reader = prepared.architecture, prepared.config, prepared.reader
+    assert reader is not None
+    bounds = parse_layers(layers, len(prepared.model.layers)) if layers else None
 
     # 2. The input.
     batch_input = _make_input(
-        model_dir, loaded, texts=texts, tokenizer=tokenizer, seq_len=seq_len, batch=batch, seed=seed
+        model_dir,
+        architecture,
+        config,
+        texts=texts,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        batch=batch,
+        seed=seed,
     )
     if batch_input.note and on_note is not None:
         on_note(batch_input.note)
     inputs = batch_input.tensors
-
-    # 3. Run ours, then let it go before the reference is loaded.
-    ours = _our_run(loaded, inputs, keep_attention=keep_attention)
-    del loaded
-    gc.collect()
-
-    # 4. The reference.
-    ref_model = reference.load_reference(
-        model_dir, architecture=architecture, config=config, dtype=torch_dtype, options=options
-    )
     reference_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
     if architecture.uses_token_types:
         reference_inputs["token_type_ids"] = inputs["token_type_ids"]
-    theirs = reference.reference_stages(
-        ref_model, architecture.reference, reference_inputs, keep_attention=keep_attention
-    )
-    del ref_model
-    gc.collect()
 
-    # 5. Compare.
-    stages = compare_stages(ours.stages, theirs.stages, atol=atol, rtol=rtol)
+    # 3. and 4. The reference, and the comparison, piece by piece.
+    streamed = StreamedReference(
+        model_dir,
+        architecture=architecture,
+        config=config,
+        dtype=torch_dtype,
+        files=prepared.files,
+        options=prepared.options,
+    )
+    run = compare_pieces(
+        prepared.model,
+        streamed,
+        TensorCache(reader, torch_dtype),
+        plan=prepared.plan,
+        weight_map=prepared.weight_map,
+        inputs=inputs,
+        reference_inputs=reference_inputs,
+        atol=atol,
+        rtol=rtol,
+        layers=bounds,
+        keep_attention=keep_attention,
+    )
+
+    # 5. What the two would predict next.
     next_token = None
-    if architecture.has_lm_head and "logits" in ours.stages and "logits" in theirs.stages:
-        next_token = next_token_metrics(
-            ours.stages["logits"], theirs.stages["logits"], inputs["attention_mask"]
-        )
+    if architecture.has_lm_head and run.logits is not None and run.logits[0].shape == run.logits[1].shape:
+        next_token = next_token_metrics(*run.logits, inputs["attention_mask"])
     return ComparisonReport.from_stages(
-        stages,
+        run.stages,
         model=model_name or str(model_dir),
         dtype=dtype,
         atol=atol,
         rtol=rtol,
         versions=reference.versions(),
         inputs=batch_input.description,
-        reference=architecture.describe_reference(),
+        reference=architecture.describe_reference() + ", run one piece at a time",
         next_token=next_token,
         attention=(
-            AttentionWeights(ours=ours.attention, reference=theirs.attention, causal=architecture.has_lm_head)
+            AttentionWeights(
+                ours=run.attention_ours, reference=run.attention_reference, causal=architecture.has_lm_head
+            )
             if keep_attention
             else None
         ),
+        timing={
+            "total_seconds": time.perf_counter() - began,
+            "pieces": [timing.to_dict() for timing in run.timings],
+        },
+        layers=layers,
     )

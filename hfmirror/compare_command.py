@@ -88,6 +88,20 @@ TOKENIZER_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken")
     help="Relative tolerance [default: 1e-5 for float32, 1e-10 for float64].",
 )
 @click.option(
+    "--layers",
+    metavar="A-B",
+    help="Compare layers A to B only (counted from 0, inclusive); the reference's output of the layer "
+    "before A feeds layer A. Embeddings and final stages are compared when the range includes the "
+    "first or the last layer.",
+)
+@click.option(
+    "--stream",
+    is_flag=True,
+    help="Compare one layer at a time. Every comparison does (one code path for every size, with one "
+    "layer's weights in memory at a time, so models larger than memory can be checked); the flag is "
+    "accepted for scripts that want to say so.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print the report as one JSON object instead of a table."
 )
 @click.option(
@@ -117,6 +131,8 @@ def compare(
     dtype: str,
     atol: float | None,
     rtol: float | None,
+    layers: str | None,
+    stream: bool,
     as_json: bool,
     revision: str,
     endpoints: tuple[str, ...],
@@ -131,10 +147,12 @@ def compare(
     Supported model types: bert, gpt2, llama, mistral, qwen (Qwen v1, e.g. Qwen/Qwen-7B), qwen2,
     qwen3, roberta, xlm-roberta.
 
-    Every stage is compared and the first one outside tolerance is named. Encoders: embeddings;
-    per layer attention, attention_add_norm, feed_forward, output; last_hidden_state; pooler.
-    Decoders: embeddings; per layer attention, attention_residual, mlp, output; final_norm; logits,
-    plus next-token agreement and KL divergence. Exit status: 0 all stages match, 1 a stage differs.
+    Every stage is compared, one layer at a time, twice: carried (our model on its own numbers, what a
+    user sees) and isolated (each component fed the reference's input: its own error). The first stage
+    whose isolated error is outside tolerance is named. Encoders: embeddings; per layer attention,
+    attention_add_norm, feed_forward, output; last_hidden_state; pooler. Decoders: embeddings; per
+    layer attention, attention_residual, mlp, output; final_norm; logits, plus next-token agreement
+    and KL divergence. Exit status: 0 all stages match, 1 a stage differs.
 
     \b
     Examples:
@@ -142,8 +160,11 @@ def compare(
       hfmirror compare Qwen/Qwen-7B
       hfmirror compare ./gpt2 --text "the cat sat on the mat" --text "hello"
       hfmirror compare ./llama --dtype float64 --json
+      hfmirror compare ./llama --layers 20-23
     """
     from compare.runner import compare_model_dir
+
+    del stream  # nothing to switch on: every comparison runs one layer at a time
 
     fetched = {"endpoints": list(endpoints) or None, "token": token, "cache_dir": cache_dir}
 
@@ -178,6 +199,7 @@ def compare(
         atol=atol,
         rtol=rtol,
         model_name=model,
+        layers=layers,
         on_note=lambda note: click.echo(f"hfmirror: note: {note}", err=True),
     )
     if as_json:

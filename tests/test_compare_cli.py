@@ -78,6 +78,9 @@ def test_help(runner: CliRunner, compare_cmd: click.Command) -> None:
         "--revision",
         "--token",
         "--cache-dir",
+        "--tokenizer",
+        "--layers",
+        "--stream",
     ):
         assert option in result.output
 
@@ -162,3 +165,20 @@ def test_weight_error_through_the_handler(compare_cmd: click.Command, tmp_path: 
     assert isinstance(result.exception, WeightLoadError) and name in str(result.exception)
     result = CliRunner().invoke(hfmirror_cli(), ["compare", str(path)])
     assert result.exit_code == 2 and name in result.stderr
+
+
+def test_layers_and_stream_options(runner: CliRunner, bert: Path) -> None:
+    result = runner.invoke(hfmirror_cli(), ["compare", str(bert), "--stream", "--layers", "1-1", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["layers"] == "1-1" and [s["name"] for s in data["stages"]] == [
+        "layer.1.attention",
+        "layer.1.attention_add_norm",
+        "layer.1.feed_forward",
+        "layer.1.output",
+        "last_hidden_state",
+        "pooler",
+    ]
+    assert all("isolated" in stage for stage in data["stages"])
+    result = CliRunner().invoke(hfmirror_cli(), ["compare", str(bert), "--layers", "0-5"])
+    assert result.exit_code == 2 and "--layers 0-5: the model has layers 0-1" in result.stderr

@@ -83,6 +83,7 @@ def qwen_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pa
         app.state.checksums.close()
 
 
+@pytest.mark.slow
 def test_compare_qwen_7b_through_the_mirror(qwen_hub: tuple[str, Path], tmp_path: Path) -> None:
     """The README's first download example, compared: served, downloaded, Qwen v1 read, exit 0."""
     url, served = qwen_hub

@@ -304,7 +304,9 @@ def assert_fails_at(report: Any, stage: str) -> None:
     assert not report.passed, report.render_table()
     assert report.first_failing_stage == stage, report.render_table()
     names = [s.name for s in report.stages]
-    assert all(s.passed for s in report.stages[: names.index(stage)]), "stages before the bug must pass"
+    assert all(s.verdict_passed for s in report.stages[: names.index(stage)]), (
+        "stages before the bug must pass"
+    )
     assert f"first failing stage: {stage}" in report.render_table().splitlines()[-1]
 
 
