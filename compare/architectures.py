@@ -37,7 +37,15 @@ from .qwen import (
 )
 from .reference_layout import ReferenceConversion, ReferenceLayout
 from .roberta import RobertaConfig, RobertaModel
-from .weights import CheckpointReader, TensorCache, WeightMap, checkpoint_files, load_piece, plan_weights
+from .weights import (
+    CheckpointReader,
+    TensorCache,
+    WeightMap,
+    checkpoint_files,
+    load_piece,
+    plan_weights,
+    tie_like_transformers,
+)
 
 __all__ = [
     "REGISTRY",
@@ -50,6 +58,7 @@ __all__ = [
 ]
 
 _PLAIN_REFERENCE = "transformers {model_class}, eager attention, eval, no_grad"
+_OUR_LM_HEAD = "lm_head.weight"  # compare.model.CausalLanguageModel.lm_head
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,9 @@ class Architecture:
     conversion: ReferenceConversion | None = None
     uses_token_types: bool = False  # the input carries segment ids (encoders)
     has_lm_head: bool = False  # the final stage is next-token logits
+    # The checkpoint name of the LM head's weight (after canonical_name): a checkpoint may store it
+    # even when config.json ties it to the embeddings (see compare.weights.tie_like_transformers).
+    lm_head: str | None = None
 
     def canonical_name(self, name: str) -> str | None:
         """A checkpoint tensor name as the weight map spells it, or None for a tensor to ignore."""
@@ -134,6 +146,7 @@ def _llama_family(model_type: str) -> Architecture:
         head_prefixes=("score.",),
         ignored=(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),  # old checkpoints saved it
         has_lm_head=True,
+        lm_head="lm_head.weight",
     )
 
 
@@ -168,6 +181,7 @@ REGISTRY: dict[str, Architecture] = {
         # The causal mask, saved as a buffer by old versions of transformers (the hub's gpt2 has it).
         ignored=(r"h\.\d+\.attn\.(bias|masked_bias)",),
         has_lm_head=True,
+        lm_head="lm_head.weight",
     ),
     **{model_type: _llama_family(model_type) for model_type in ("llama", "mistral", "qwen2", "qwen3")},
     "qwen": Architecture(
@@ -180,6 +194,7 @@ REGISTRY: dict[str, Architecture] = {
         ignored=(r"h\.\d+\.attn\.(masked_bias|rotary_emb\.inv_freq)",),
         conversion=QWEN_CONVERSION,
         has_lm_head=True,
+        lm_head="lm_head.weight",
     ),
 }
 
@@ -235,13 +250,17 @@ def prepare_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32) 
     config = architecture.parse_config(raw_config)
     files = checkpoint_files(model_dir)
     reader = CheckpointReader(files)
-    names = {architecture.canonical_name(name) for name in reader.names()}
-    options = architecture.detect_options({name for name in names if name is not None})
+    names = {name for name in map(architecture.canonical_name, reader.names()) if name is not None}
+    options = architecture.detect_options(names)
 
     with torch.device("meta"):  # shapes only: the checkpoint's tensors become the parameters
         model = architecture.model_class(config, **options).to(dtype)
     model.requires_grad_(False)
     weight_map = architecture.weight_map(config, **options)
+    if architecture.lm_head is not None:
+        weight_map = tie_like_transformers(
+            weight_map, names, parameter=_OUR_LM_HEAD, name=architecture.lm_head
+        )
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     plan = plan_weights(reader, weight_map, shapes, rename=architecture.canonical_name)
     return LoadedModel(

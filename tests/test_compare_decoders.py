@@ -566,6 +566,85 @@ def test_gpt2_hub_layout_loads(models: dict[str, Path], tmp_path: Path) -> None:
     assert report.passed, report.render_table()
 
 
+TIED = {"gpt2-tied": "transformer.wte.weight", "qwen2-gqa8to2-tied-theta1e6": "model.embed_tokens.weight"}
+
+
+def _stored_head(case: str, embeddings: str):
+    """How a checkpoint whose config.json ties the LM head to the embeddings may store them."""
+
+    def change(state: dict) -> dict:
+        if case == "both, equal":
+            state["lm_head.weight"] = state[embeddings].clone()
+        elif case == "both, different":
+            state["lm_head.weight"] = 0.5 * state[embeddings] + 0.1
+        else:  # "head only"
+            state["lm_head.weight"] = state.pop(embeddings)
+        return state
+
+    return change
+
+
+@pytest.mark.parametrize("name", list(TIED))
+@pytest.mark.parametrize("case", ["both, equal", "both, different", "head only"])
+def test_a_tied_head_stored_in_the_checkpoint_is_read_as_transformers_reads_it(
+    models: dict[str, Path], tmp_path: Path, name: str, case: str
+) -> None:
+    """config.json ties the head, the checkpoint stores it anyway: transformers uses the stored head
+    (untied if it differs), or ties the embeddings to a head stored alone. Ours and the streamed
+    reference must read it the same way, and the streamed reference must be from_pretrained's."""
+    import shutil
+
+    import transformers
+    from safetensors.torch import load_file
+
+    from compare.architectures import prepare_model
+    from compare.reference import load_reference, reference_stages
+    from compare.reference_stream import StreamedReference
+
+    path = rewrite_safetensors(
+        shutil.copytree(models[name], tmp_path / "tied"), _stored_head(case, TIED[name])
+    )
+    assert json.loads((path / "config.json").read_text()).get("tie_word_embeddings", True)
+    report = compare_model_dir(path, dtype="float64")
+    assert report.passed, report.render_table()
+
+    prepared = prepare_model(path, dtype=torch.float64)
+    inputs = random_inputs(
+        batch=2, seq_len=6, seed=1, vocab_size=len(WORDS), type_vocab_size=1, pad_token_id=2
+    )
+    del inputs["token_type_ids"]
+    options = dict(architecture=prepared.architecture, config=prepared.config, dtype=torch.float64)
+    whole_model = load_reference(path, **options, options=prepared.options)
+    whole = reference_stages(whole_model, prepared.architecture.reference, inputs)
+    streamed = StreamedReference(path, **options, files=prepared.files, options=prepared.options).stages(
+        inputs
+    )
+    torch.testing.assert_close(streamed.stages["logits"], whole.stages["logits"], rtol=0, atol=1e-12)
+    # What from_pretrained did, read off the model it loaded: the stored head is the head.
+    stored = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    head = stored.get_output_embeddings().weight
+    assert torch.equal(head, load_file(path / "model.safetensors")["lm_head.weight"].double())
+    assert (head is stored.get_input_embeddings().weight) == (case != "both, different")
+
+
+def test_a_tied_checkpoint_in_the_pickle_format_holds_both_names(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """``torch.save(model.state_dict())`` of a tied model writes the head and the embeddings, sharing
+    one storage, as old pytorch_model.bin checkpoints do."""
+    import shutil
+
+    import transformers
+
+    path = Path(shutil.copytree(models["gpt2-tied"], tmp_path / "gpt2-bin"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+    assert "lm_head.weight" in torch.load(path / "pytorch_model.bin", weights_only=True)
+    report = compare_model_dir(path)
+    assert report.passed, report.render_table()
+
+
 # ------------------------------------------------------------------------------------------ config
 
 
