@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -24,7 +25,18 @@ import numpy as np
 
 from hfmirror.errors import CompareError
 
-__all__ = ["AttentionMaps", "attention_section"]
+__all__ = ["MAX_DRAWN_CELLS", "AttentionMaps", "attention_section", "drawn_token_limit"]
+
+# The most (query, key) cells drawn per kind of picture (ours, reference, difference), over all layers
+# and heads, so that a page stays under 5 MB: random attention (the worst case for PNG) costs up to
+# ~0.9 bytes per cell over the three kinds, base64 included, and the rest of a 28-layer page ~0.2 MB.
+# A 28-layer, 16-head model draws up to 53 tokens.
+MAX_DRAWN_CELLS = 1_300_000
+
+
+def drawn_token_limit(layers: int, heads: int, cells: int = MAX_DRAWN_CELLS) -> int:
+    """The most tokens whose maps fit ``cells``: layers x heads x n^2 <= cells (at least 1)."""
+    return max(1, math.isqrt(cells // max(1, layers * heads)))
 
 
 def _e(value: Any) -> str:
@@ -61,6 +73,7 @@ class AttentionMaps:
     reference: Sequence[np.ndarray]
     causal: bool
     text: str | None = None  # the input text itself, shown above the tokens
+    notes: tuple[str, ...] = ()  # said under the tokens (e.g. that only the first tokens are drawn)
 
     def __post_init__(self) -> None:
         # Frozen, so the normalised copies are set through object.__setattr__.
@@ -187,8 +200,9 @@ def _text_and_tokens(attention: AttentionMaps) -> str:
         f'<li><span class="tok" lang="und">{_e(token)}</span><sub>{index}</sub></li>'
         for index, token in enumerate(attention.tokens)
     )
-    return f"""{text}<p>It became {attention.seq_len} tokens (the rows and columns of every map):</p>
-<ol class="tokens" id="tokens">{items}</ol>"""
+    notes = "".join(f'<p class="note">{_e(note)}</p>' for note in attention.notes)
+    return f"""{text}<p>The rows and columns of every map are these {attention.seq_len} tokens:</p>
+<ol class="tokens" id="tokens">{items}</ol>{notes}"""
 
 
 def _legends(probability: Any, difference: Any, causal: bool, figures: ModuleType) -> str:

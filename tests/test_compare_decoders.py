@@ -466,37 +466,63 @@ def test_top1_disagreement_is_reported(models: dict[str, Path], monkeypatch) -> 
     assert report.to_dict()["top1"]["ours"] != report.to_dict()["top1"]["reference"]
 
 
+def _whole_model_attention(path: Path, inputs: dict) -> dict[str, torch.Tensor]:
+    """transformers' own attention weights, (B, nh, T, T) per layer, from its whole model."""
+    from compare.architectures import prepare_model
+    from compare.reference import load_reference, reference_stages
+
+    prepared = prepare_model(path)
+    architecture = prepared.architecture
+    model = load_reference(
+        path, architecture=architecture, config=prepared.config, dtype=torch.float32, options=prepared.options
+    )
+    if not architecture.uses_token_types:
+        inputs = {key: value for key, value in inputs.items() if key != "token_type_ids"}
+    return reference_stages(model, architecture.reference, inputs, keep_attention=True).attention
+
+
 @pytest.mark.parametrize("name", ["qwen3-head_dim16-bias-gqa4to1", "gpt2-tied", "roberta"])
-def test_attention_weights_ours_and_reference(models: dict[str, Path], name: str) -> None:
+def test_attention_weights_of_the_first_row_ours_and_reference(models: dict[str, Path], name: str) -> None:
     report = compare_model_dir(models[name], seq_len=9, batch=2, keep_attention=True)
     assert report.passed and report.attention is not None
     ours, theirs = report.attention.ours, report.attention.reference
-    layers = 2
-    heads = 4
+    layers, heads = 2, 4
     assert list(ours) == list(theirs) == [f"layer.{i}" for i in range(layers)]
+    ids = torch.tensor(report.inputs["input_ids"])
     mask = torch.tensor(report.inputs["attention_mask"])
+    assert int(mask[0].sum()) == 9  # random ids: the first row is never padded
+    whole = _whole_model_attention(models[name], {"input_ids": ids, "attention_mask": mask})
     for key in ours:
-        assert ours[key].shape == (2, heads, 9, 9)
+        assert ours[key].shape == theirs[key].shape == (heads, 9, 9)  # one row kept, not the batch
+        torch.testing.assert_close(theirs[key], whole[key][0], rtol=0, atol=1e-7)
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ours[key].sum(-1), torch.ones(2, heads, 9))  # each row is a distribution
-        assert (ours[key][:, :, :, :][~mask.bool()[:, None, None, :].expand(2, heads, 9, 9)] == 0).all()
+        torch.testing.assert_close(ours[key].sum(-1), torch.ones(heads, 9))  # each row is a distribution
         if name != "roberta":  # a decoder's triangle: nothing above the diagonal
             assert (ours[key].triu(diagonal=1) == 0).all()
+    assert report.attention.tokens == report.inputs["token_labels"][0]
     assert compare_model_dir(models[name]).attention is None  # only when asked
 
 
 def test_attention_weights_for_the_html_report(models: dict[str, Path]) -> None:
-    report = compare_model_dir(
-        models["gpt2-tied"], texts=["hello world", "the cat sat on"], keep_attention=True
-    )
+    """The first text's real tokens only (padding left out), labelled as they read; capped to the
+    page's budget of cells when asked."""
+    texts = ["hello world", "the cat sat on"]
+    report = compare_model_dir(models["gpt2-tied"], texts=texts, keep_attention=True)
     assert report.attention is not None and report.attention.causal
-    row = 0  # "hello world", padded to 4 tokens
-    maps = report.attention.for_row(row, report.inputs["tokens"][row][:2], text="hello world")
-    assert maps.tokens == ("hello", "world") and maps.num_layers == 2 and maps.causal
-    assert maps.ours[1].shape == (4, 2, 2)
-    torch.testing.assert_close(
-        torch.from_numpy(maps.ours[1]), report.attention.ours["layer.1"][0, :, :2, :2].double()
-    )
+    maps = report.attention.maps()
+    assert maps.tokens == ("hello", "world") and maps.text == "hello world" and not maps.notes
+    assert maps.num_layers == 2 and maps.causal and maps.ours[1].shape == (4, 2, 2)
+    ids, mask = torch.tensor(report.inputs["input_ids"]), torch.tensor(report.inputs["attention_mask"])
+    assert mask[0].tolist() == [1, 1, 0, 0]  # "hello world" is padded to 4 tokens
+    whole = _whole_model_attention(models["gpt2-tied"], {"input_ids": ids, "attention_mask": mask})
+    torch.testing.assert_close(torch.from_numpy(maps.reference[1]), whole["layer.1"][0, :, :2, :2].double())
+
+    # 2 layers x 4 heads x n^2 <= 8 cells: one token is drawn, and the page will say so.
+    capped = compare_model_dir(models["gpt2-tied"], texts=texts, keep_attention=True, attention_cells=8)
+    assert capped.attention is not None and capped.attention.tokens == ["hello", "world"]
+    maps = capped.attention.maps()
+    assert maps.tokens == ("hello",) and maps.ours[0].shape == (4, 1, 1)
+    assert len(maps.notes) == 1 and "has 2 tokens; the maps show the first 1" in maps.notes[0]
 
 
 # ------------------------------------------------------------------------------------ building blocks
