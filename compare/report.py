@@ -66,7 +66,7 @@ class AttentionWeights:
         if self.drawn < len(self.tokens):
             heads = next(iter(self.ours.values())).shape[0]
             note = (
-                f"The text has {len(self.tokens)} tokens; the maps show the first {self.drawn}, as "
+                f"The first input has {len(self.tokens)} tokens; the maps show the first {self.drawn}, as "
                 f"queries and as keys, so that {len(layers)} layers x {heads} heads keep the page small "
                 f"(at most {self.cells:,} cells per kind of picture)."
             )

@@ -209,6 +209,45 @@ def test_a_28_layer_16_head_page_opens_without_errors(browser: WebDriver, tmp_pa
     assert len(browser.find_elements(By.CSS_SELECTOR, "button.head")) == 28 * 16
 
 
+@pytest.fixture(scope="module")
+def real_page(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A real comparison's page, written by ``hfmirror compare --html``: a tiny random decoder with a
+    byte-level BPE tokenizer trained here, on Chinese and English text."""
+    from click.testing import CliRunner
+
+    from hfmirror.cli import cli
+    from tests.test_compare_html import CORPUS, TEXTS
+    from tests.test_compare_support import save_byte_level_tokenizer, save_random_decoder
+
+    root = tmp_path_factory.mktemp("real-page")
+    model = save_random_decoder(root / "qwen2", "qwen2", tokenizer=False, vocab_size=300)
+    save_byte_level_tokenizer(model, CORPUS, vocab_size=300)
+    page = root / "report.html"
+    texts = [arg for text in TEXTS["decoder"] for arg in ("--text", text)]
+    result = CliRunner().invoke(cli, ["compare", str(model), "--json", "--html", str(page), *texts])
+    assert result.exit_code == 0, result.output
+    return page, json.loads(result.stdout)
+
+
+def test_a_real_comparisons_page_opens_offline_draws_and_logs_no_error(browser: WebDriver, real_page) -> None:
+    path, data = real_page
+    seen = visit(browser, path)
+    assert seen.problems == []
+    assert seen.foreign_requests == []
+    assert not is_blank(seen.screenshot)
+    assert not is_blank(element_pixels(browser, "#chart svg"))
+    assert not is_blank(element_pixels(browser, "#focus .map"))
+    real = sum(data["inputs"]["attention_mask"][0])
+    tokens = data["inputs"]["token_labels"][0][:real]
+    for labels in browser.find_elements(By.CSS_SELECTOR, "#focus .rows"):
+        texts = [label.get_attribute("textContent") for label in labels.find_elements(By.CLASS_NAME, "label")]
+        assert texts == tokens
+    shown = browser.execute_script(
+        "return [...document.querySelectorAll('#tokens .tok')].map(e => e.getBoundingClientRect().width)"
+    )
+    assert len(shown) == real and min(shown) > 0  # every token drawn, the Chinese ones too
+
+
 # ----------------------------------------------------------------- the checks catch what they guard
 
 
