@@ -295,3 +295,9 @@ def test_a_28_layer_16_head_model_s_page_stays_under_5_mb(tmp_path: Path) -> Non
     )
     assert len(table_rows(soup)) == len(data["stages"])
     assert page.stat().st_size < 5_000_000
+
+
+def test_the_readme_states_the_page_budget_the_code_has() -> None:
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    assert f"at most {MAX_DRAWN_CELLS / 1e6:.1f} million cells are drawn" in readme
+    assert f"a 28-layer, 16-head model shows the first {drawn_token_limit(28, 16)} tokens" in readme
