@@ -74,6 +74,7 @@ class AttentionMaps:
     causal: bool
     text: str | None = None  # the input text itself, shown above the tokens
     notes: tuple[str, ...] = ()  # said under the tokens (e.g. that only the first tokens are drawn)
+    first_layer: int = 0  # the model's number of ours[0] (a comparison of layers 20-23 starts at 20)
 
     def __post_init__(self) -> None:
         # Frozen, so the normalised copies are set through object.__setattr__.
@@ -168,10 +169,16 @@ def attention_section(
         "differences": differences,
         "focus": list(focus),
         "focusCell": _focus_cell_px(attention.seq_len),
+        "firstLayer": attention.first_layer,
     }
     layers = "\n".join(
         _layer_section(
-            layer, differences[layer], atol=atol, is_open=focus[0] == layer, link=stage_links.get(layer)
+            layer,
+            differences[layer],
+            atol=atol,
+            is_open=focus[0] == layer,
+            number=attention.first_layer + layer,
+            link=stage_links.get(attention.first_layer + layer),
         )
         for layer in range(attention.num_layers)
     )
@@ -242,16 +249,18 @@ def _strip_styles(attention: AttentionMaps, probability: Any, difference: Any, f
 
 
 def _layer_section(
-    layer: int, differences: list[float], *, atol: float, is_open: bool, link: str | None
+    layer: int, differences: list[float], *, atol: float, is_open: bool, number: int, link: str | None
 ) -> str:
     """One layer's heads, each as three thumbnails (ours, reference, difference); closed unless
     ``is_open``, so a large model's page opens without drawing hundreds of maps. A layer whose maps
     differ by more than atol is flagged in its summary line (a hint where to look, not a verdict:
-    the pass rule applies to the stages)."""
-    heads = "\n".join(_head_button(layer, head, difference) for head, difference in enumerate(differences))
+    the pass rule applies to the stages). ``layer`` is its place on the page, ``number`` the model's."""
+    heads = "\n".join(
+        _head_button(layer, head, difference, number=number) for head, difference in enumerate(differences)
+    )
     largest = max(differences)
     flag = " (more than atol)" if largest > atol else ""
-    summary = f"layer {layer}: {len(differences)} heads, largest |ours − reference| {largest:.2e}{flag}"
+    summary = f"layer {number}: {len(differences)} heads, largest |ours − reference| {largest:.2e}{flag}"
     stage = f' <a href="#{_e(link)}">Its attention stage in the table.</a>' if link else ""
     classes = "layer differs" if flag else "layer"
     return f"""<details class="{classes}" id="attention-layer-{layer}" style="--heads:{len(differences)}"\
@@ -264,10 +273,10 @@ def _layer_section(
 </details>"""
 
 
-def _head_button(layer: int, head: int, difference: float) -> str:
+def _head_button(layer: int, head: int, difference: float, *, number: int) -> str:
     maps = "".join(f'<span class="map s{layer}{kind}"></span>' for kind in "ord")
     return (
         f'<button type="button" class="head" data-layer="{layer}" data-head="{head}" style="--h:{head}" '
-        f'title="layer {layer}, head {head}: max |ours − reference| {difference:.2e}">'
+        f'title="layer {number}, head {head}: max |ours − reference| {difference:.2e}">'
         f'{maps}<span class="head-label">head {head}</span></button>'
     )

@@ -80,6 +80,7 @@ class AttentionWeights:
             causal=self.causal,
             text=self.text,
             notes=tuple(notes),
+            first_layer=int(layers[0].split(".")[1]) if layers else 0,
         )
 
 

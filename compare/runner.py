@@ -19,7 +19,6 @@ cut to the tokens the page draws, so an ordinary run neither keeps nor costs any
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,8 +348,10 @@ def _attention_cut(
     first, last = bounds if bounds is not None else (0, num_layers - 1)
     if cells is None:
         return AttentionCut(row=0, tokens=real)
-    per_token = (last - first + 1) * config.num_attention_heads  # cells per token^2
-    return AttentionCut(row=0, tokens=min(real, max(1, math.isqrt(cells // per_token))))
+    from .html_attention import drawn_token_limit  # the page's rule: layers x heads x n^2 <= cells
+
+    most = drawn_token_limit(last - first + 1, config.num_attention_heads, cells)
+    return AttentionCut(row=0, tokens=min(real, most))
 
 
 def _attention_weights(run: Any, batch_input: _Input, *, causal: bool, cells: int | None) -> AttentionWeights:

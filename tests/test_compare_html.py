@@ -301,3 +301,13 @@ def test_the_readme_states_the_page_budget_the_code_has() -> None:
     readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
     assert f"at most {MAX_DRAWN_CELLS / 1e6:.1f} million cells are drawn" in readme
     assert f"a 28-layer, 16-head model shows the first {drawn_token_limit(28, 16)} tokens" in readme
+
+
+def test_a_range_of_layers_is_drawn_under_the_model_s_layer_numbers(models, tmp_path: Path) -> None:
+    text = TEXTS["decoder"][0]
+    _, data, html, _ = compare_html(models["decoder"], tmp_path / "r.html", "--layers", "1-2", "--text", text)
+    assert data["layers"] == "1-2"
+    sections = BeautifulSoup(html, "html.parser").select("details.layer")
+    assert [section.summary.get_text().split(":")[0] for section in sections] == ["layer 1", "layer 2"]
+    links = [section.select_one(".kinds a")["href"] for section in sections]
+    assert links == ["#" + stage_anchor(f"layer.{i}.attention") for i in (1, 2)]

@@ -197,6 +197,20 @@ def test_clicking_a_head_shows_it_large_and_hovering_names_query_and_key(
     assert [label.get_attribute("textContent") for label in highlighted] == [attention.tokens[query]] * 3
 
 
+def test_the_large_view_names_layers_by_the_model_s_numbers(browser: WebDriver, tmp_path: Path) -> None:
+    """A comparison of layers 5-6 only: the page's first map is the model's layer 5."""
+    import dataclasses
+
+    attention = dataclasses.replace(synthetic_attention(2, 3, causal=True, bug_layer=1), first_layer=5)
+    path = tmp_path / "range.html"
+    path.write_text(render_html(synthetic_report(7), attention=attention), encoding="utf-8")
+    visit(browser, path)
+    assert browser.find_element(By.CSS_SELECTOR, "#focus .focus-title").text.startswith("Layer 6, head")
+    browser.find_element(By.CSS_SELECTOR, "#attention-layer-0 > summary").click()
+    browser.find_element(By.CSS_SELECTOR, 'button.head[data-layer="0"][data-head="1"]').click()
+    assert browser.find_element(By.CSS_SELECTOR, "#focus .focus-title").text.startswith("Layer 5, head 1")
+
+
 def test_a_28_layer_16_head_page_opens_without_errors(browser: WebDriver, tmp_path: Path) -> None:
     tokens = [f"tok{i}" for i in range(30)] + ["我", "爱"]
     attention = synthetic_attention(28, 16, tokens, causal=True, bug_layer=20)
