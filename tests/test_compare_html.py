@@ -311,3 +311,25 @@ def test_a_range_of_layers_is_drawn_under_the_model_s_layer_numbers(models, tmp_
     assert [section.summary.get_text().split(":")[0] for section in sections] == ["layer 1", "layer 2"]
     links = [section.select_one(".kinds a")["href"] for section in sections]
     assert links == ["#" + stage_anchor(f"layer.{i}.attention") for i in (1, 2)]
+
+
+def test_a_failing_comparison_still_gets_its_page_naming_the_first_failing_stage(
+    models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from compare.layers import ACTIVATIONS
+
+    monkeypatch.setitem(ACTIVATIONS, "gelu", ACTIVATIONS["relu"])  # a bug in our encoder's feed-forward
+    code, data, html, _ = compare_html(models["encoder"], tmp_path / "r.html", "--text", "hello world")
+    assert code == 1 and data["first_failing_stage"] == "layer.0.feed_forward"
+    soup = BeautifulSoup(html, "html.parser")
+    verdict = soup.select_one("#verdict")
+    assert "fail" in verdict["class"] and verdict.get_text() == verdict_sentence(data)
+    assert verdict.get_text().startswith("layer.0.feed_forward is the first stage")
+    assert "first" in table_rows(soup)["layer.0.feed_forward"]["class"]
+
+
+def test_a_page_that_cannot_be_written_is_refused_before_the_comparison_runs(models, tmp_path: Path) -> None:
+    page = tmp_path / "no-such-folder" / "r.html"
+    result = CliRunner().invoke(cli, ["compare", str(models["encoder"]), "--html", str(page)])
+    assert result.exit_code == 2 and result.stdout == ""  # nothing was compared
+    assert "does not exist" in result.stderr and not page.parent.exists()
