@@ -32,6 +32,7 @@ from urllib.parse import unquote
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from ..errors import UnsafePathError
 from ..hashing import is_git_sha1
@@ -88,6 +89,14 @@ def repo_not_found(repo_id: str) -> HubError:
 
 class BigChunkFileResponse(FileResponse):
     chunk_size = CHUNK_SIZE
+
+
+class WholeFileResponse(BigChunkFileResponse):
+    """A file answered whole (200) even to a ``Range`` request."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"range", b"if-range")]
+        await super().__call__(dict(scope, headers=headers), receive, send)
 
 
 # ---------------------------------------------------------------------------------------- parsing
