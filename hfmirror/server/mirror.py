@@ -165,6 +165,11 @@ class UpstreamApi(HubApi):
         )
         self._snapshots: collections.OrderedDict[tuple[str, str, str], Snapshot] = collections.OrderedDict()
 
+    def close(self) -> None:
+        """Stop fills (they keep their resume state) and drop upstream calls nobody waits for."""
+        self.fills.cancel.set()
+        self._calls.shutdown(wait=False, cancel_futures=True)
+
     async def _blocking(self, function: Callable[..., T], *args: Any) -> T:
         """Run ``function`` on the upstream thread pool; give up waiting after the timeout (it goes on)."""
         future = asyncio.wrap_future(self._calls.submit(function, *args))
