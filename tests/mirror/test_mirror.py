@@ -11,6 +11,8 @@ import concurrent.futures
 import hashlib
 import http.client
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -401,3 +403,25 @@ def test_tokens_never_reach_the_log(upstream: Upstream, tmp_path: Path) -> None:
     log = m.log()
     assert '"GET /gated/model/resolve/main/config.json"' in log
     assert "hf_secret" not in log and "hf_wrong" not in log and "Bearer" not in log
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--allow", "org/*"], "--allow only apply with --upstream"),
+        (["--upstream", "ftp://x", "--max-size", "1G"], "not an http(s) endpoint URL"),
+        (["--upstream", "http://127.0.0.1:9", "--max-size", "lots"], "--max-size: not a size"),
+    ],
+)
+def test_serve_refuses_bad_mirror_options_in_one_line(tmp_path: Path, extra: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "hfmirror", "serve", str(tmp_path / "cache"), "--port", "0", *extra],
+        cwd=REPO_ROOT,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hfmirror: error:") and message in lines[0], lines
