@@ -29,7 +29,7 @@ from huggingface_hub.errors import (
 from hfmirror.download import download
 from hfmirror.server.app import ServerThread, create_app
 from tests.mirror.conftest import BIG, Mirror, Upstream, hub
-from tests.mirror.support import MIB, files_under, start_mirror_process, wait_until
+from tests.mirror.support import MIB, REPO_ROOT, files_under, python_env, start_mirror_process, wait_until
 from tests.support import make_repo
 
 # ------------------------------------------------------------------------------------ cold and warm
