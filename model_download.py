@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from hfmirror.cli import exit_code_for
+    from hfmirror.cli import exit_code_for, notices_on_stderr
     from hfmirror.download import download
     from hfmirror.errors import HfMirrorError
 
@@ -65,19 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     local_dir = args.local_dir or os.path.join("dataroot", folder, args.repo_id)
     endpoints = args.endpoint or (None if args.mirror else ["https://huggingface.co"])
     try:
-        result = download(
-            args.repo_id,
-            repo_type=args.repo_type,
-            revision=args.revision,
-            include=args.include,
-            exclude=args.exclude,
-            local_dir=local_dir,
-            endpoints=endpoints,
-            token=args.token,
-            max_workers=args.max_workers,
-            connections=args.connections,
-            progress=not args.quiet,
-        )
+        with notices_on_stderr(not args.quiet, prefix="model_download"):
+            result = download(
+                args.repo_id,
+                repo_type=args.repo_type,
+                revision=args.revision,
+                include=args.include,
+                exclude=args.exclude,
+                local_dir=local_dir,
+                endpoints=endpoints,
+                token=args.token,
+                max_workers=args.max_workers,
+                connections=args.connections,
+                progress=not args.quiet,
+            )
     except KeyboardInterrupt:
         print("model_download: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
@@ -86,6 +87,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"model_download: error: {error}", file=sys.stderr)
         return exit_code_for(error)
+    except Exception as error:  # a bug: still one line unless asked for more
+        if args.debug:
+            raise
+        print(
+            f"model_download: unexpected error: {type(error).__name__}: {error} "
+            "(re-run with --debug for details)",
+            file=sys.stderr,
+        )
+        return 1
     if not args.quiet:
         print(result.describe(), file=sys.stderr)
     print(result.path)

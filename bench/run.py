@@ -8,8 +8,10 @@
 Scenarios (``--only`` names): ``large`` (unthrottled 1 GiB), ``capped`` (16 MB/s per connection),
 ``small`` (500 x 100 KB behind a request-rate limit), ``resume`` (kill -9 at ~50%, re-run),
 ``compare`` (``hfmirror compare`` on a bert-base-sized random model vs the transformers forward
-alone), ``startup`` (``--help`` start-up time and heavy imports), ``serve_scale`` (``hfmirror serve``:
-one GET's latency at 10 to 20,000 files in the repo; see server_bench.py).
+alone), ``compare-decoders`` (the same on a GPT-2-small-sized and a ~1B-parameter Llama-shaped
+random model; ``--quick``: tiny versions of both), ``startup`` (``--help`` start-up time and heavy
+imports), ``serve_scale`` (``hfmirror serve``: one GET's latency at 10 to 20,000 files in the repo;
+see server_bench.py).
 
 Writes bench/results.json (raw numbers; scenarios not re-run keep their previous results) and
 bench/RESULTS.md (tables with Goal / Measured / Met?). Big files live in bench/work/ (git-ignored).
@@ -37,7 +39,7 @@ import benchlib as bl  # noqa: E402
 import report  # noqa: E402
 import server_bench  # noqa: E402
 
-SCENARIOS = ("large", "capped", "small", "resume", "compare", "startup", "serve_scale")
+SCENARIOS = ("large", "capped", "small", "resume", "compare", "compare-decoders", "startup", "serve_scale")
 MB = 1_000_000  # bandwidth caps are in MB/s (10^6), as the issue states them
 
 HF_SCRIPT = r"""
@@ -50,24 +52,87 @@ else:
     print(snapshot_download(repo, cache_dir=cache))
 """
 
-MAKE_BERT_SCRIPT = r"""
-import sys, torch
-from transformers import BertConfig, BertModel
+MAKE_MODEL_SCRIPT = r"""
+import json, sys, torch, transformers
+config_class, model_class, fields, folder = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 torch.manual_seed(0)
-BertModel(BertConfig()).save_pretrained(sys.argv[1])
+getattr(transformers, model_class)(getattr(transformers, config_class)(**fields)).save_pretrained(folder)
 """
 
 REFERENCE_SCRIPT = r"""
-import sys, torch
-from transformers import BertModel
-model_dir, batch, seq_len = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-model = BertModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+import sys, torch, transformers
+model_dir, auto_class, batch, seq_len = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+model = getattr(transformers, auto_class).from_pretrained(
+    model_dir, dtype=torch.float32, attn_implementation="eager"
+).eval()
 generator = torch.Generator().manual_seed(0)
 ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=generator)
 with torch.no_grad():
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids))
-print(tuple(out.last_hidden_state.shape))
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+print(type(out).__name__)
 """
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """A random model made once with transformers (``save_pretrained``) and reused."""
+
+    name: str  # folder under bench/work/ and label in the tables
+    description: str
+    config_class: str
+    model_class: str
+    fields: dict[str, Any]
+    reference_class: str  # the transformers auto class the reference forward loads it with
+
+
+BERT_BASE = BenchModel(
+    "bert-base", "random bert-base (12 layers, hidden 768)", "BertConfig", "BertModel", {}, "AutoModel"
+)
+GPT2_SMALL = BenchModel(
+    "gpt2-small", "GPT-2 small (12 layers, 768)", "GPT2Config", "GPT2LMHeadModel", {}, "AutoModelForCausalLM"
+)
+LLAMA_1B = BenchModel(
+    "llama-1b",
+    "Llama-shaped 1.1B (16 layers, 2048, 32 heads / 8 KV, SwiGLU 8192, vocab 32000, untied)",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    ),
+    "AutoModelForCausalLM",
+)
+# --quick: the same families at toy sizes, to check the scenario runs.
+QUICK_DECODERS = (
+    BenchModel(
+        "gpt2-quick",
+        "GPT-2, 2 layers, 256",
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(n_layer=2, n_embd=256, n_head=8),
+        "AutoModelForCausalLM",
+    ),
+    BenchModel(
+        "llama-quick",
+        "Llama-shaped, 2 layers, 256, GQA 8/2",
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=32000,
+        ),
+        "AutoModelForCausalLM",
+    ),
+)
 
 
 @dataclass
@@ -505,29 +570,33 @@ def scenario_resume(ctx: Context) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ scenario 5
 
 
-def ensure_bert(folder: Path) -> Path:
-    """A bert-base-sized random BertModel saved with save_pretrained (made once, then reused)."""
+def ensure_model(model: BenchModel) -> Path:
+    """``model`` saved under bench/work/ (made once, then reused)."""
+    folder = bl.WORK_DIR / model.name
     if not (folder / "config.json").exists() or not list(folder.glob("*.safetensors")):
         bl.fresh_dir(folder)
-        result = bl.run([sys.executable, "-c", MAKE_BERT_SCRIPT, str(folder)], env=bl.clean_env())
+        argv = [sys.executable, "-c", MAKE_MODEL_SCRIPT, model.config_class, model.model_class]
+        result = bl.run([*argv, json.dumps(model.fields), str(folder)], env=bl.clean_env())
         if not result.ok:
-            raise RuntimeError(f"could not make the bert model: {result.stderr[-1000:]}")
+            raise RuntimeError(f"could not make {model.name}: {result.stderr[-1000:]}")
     return folder
 
 
-def scenario_compare(ctx: Context, seq_len: int = 128, batch: int = 1) -> dict[str, Any]:
-    """5. ``hfmirror compare`` vs the transformers forward pass alone: wall time and peak RSS."""
-    model = ensure_bert(bl.WORK_DIR / "bert-base")
-    weight_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+def measure_compare(ctx: Context, model: BenchModel, *, seq_len: int, batch: int) -> dict[str, Any]:
+    """``hfmirror compare`` vs the transformers forward pass alone, each in its own process:
+    {"tools": medians per process, "goals": wall time and peak RSS ratios, "weight_bytes": ...}."""
+    folder = ensure_model(model)
+    weight_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))  # saved in float32
     env = bl.clean_env(HF_HUB_OFFLINE="1")
+    shape = [str(batch), str(seq_len)]
     commands = {
-        "reference": [sys.executable, "-c", REFERENCE_SCRIPT, str(model), str(batch), str(seq_len)],
+        "reference": [sys.executable, "-c", REFERENCE_SCRIPT, str(folder), model.reference_class, *shape],
         "hfmirror compare": [
             sys.executable,
             "-m",
             "hfmirror",
             "compare",
-            str(model),
+            str(folder),
             "--seq-len",
             str(seq_len),
             "--batch",
@@ -549,7 +618,7 @@ def scenario_compare(ctx: Context, seq_len: int = 128, batch: int = 1) -> dict[s
                 }
             )
             print(
-                f"  run {i + 1}/{ctx.runs} {name:<17} {result.wall:6.2f}s  peak RSS "
+                f"  {model.name} run {i + 1}/{ctx.runs} {name:<17} {result.wall:6.2f}s  peak RSS "
                 f"{result.maxrss_mib:7.0f} MiB  exit {result.returncode}",
                 flush=True,
             )
@@ -567,36 +636,60 @@ def scenario_compare(ctx: Context, seq_len: int = 128, batch: int = 1) -> dict[s
     ours, ref = summary["hfmirror compare"], summary["reference"]
     time_ratio = ours["seconds"] / ref["seconds"]
     rss_ratio = ours["rss_mib"] * bl.MIB / weight_bytes
+    label = f"{model.name}: " if model is not BERT_BASE else ""
     goals = [
         {
-            "goal": "compare wall time <= 2.5x the reference forward alone",
+            "goal": f"{label}compare wall time <= 2.5x the reference forward alone",
             "measured": f"{time_ratio:.2f}x ({ours['seconds']:.2f} s vs {ref['seconds']:.2f} s)",
             "met": time_ratio <= 2.5,
         },
         {
-            "goal": "compare peak RSS <= 2.5x the fp32 weight bytes",
+            "goal": f"{label}compare peak RSS <= 2.5x the fp32 weight bytes",
             "measured": f"{rss_ratio:.2f}x ({ours['rss_mib']:.0f} MiB vs "
             f"{weight_bytes / bl.MIB:.0f} MiB of weights)",
             "met": rss_ratio <= 2.5,
         },
         {
-            "goal": "compare reports a match (exit 0)",
+            "goal": f"{label}compare reports a match (exit 0)",
             "measured": f"{ours['ok_runs']}/{ours['runs']} runs exit 0",
             "met": ours["ok_runs"] == ours["runs"],
         },
     ]
+    alone = ref["rss_mib"] * bl.MIB / weight_bytes
+    note = (
+        f"{model.name}: reference = {model.reference_class}.from_pretrained(fp32, eager) + one forward, "
+        f"in its own process; it alone peaks at {alone:.2f}x the weight bytes."
+    )
     return {
-        "title": f"5. hfmirror compare on a random bert-base (12 layers, hidden 768), "
-        f"batch {batch}, seq-len {seq_len}",
-        "tools": summary,
+        "tools": {f"{label}{name}": value for name, value in summary.items()},
         "goals": goals,
+        "notes": [note],
         "weight_bytes": weight_bytes,
-        "notes": [
-            f"Reference: BertModel.from_pretrained(fp32, eager) + one forward, in its own process. "
-            f"Peak RSS from os.wait4 (ru_maxrss) of each process. The reference alone peaks at "
-            f"{ref['rss_mib'] * bl.MIB / weight_bytes:.2f}x the weight bytes."
-        ],
     }
+
+
+def scenario_compare(ctx: Context, seq_len: int = 128, batch: int = 1) -> dict[str, Any]:
+    """5. ``hfmirror compare`` vs the transformers forward pass alone: wall time and peak RSS."""
+    measured = measure_compare(ctx, BERT_BASE, seq_len=seq_len, batch=batch)
+    return {
+        "title": f"5. hfmirror compare on a {BERT_BASE.description}, batch {batch}, seq-len {seq_len}",
+        **measured,
+        "notes": measured["notes"] + ["Peak RSS from os.wait4 (ru_maxrss) of each process."],
+    }
+
+
+def scenario_compare_decoders(ctx: Context, seq_len: int = 128, batch: int = 1) -> dict[str, Any]:
+    """5b. The same for decoders: GPT-2 small and a ~1B Llama-shaped model (random weights, float32)."""
+    models = QUICK_DECODERS if ctx.quick else (GPT2_SMALL, LLAMA_1B)
+    result: dict[str, Any] = {"tools": {}, "goals": [], "notes": [], "weight_bytes": {}}
+    for model in models:
+        measured = measure_compare(ctx, model, seq_len=seq_len, batch=batch)
+        result["tools"] |= measured["tools"]
+        result["goals"] += measured["goals"]
+        result["notes"] += measured["notes"]
+        result["weight_bytes"][model.name] = measured["weight_bytes"]
+    names = " and ".join(model.description for model in models)
+    return {"title": f"5b. hfmirror compare on decoders: {names}; batch {batch}, seq-len {seq_len}", **result}
 
 
 # ------------------------------------------------------------------------------------ scenario 6
@@ -696,6 +789,7 @@ SCENARIO_FUNCS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "small": scenario_small,
     "resume": scenario_resume,
     "compare": scenario_compare,
+    "compare-decoders": scenario_compare_decoders,
     "startup": scenario_startup,
     "serve_scale": server_bench.scenario_serve_scale,
 }

@@ -5,9 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .metrics import StageResult
+import torch
 
-__all__ = ["ComparisonReport"]
+from .metrics import NextTokenMetrics, StageResult
+
+__all__ = ["AttentionWeights", "ComparisonReport"]
+
+# Input fields too long for the table's one-line summary (they are in the JSON).
+_LONG_INPUT_FIELDS = ("texts", "input_ids", "attention_mask", "tokens", "compared_positions")
 
 
 def _sci(value: float | None) -> str:
@@ -17,6 +22,34 @@ def _sci(value: float | None) -> str:
 def _cosine_gap(value: float | None) -> str:
     # 1 - cosine: near-1 cosines all print as 1.0000, their distance from 1 is what tells them apart.
     return "-" if value is None else f"{max(1.0 - value, 0.0):.2e}"
+
+
+@dataclass
+class AttentionWeights:
+    """Every layer's attention weights, ours and the reference's: "layer.i" -> (B, nh, T, T).
+
+    Row q of head h is the query at position q's weighted look at the keys (it sums to 1).
+    ``causal``: a decoder's, where no query looks at a later key.
+    """
+
+    ours: dict[str, torch.Tensor]
+    reference: dict[str, torch.Tensor]
+    causal: bool
+
+    def for_row(self, row: int, tokens: list[str], *, text: str | None = None) -> Any:
+        """One input row's maps as the HTML report takes them (compare.html_attention.AttentionMaps),
+        cut to the row's ``len(tokens)`` real tokens (right padding dropped)."""
+        from .html_attention import AttentionMaps
+
+        length = len(tokens)
+        layers = sorted(self.ours, key=lambda name: int(name.split(".")[1]))
+
+        def cut(maps: dict[str, torch.Tensor]) -> list[Any]:
+            return [maps[name][row, :, :length, :length].double().numpy() for name in layers]  # (nh, T, T)
+
+        return AttentionMaps(
+            tokens=tokens, ours=cut(self.ours), reference=cut(self.reference), causal=self.causal, text=text
+        )
 
 
 @dataclass
@@ -39,6 +72,8 @@ class ComparisonReport:
     versions: dict[str, str]
     inputs: dict[str, Any] = field(default_factory=dict)  # what was fed in (source, shape, padding)
     reference: str = "transformers AutoModel, eager attention, eval, no_grad"
+    next_token: NextTokenMetrics | None = None  # models with an LM head only
+    attention: AttentionWeights | None = None  # only when asked for (not part of the JSON)
 
     @classmethod
     def from_stages(cls, stages: list[StageResult], **fields: Any) -> ComparisonReport:
@@ -71,6 +106,15 @@ class ComparisonReport:
             "inputs": dict(self.inputs),
             "reference": self.reference,
             "stages": [stage.to_dict() for stage in self.stages],
+            **self._next_token_fields(),
+        }
+
+    def _next_token_fields(self) -> dict[str, Any]:
+        if self.next_token is None:
+            return {}
+        return {
+            "next_token": self.next_token.to_dict(),
+            "top1": {"ours": self.next_token.top1_ours, "reference": self.next_token.top1_reference},
         }
 
     def verdict(self) -> str:
@@ -120,7 +164,9 @@ class ComparisonReport:
             ]
             return "  ".join([*parts, cells[-1]]).rstrip()
 
-        inputs = ", ".join(f"{key}={value}" for key, value in self.inputs.items() if key != "texts")
+        inputs = ", ".join(
+            f"{key}={value}" for key, value in self.inputs.items() if key not in _LONG_INPUT_FIELDS
+        )
         versions = ", ".join(f"{key} {value}" for key, value in self.versions.items())
         out = [
             f"model:     {self.model}",
@@ -129,11 +175,22 @@ class ComparisonReport:
             "(a stage passes when |ours - ref| <= atol + rtol * |ref| everywhere;",
             "           'budget used' is the largest |ours - ref| / (atol + rtol * |ref|): 1 is the limit)",
             f"input:     {inputs}",
+        ]
+        if "compared_positions" in self.inputs:
+            out.append(f"compared:  {self.inputs['compared_positions']}")
+        out += [
             "",
             line(headers),
             line(["-" * w for w in widths] + ["-" * len(headers[-1])]),
             *(line(row) for row in rows),
             "",
-            self.verdict(),
         ]
+        if self.next_token is not None:
+            metrics = self.next_token
+            out.append(
+                f"next token: the top-1 token agrees at {metrics.agreement:.1%} of {metrics.positions} real "
+                f"positions; KL(reference || ours) mean {_sci(metrics.kl_divergence_mean)}, "
+                f"max {_sci(metrics.kl_divergence_max)} nats"
+            )
+        out.append(self.verdict())
         return "\n".join(out)

@@ -3,35 +3,44 @@
 Order of work, chosen so that only one model is in memory at a time:
 
 1. read config.json and load *our* model (malformed checkpoints fail here, with a named tensor);
-2. build the input: the checkpoint's tokenizer on ``texts`` (a padded batch), or random ids with a
-   random padding pattern;
+2. build the input: the checkpoint's tokenizer (or ``tokenizer``) on ``texts`` (a padded batch), or
+   random ids with a random padding pattern;
 3. run ours, keep its stages, free it;
 4. load the reference (transformers, pinned), run it with hooks, keep its stages, free it;
-5. compare every stage in forward order (see compare.metrics for the metrics and the pass rule).
+5. compare every stage in forward order (see compare.metrics for the metrics and the pass rule), and,
+   for models with an LM head, the next-token predictions.
 """
 
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hfmirror.errors import CompareError
+from hfmirror.errors import CompareError, RemoteCodeError
 
-from .architectures import load_model
-from .metrics import StageResult, compare_tensors
-from .report import ComparisonReport
+from .architectures import LoadedModel, load_model
+from .metrics import StageResult, compare_tensors, next_token_metrics
+from .model import Recorder
+from .report import AttentionWeights, ComparisonReport
 
-__all__ = ["DEFAULT_TOLERANCES", "DTYPES", "compare_model_dir", "random_inputs"]
+__all__ = ["DEFAULT_TOLERANCES", "DTYPES", "compare_model_dir", "compare_stages", "random_inputs"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
-# (atol, rtol) per dtype. Measured on random BERTs with O(1) activations (see the tests): float32
+# (atol, rtol) per dtype. Measured on random models with O(1) activations (see the tests): float32
 # rounding reaches ~1e-6 at a 12-layer, 768-wide model, float64 ~1e-14; the smallest deliberate bug in
 # the tests (exact vs tanh GELU) moves a stage by ~1e-4. Both defaults sit between, with margin.
 DEFAULT_TOLERANCES = {"float32": (1e-5, 1e-5), "float64": (1e-10, 1e-10)}
+
+_ENCODER_POSITIONS = "all (padded keys are masked; padded rows are compared too)"
+_DECODER_POSITIONS = (
+    "hidden states and logits at every position, padded ones included (a padded position sees only "
+    "the real tokens before it, the same way in both); next-token agreement and KL at real positions only"
+)
 
 
 def random_inputs(
@@ -57,17 +66,6 @@ def random_inputs(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
 
 
-def _our_stages(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    stages: dict[str, torch.Tensor] = {}
-
-    def record(name: str, tensor: torch.Tensor) -> None:
-        stages[name] = tensor.detach()  # fresh tensors, never modified in place afterwards
-
-    with torch.no_grad():
-        model(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"], record=record)
-    return stages
-
-
 def compare_stages(
     ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], *, atol: float, rtol: float
 ) -> list[StageResult]:
@@ -88,6 +86,85 @@ def compare_stages(
     return results
 
 
+@dataclass
+class _Input:
+    """The batch both models get, and how the report describes it."""
+
+    tensors: dict[str, torch.Tensor]  # input_ids, attention_mask, token_type_ids: (B, T)
+    description: dict[str, Any]
+    note: str | None = None  # said to the user (e.g. why texts were not used)
+
+
+def _tokenized(
+    model_dir: Path, tokenizer: str | Path | None, texts: list[str], loaded: LoadedModel
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any], str | None]:
+    """(inputs, description, note); inputs None when the tokenizer is custom code."""
+    from . import reference
+
+    source = Path(tokenizer) if tokenizer is not None else model_dir
+    try:
+        loaded_tokenizer = reference.load_tokenizer(source)
+    except RemoteCodeError as error:
+        note = f"{error}: comparing on random token ids instead (pass --tokenizer DIR_OR_REPO to use another)"
+        return None, {"texts_not_used": list(texts)}, note
+    limit, _ = loaded.config.sequence_limit()
+    tensors = reference.tokenize(
+        loaded_tokenizer, texts, max_length=limit, vocab_size=loaded.config.vocab_size
+    )
+    tokens = [loaded_tokenizer.convert_ids_to_tokens(row) for row in tensors["input_ids"].tolist()]
+    description = {"source": "text", "texts": list(texts), "tokenizer": str(source), "tokens": tokens}
+    return tensors, description, None
+
+
+def _make_input(
+    model_dir: Path,
+    loaded: LoadedModel,
+    *,
+    texts: list[str] | None,
+    tokenizer: str | Path | None,
+    seq_len: int,
+    batch: int,
+    seed: int,
+) -> _Input:
+    config = loaded.config
+    tensors, description, note = None, {}, None
+    if texts:
+        tensors, description, note = _tokenized(model_dir, tokenizer, texts, loaded)
+    if tensors is None:
+        limit, why = config.sequence_limit()
+        if seq_len > limit:
+            raise CompareError(f"seq_len {seq_len} is longer than the model takes: {limit} ({why})")
+        tensors = random_inputs(
+            batch=batch,
+            seq_len=seq_len,
+            seed=seed,
+            vocab_size=config.vocab_size,
+            type_vocab_size=getattr(config, "type_vocab_size", 1),
+            pad_token_id=config.pad_token_id,
+        )
+        description |= {"source": "random token ids", "seed": seed}
+    mask = tensors["attention_mask"]
+    description |= {
+        "batch": mask.shape[0],
+        "seq_len": mask.shape[1],
+        "padded_positions": int((mask == 0).sum()),
+        "compared_positions": _DECODER_POSITIONS if loaded.architecture.has_lm_head else _ENCODER_POSITIONS,
+        "input_ids": tensors["input_ids"].tolist(),
+        "attention_mask": mask.tolist(),
+    }
+    if note:
+        description["note"] = note
+    return _Input(tensors=tensors, description=description, note=note)
+
+
+def _our_run(loaded: LoadedModel, inputs: dict[str, torch.Tensor], *, keep_attention: bool) -> Recorder:
+    record = Recorder(keep_attention=keep_attention)
+    token_types = inputs["token_type_ids"] if loaded.architecture.uses_token_types else None
+    with torch.no_grad():
+        loaded.model(inputs["input_ids"], inputs["attention_mask"], token_types, record=record)
+    return record
+
+
 def compare_model_dir(
     model_dir: str | Path,
     *,
@@ -99,16 +176,23 @@ def compare_model_dir(
     atol: float | None = None,
     rtol: float | None = None,
     model_name: str | None = None,
+    tokenizer: str | Path | None = None,
+    keep_attention: bool = False,
+    on_note: Any = None,
 ) -> ComparisonReport:
     """Compare our from-scratch model with transformers on the checkpoint in ``model_dir``.
 
     Args:
         model_dir: a folder with config.json and weights (and a tokenizer, if ``texts`` are given).
         texts: sentences to tokenise as one padded batch; if None or empty, random token ids are used.
-        seq_len, batch, seed: shape and seed of the random input (ignored when ``texts`` are given).
+        seq_len, batch, seed: shape and seed of the random input (ignored when ``texts`` are used).
         dtype: "float32" or "float64", used by both models.
         atol, rtol: tolerances (default: ``DEFAULT_TOLERANCES[dtype]``).
         model_name: how to name the model in the report (default: ``model_dir``).
+        tokenizer: a folder whose tokenizer to use instead of the checkpoint's.
+        keep_attention: also keep every layer's attention weights, ours and the reference's
+            (``report.attention``).
+        on_note: called with a one-line note the user should see (e.g. texts not used), if given.
 
     Returns:
         A :class:`ComparisonReport`; ``report.passed`` is False when any stage differs.
@@ -128,56 +212,47 @@ def compare_model_dir(
     if atol < 0 or rtol < 0:
         raise CompareError("atol and rtol must not be negative")
     torch_dtype = DTYPES[dtype]
+    model_dir = Path(model_dir)
 
     from . import reference  # imports transformers lazily, only when a comparison actually runs
 
     # 1. Ours first: a malformed checkpoint fails here with the tensor named.
     loaded = load_model(model_dir, dtype=torch_dtype)
-    config = loaded.config
+    architecture, config, options = loaded.architecture, loaded.config, loaded.options
 
     # 2. The input.
-    description: dict[str, Any]
-    if texts:
-        inputs = reference.tokenize(model_dir, texts, max_length=config.max_position_embeddings)
-        description = {"source": "text", "texts": list(texts)}
-    else:
-        if seq_len > config.max_position_embeddings:
-            raise CompareError(
-                f"seq_len {seq_len} is longer than the model's max_position_embeddings "
-                f"({config.max_position_embeddings})"
-            )
-        inputs = random_inputs(
-            batch=batch,
-            seq_len=seq_len,
-            seed=seed,
-            vocab_size=config.vocab_size,
-            type_vocab_size=config.type_vocab_size,
-            pad_token_id=config.pad_token_id,
-        )
-        description = {"source": "random token ids", "seed": seed}
-    mask = inputs["attention_mask"]
-    description |= {
-        "batch": mask.shape[0],
-        "seq_len": mask.shape[1],
-        "padded_positions": int((mask == 0).sum()),
-        "compared_positions": "all (padded keys are masked; padded rows are compared too)",
-    }
+    batch_input = _make_input(
+        model_dir, loaded, texts=texts, tokenizer=tokenizer, seq_len=seq_len, batch=batch, seed=seed
+    )
+    if batch_input.note and on_note is not None:
+        on_note(batch_input.note)
+    inputs = batch_input.tensors
 
     # 3. Run ours, then let it go before the reference is loaded.
-    ours = _our_stages(loaded.model, inputs)
-    model_type = loaded.architecture.model_type
-    options = loaded.options
+    ours = _our_run(loaded, inputs, keep_attention=keep_attention)
     del loaded
     gc.collect()
 
     # 4. The reference.
-    ref_model = reference.load_reference(model_dir, model_type=model_type, dtype=torch_dtype, options=options)
-    theirs = reference.reference_stages(ref_model, model_type, inputs)
+    ref_model = reference.load_reference(
+        model_dir, architecture=architecture, config=config, dtype=torch_dtype, options=options
+    )
+    reference_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    if architecture.uses_token_types:
+        reference_inputs["token_type_ids"] = inputs["token_type_ids"]
+    theirs = reference.reference_stages(
+        ref_model, architecture.reference, reference_inputs, keep_attention=keep_attention
+    )
     del ref_model
     gc.collect()
 
     # 5. Compare.
-    stages = compare_stages(ours, theirs, atol=atol, rtol=rtol)
+    stages = compare_stages(ours.stages, theirs.stages, atol=atol, rtol=rtol)
+    next_token = None
+    if architecture.has_lm_head and "logits" in ours.stages and "logits" in theirs.stages:
+        next_token = next_token_metrics(
+            ours.stages["logits"], theirs.stages["logits"], inputs["attention_mask"]
+        )
     return ComparisonReport.from_stages(
         stages,
         model=model_name or str(model_dir),
@@ -185,5 +260,12 @@ def compare_model_dir(
         atol=atol,
         rtol=rtol,
         versions=reference.versions(),
-        inputs=description,
+        inputs=batch_input.description,
+        reference=architecture.describe_reference(),
+        next_token=next_token,
+        attention=(
+            AttentionWeights(ours=ours.attention, reference=theirs.attention, causal=architecture.has_lm_head)
+            if keep_attention
+            else None
+        ),
     )

@@ -17,6 +17,7 @@ import json
 import pickle
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,11 +28,43 @@ from hfmirror.errors import HfMirrorError, WeightLoadError
 from hfmirror.paths import validate_relative_path
 
 __all__ = [
+    "Transposed",
+    "WeightMap",
     "checkpoint_files",
     "checkpoint_tensor_names",
     "iter_checkpoint_tensors",
     "load_weights",
+    "source_name",
+    "split_by_piece",
 ]
+
+
+@dataclass(frozen=True)
+class Transposed:
+    """A weight map entry for a checkpoint tensor stored (in, out), as GPT-2's Conv1D layers store it
+    (they compute ``x @ W + b``): it is transposed on loading into nn.Linear's (out, in)."""
+
+    name: str
+
+
+# Our parameter name -> the checkpoint tensor it is read from (by name, or Transposed). Several of our
+# parameters may read one tensor (a tied LM head and the token embeddings); they then share it.
+WeightMap = dict[str, "str | Transposed"]
+
+
+def split_by_piece(weight_map: WeightMap, pieces: dict[str, tuple[str, ...]]) -> dict[str, WeightMap]:
+    """The weight map of each piece of a model (``TransformerModel.piece_prefixes()``), so that the
+    tensors of one piece (the embeddings, layer i, the final modules) can be found and loaded alone."""
+    return {
+        piece: {ours: source for ours, source in weight_map.items() if ours.startswith(prefixes)}
+        for piece, prefixes in pieces.items()
+    }
+
+
+def source_name(source: str | Transposed) -> str:
+    """The checkpoint tensor name of a weight map entry."""
+    return source.name if isinstance(source, Transposed) else source
+
 
 # In order of preference, like transformers: safetensors first, the pickle format as a fallback.
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -143,7 +176,7 @@ def checkpoint_tensor_names(files: list[Path]) -> set[str]:
 def load_weights(
     model: nn.Module,
     files: list[Path],
-    weight_map: dict[str, str],
+    weight_map: WeightMap,
     *,
     rename: Callable[[str], str | None],
     dtype: torch.dtype,
@@ -153,7 +186,7 @@ def load_weights(
     Args:
         model: a model whose parameters are exactly the keys of ``weight_map`` (may be on "meta").
         files: the checkpoint files (see :func:`checkpoint_files`).
-        weight_map: our parameter name -> the checkpoint tensor name (after ``rename``).
+        weight_map: our parameter name -> the checkpoint tensor (after ``rename``), see :data:`WeightMap`.
         rename: checkpoint name -> canonical name, or None for a tensor to ignore (e.g. a task head).
         dtype: the floating-point dtype to store parameters in.
 
@@ -164,36 +197,51 @@ def load_weights(
         WeightLoadError: a tensor that is missing, unexpected, duplicated or has the wrong shape;
             the message names it.
     """
-    expected = {name: tuple(param.shape) for name, param in model.named_parameters()}
+    expected = {name: tuple(param.shape) for name, param in model.named_parameters(remove_duplicate=False)}
     if set(expected) != set(weight_map):  # a bug in the weight map, not in the checkpoint
         raise AssertionError(
             f"weight map does not match the model: {sorted(set(expected) ^ set(weight_map))}"
         )
-    ours_for = {theirs: ours for ours, theirs in weight_map.items()}
+    readers: dict[str, list[str]] = {}  # checkpoint name -> our parameters read from it
+    for ours, source in weight_map.items():
+        readers.setdefault(source_name(source), []).append(ours)
 
     state: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
     for raw_name, tensor in iter_checkpoint_tensors(files):
         name = rename(raw_name)
         if name is None:
             continue
-        ours = ours_for.get(name)
-        if ours is None:
+        if name not in readers:
             raise WeightLoadError(f"unexpected tensor {raw_name!r} in the checkpoint (no parameter for it)")
-        if ours in state:
+        if name in seen:
             raise WeightLoadError(f"tensor {raw_name!r} appears twice in the checkpoint")
-        if tuple(tensor.shape) != expected[ours]:
-            raise WeightLoadError(
-                f"tensor {raw_name!r} has shape {tuple(tensor.shape)}, expected {expected[ours]} "
-                f"(from config.json)"
-            )
+        seen.add(name)
         if not tensor.is_floating_point():
             raise WeightLoadError(f"tensor {raw_name!r} has dtype {tensor.dtype}, expected floating point")
-        state[ours] = tensor.to(dtype)  # no copy when the dtype already matches
+        converted = tensor.to(dtype)  # no copy when the dtype already matches
+        for ours in readers[name]:
+            state[ours] = _fitted(raw_name, converted, weight_map[ours], expected[ours])
 
-    missing = [weight_map[ours] for ours in weight_map if ours not in state]
+    missing = sorted({source_name(weight_map[ours]) for ours in weight_map if ours not in state})
     if missing:
         shown = ", ".join(repr(name) for name in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise WeightLoadError(f"missing tensor(s) in the checkpoint: {shown}{more}")
     model.load_state_dict(state, strict=True, assign=True)
     return model
+
+
+def _fitted(
+    raw_name: str, tensor: torch.Tensor, source: str | Transposed, expected: tuple[int, ...]
+) -> torch.Tensor:
+    """``tensor`` in the layout of its parameter (transposed if the map says so), shape-checked."""
+    transposed = isinstance(source, Transposed)
+    stored = expected[::-1] if transposed else expected
+    if tuple(tensor.shape) != stored:
+        layout = " (stored (in, out) and transposed on loading)" if transposed else ""
+        raise WeightLoadError(
+            f"tensor {raw_name!r} has shape {tuple(tensor.shape)}, expected {stored}{layout} "
+            "(from config.json)"
+        )
+    return tensor.t().contiguous() if transposed else tensor

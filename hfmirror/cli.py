@@ -7,25 +7,31 @@ Exit codes (also in the README):
 1     ``compare`` found a stage that does not match; or an unexpected bug
 2     bad input: usage errors, malformed repo id, unsafe names, unsupported model or checkpoint;
       ``serve``: a port already in use
-3     not found: repository, revision or file
+3     not found: repository, revision or file, on every endpoint
 4     access denied: gated or private repository (try ``--token``)
-5     network: no endpoint reachable, or retries ran out
+5     network: no endpoint reachable or giving Hub answers, retries ran out, a Retry-After over the
+      limit; or offline without every file asked for
 6     integrity: a file's size or checksum never matched
-7     storage: not enough disk space, or the target is not writable
-8     the server sent a listing that would write outside the target
+7     storage: no disk space, the target is not writable, or something on disk is in the way
+8     the server sent a listing with unsafe names (outside the target, ``.git``, ``.cache``)
 130   interrupted (Ctrl-C); partial data is kept and a re-run resumes
 ====  =====================================================================
 
 Heavy modules (torch, transformers, the server stack) are imported inside the commands that need
 them, so ``hfmirror --help`` stays instant.
+
+What the library wants a user to know while it runs (a long wait, a failover) it logs as a warning on
+the ``hfmirror`` logger; :func:`notices_on_stderr` is what shows those, one line each, on stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +86,35 @@ def exit_code_for(error: BaseException) -> int:
         if isinstance(error, error_class):
             return code
     return EXIT_MISMATCH
+
+
+class _NoticeHandler(logging.Handler):
+    """Writes each record as ``<prefix>: <message>`` on the stderr of the moment (above any progress bar)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(logging.WARNING)
+        self.prefix = prefix
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(f"{self.prefix}: {record.getMessage()}", file=sys.stderr)
+        except Exception:  # a notice must never break a download
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def notices_on_stderr(enabled: bool, *, prefix: str = "hfmirror") -> Iterator[None]:
+    """While the block runs, show the library's warnings on stderr; with ``enabled`` False (``-q``,
+    ``--json``), show none, not even through Python's last-resort handler."""
+    logger = logging.getLogger("hfmirror")
+    handler: logging.Handler = _NoticeHandler(prefix) if enabled else logging.NullHandler()
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -220,23 +255,24 @@ def download(
     """
     from .download import download as run_download
 
-    result = run_download(
-        repo_id,
-        filenames=list(filenames) or None,
-        revision=revision,
-        repo_type=repo_type,
-        include=list(include) or None,
-        exclude=list(exclude) or None,
-        local_dir=local_dir,
-        cache_dir=cache_dir,
-        endpoints=list(endpoints) or None,
-        token=token,
-        max_workers=max_workers,
-        connections=connections,
-        stall_timeout=stall_timeout,
-        dry_run=dry_run,
-        progress=not (quiet or as_json),
-    )
+    with notices_on_stderr(not (quiet or as_json)):
+        result = run_download(
+            repo_id,
+            filenames=list(filenames) or None,
+            revision=revision,
+            repo_type=repo_type,
+            include=list(include) or None,
+            exclude=list(exclude) or None,
+            local_dir=local_dir,
+            cache_dir=cache_dir,
+            endpoints=list(endpoints) or None,
+            token=token,
+            max_workers=max_workers,
+            connections=connections,
+            stall_timeout=stall_timeout,
+            dry_run=dry_run,
+            progress=not (quiet or as_json),
+        )
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     elif not quiet:

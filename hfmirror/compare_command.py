@@ -18,6 +18,23 @@ __all__ = ["compare"]
 
 EXIT_MISMATCH = 1  # as documented in hfmirror.cli
 
+# compare.architectures.supported_model_types(), written out so that --help needs no torch (a test
+# keeps the two equal).
+SUPPORTED_MODEL_TYPES = (
+    "bert",
+    "gpt2",
+    "llama",
+    "mistral",
+    "qwen",
+    "qwen2",
+    "qwen3",
+    "roberta",
+    "xlm-roberta",
+)
+
+# What --tokenizer REPO downloads: the tokenizer's files, not the weights.
+TOKENIZER_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken")
+
 
 @click.command()
 @click.argument("model")
@@ -29,6 +46,12 @@ EXIT_MISMATCH = 1  # as documented in hfmirror.cli
     help="A sentence to run through both models (repeatable; tokenised as one padded batch, so "
     "texts of different lengths exercise the padding mask). "
     "Without --text, random token ids with random padding are used.",
+)
+@click.option(
+    "--tokenizer",
+    metavar="DIR_OR_REPO",
+    help="Tokenise --text with this tokenizer (a folder, or a repo id whose tokenizer files are "
+    "downloaded) instead of the checkpoint's. Custom tokenizer code is never run.",
 )
 @click.option(
     "--seq-len",
@@ -87,6 +110,7 @@ EXIT_MISMATCH = 1  # as documented in hfmirror.cli
 def compare(
     model: str,
     texts: tuple[str, ...],
+    tokenizer: str | None,
     seq_len: int,
     batch: int,
     seed: int,
@@ -102,36 +126,46 @@ def compare(
     """Compare our from-scratch implementation of MODEL with transformers, stage by stage.
 
     MODEL is a local folder (config.json + weights) or a repo id, which is downloaded first.
-    Every stage (embeddings; per layer: attention, attention_add_norm, feed_forward, output;
-    last_hidden_state; pooler) is compared; the first one outside tolerance is named.
-    Exit status: 0 all stages match, 1 a stage differs.
+    Supported model types: bert, gpt2, llama, mistral, qwen (Qwen v1, e.g. Qwen/Qwen-7B), qwen2,
+    qwen3, roberta, xlm-roberta.
+
+    Every stage is compared and the first one outside tolerance is named. Encoders: embeddings;
+    per layer attention, attention_add_norm, feed_forward, output; last_hidden_state; pooler.
+    Decoders: embeddings; per layer attention, attention_residual, mlp, output; final_norm; logits,
+    plus next-token agreement and KL divergence. Exit status: 0 all stages match, 1 a stage differs.
 
     \b
     Examples:
       hfmirror compare bert-base-uncased
-      hfmirror compare ./bert --text "the cat sat on the mat" --text "hello"
-      hfmirror compare ./bert --dtype float64 --json
+      hfmirror compare Qwen/Qwen-7B
+      hfmirror compare ./gpt2 --text "the cat sat on the mat" --text "hello"
+      hfmirror compare ./llama --dtype float64 --json
     """
     from compare.runner import compare_model_dir
 
-    if Path(model).is_dir():
-        model_dir = Path(model)
-    else:
+    def fetch(repo_id: str, **only: object) -> Path:
+        """A local folder as it is; a repo id downloaded (or found in the cache) first."""
+        if Path(repo_id).is_dir():
+            return Path(repo_id)
         from hfmirror.download import download
 
         result = download(
-            model,
-            revision=revision,
+            repo_id,
             endpoints=list(endpoints) or None,
             token=token,
             cache_dir=cache_dir,
             progress=not as_json,
+            **only,
         )
-        model_dir = Path(result.path)
+        return Path(result.path)
+
+    model_dir = fetch(model, revision=revision)
+    tokenizer_dir = fetch(tokenizer, include=list(TOKENIZER_FILES)) if tokenizer and texts else None
 
     report = compare_model_dir(
         model_dir,
         texts=list(texts) or None,
+        tokenizer=tokenizer_dir,
         seq_len=seq_len,
         batch=batch,
         seed=seed,
@@ -139,6 +173,7 @@ def compare(
         atol=atol,
         rtol=rtol,
         model_name=model,
+        on_note=lambda note: click.echo(f"hfmirror: note: {note}", err=True),
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

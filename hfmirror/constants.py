@@ -74,10 +74,33 @@ MAX_RETRIES = 8
 MAX_VERIFY_ATTEMPTS = 3
 # Consecutive connection-level failures on an endpoint before we fail over to the next one.
 FAILOVER_AFTER = 3
+# Rate-limit pauses (429/503, each waited out) in a row, with no success between them, before an
+# endpoint counts as one that keeps refusing and the run moves to the next. One 429 is a rate limit to
+# obey; an endpoint that answers 429 again after every pause it asked for is not going to serve us.
+RATE_LIMITED_FAILOVER_AFTER = 3
 BACKOFF_BASE = 0.5
 BACKOFF_MAX = 30.0
-# Longest Retry-After we honour; a server asking for more is treated as failing.
+# Longest Retry-After (or RateLimit reset) we wait out. The Hub counts requests per 5-minute window,
+# so a rate limit it (or a mirror copying it) sets never asks for more than 300 s: everything the Hub
+# itself would ask for is obeyed. A server asking for more is not pacing us but shutting us out (a
+# daily quota, a ban): the run fails over at once, or fails saying so, instead of sitting silent.
 MAX_RETRY_AFTER = 300.0
+# Waits at least this long are announced on stderr (by the CLI; never with -q or --json), and so is a
+# listing request still unanswered after SILENCE_NOTICE_SECONDS.
+NOTICE_WAIT_SECONDS = 3.0
+SILENCE_NOTICE_SECONDS = 10.0
+
+# The listing: seconds to wait for its answer to begin, and for the whole of it to arrive (a server
+# trickling a byte at a time is cut off), and the most of it we read. The largest Hub repos list about
+# 100,000 files, ~22 MB with checksums; 64 MiB leaves room and bounds what a hostile server can make
+# us hold.
+LISTING_TIMEOUT = 30.0
+LISTING_DEADLINE = 120.0
+LISTING_MAX_BYTES = 64 * 1024 * 1024
+# Error answers (4xx/5xx) are read, when they are small and quick, only so that their connection can
+# be reused; a larger or slower one is cut off and its connection closed.
+ERROR_BODY_MAX = 64 * 1024
+ERROR_BODY_DEADLINE = 5.0
 # Disk space kept free beyond what the download needs.
 FREE_SPACE_MARGIN = 64 * 1024 * 1024
 

@@ -7,11 +7,16 @@
 4. Download again: it resumes from the saved ranges, and the server's byte count shows that almost
    nothing was fetched twice. Every file is verified before it gets its final name.
 5. Run ``hfmirror compare`` on the result: our from-scratch BERT against transformers, stage by stage.
+
+Every step checks what it then reports: a download process that fails (its stderr is shown), a kill
+that came too late, a second run that did not resume, or a comparison that does not pass each end
+the demo with a line saying ``FAILED`` and what went wrong, never with a claim it did not check.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -62,6 +67,41 @@ def make_demo_model(folder: Path) -> Path:
     return folder
 
 
+def download_command(url: str, cache: Path) -> list[str]:
+    """The first download, as a user would type it (run in another process, to be killed)."""
+    return [
+        sys.executable,
+        "-m",
+        "hfmirror",
+        "download",
+        REPO_ID,
+        "--endpoint",
+        url,
+        "--cache-dir",
+        str(cache),
+        "--connections",
+        "4",
+        "-q",
+    ]
+
+
+def _same_code_environment() -> dict[str, str]:
+    """The environment for a child process that must import this very hfmirror.
+
+    ``python -m`` puts the current folder first on ``sys.path``: run from a folder holding a folder named
+    ``hfmirror`` (a clone's parent), the child would import that instead, and fail. So the child runs in
+    the demo's own folder, with PYTHONSAFEPATH (Python 3.11+: no current folder on the path at all), and
+    with the folder this package was imported from first on PYTHONPATH.
+    """
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    paths = [package_parent] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONSAFEPATH": "1"}
+
+
+def _tail(text: str, lines: int = 5) -> str:
+    return "\n".join("   | " + line for line in text.strip().splitlines()[-lines:]) or "   | (nothing)"
+
+
 def _saved_bytes(state_file: Path) -> int:
     try:
         return sum(pos - start for start, pos, _ in json.loads(state_file.read_text())["segments"])
@@ -72,7 +112,8 @@ def _saved_bytes(state_file: Path) -> int:
 def run_demo(
     workdir: str | Path | None = None, *, keep: bool = False, echo: Callable[[str], None] = print
 ) -> bool:
-    """Run the demo; return True if the comparison passed. ``echo`` receives each line of the story."""
+    """Run the demo; True if every step did what it says (the comparison included). ``echo`` receives each
+    line of the story."""
     from compare.runner import compare_model_dir
 
     from .download import download
@@ -106,49 +147,55 @@ def run_demo(
                 / (oid + constants.PARTIAL_SUFFIX + constants.STATE_SUFFIX)
             )
             process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "hfmirror",
-                    "download",
-                    REPO_ID,
-                    "--endpoint",
-                    server.url,
-                    "--cache-dir",
-                    str(cache),
-                    "--connections",
-                    "4",
-                    "-q",
-                ],
+                download_command(server.url, cache),
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=base,
+                env=_same_code_environment(),
             )
             deadline = time.monotonic() + 60
             while _saved_bytes(state_file) < KILL_AT * size and process.poll() is None:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.02)
+            ended_by_itself = process.poll() is not None
             process.kill()
-            process.wait()
+            _, errors = process.communicate()
             kept = _saved_bytes(state_file)
             sent_before = plan.bytes_sent(f"*/{WEIGHTS}")
+            if ended_by_itself:
+                echo(f"FAILED: the download ended (exit {process.returncode}) before it could be killed:")
+                echo(_tail(errors))
+                return False
+            if kept <= 0:
+                echo("FAILED: the download saved nothing in 60 s before it was killed; its stderr said:")
+                echo(_tail(errors))
+                return False
             echo(f"   killed: {_mib(kept)} saved with their ranges; the server had sent {_mib(sent_before)}")
 
             echo("4. Downloading again: it resumes, fetching only what is missing, and verifies every file")
             result = download(REPO_ID, endpoints=[server.url], cache_dir=cache, progress=True)
             sent_total = plan.bytes_sent(f"*/{WEIGHTS}")
             echo(f"   {result.describe()}")
+            resumed = {f.path: f.resumed_bytes for f in result.files}.get(WEIGHTS, 0)
+            if resumed <= 0:
+                echo(f"FAILED: the second download did not resume {WEIGHTS}: it started again from zero")
+                return False
             echo(
-                f"   {WEIGHTS}: {_mib(size)} file, {_mib(sent_total)} sent by the server over both runs "
-                f"({sent_total / size:.3f}x the file size)"
+                f"   {WEIGHTS}: {_mib(size)} file, {_mib(resumed)} kept from the first run; "
+                f"{_mib(sent_total)} sent by the server in both runs ({sent_total / size:.3f}x the file size)"
             )
             echo(f"   files are in {result.path}")
 
         echo("5. Comparing our from-scratch BERT with transformers on the downloaded checkpoint")
         report = compare_model_dir(result.path, texts=DEMO_TEXTS, model_name=REPO_ID)
         echo(report.render_table())
+        if not report.passed:
+            echo("FAILED: our BERT does not match transformers (see the first failing stage above)")
+            return False
         echo(f"Demo finished in {time.monotonic() - started:.1f}s.")
-        return report.passed
+        return True
     finally:
         if workdir is None and not keep:
             shutil.rmtree(base, ignore_errors=True)

@@ -12,8 +12,12 @@ The steps, in order:
    then renamed into place (:mod:`hfmirror.layout`).
 6. Record ``refs/<revision>`` and return a :class:`DownloadResult`.
 
-With no network (no endpoint answers, or ``HF_HUB_OFFLINE=1``), a snapshot of the revision already in
-the cache is returned instead, as huggingface_hub does.
+With no network (no endpoint answers, or ``HF_HUB_OFFLINE=1``), what the cache or the local folder
+already holds is the answer, as with huggingface_hub, but only if it holds everything asked for
+(:mod:`hfmirror.offline`).
+
+Library code reports what a user should know while it runs (waits, failovers) as warnings on the
+``hfmirror`` logger; the CLI shows them on stderr.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +45,10 @@ from .errors import (
     NetworkError,
     NotWritableError,
     StorageError,
-    UnsafePathError,
 )
-from .hashing import is_git_sha1
-from .layout import CacheLayout, Layout, LocalDirLayout, repo_folder_name
+from .layout import CacheLayout, Layout, LocalDirLayout, storage_errors
 from .listing import RemoteFile, filter_files, list_repo, validate_repo_id, validate_revision
-from .paths import safe_join
+from .offline import offline_answer
 from .progress import Progress
 from .transfer import FileTransfer, TransferOptions, TransferStats
 
@@ -81,6 +83,8 @@ class DownloadResult:
     verify_failures: int = 0
     restarts: int = 0
     dry_run: bool = False
+    failovers: int = 0  # times the run moved to another endpoint
+    endpoints: list[dict[str, Any]] = field(default_factory=list)  # what each endpoint did (Endpoint.outcome)
 
     @property
     def total_bytes(self) -> int:
@@ -103,6 +107,8 @@ class DownloadResult:
             "rate_limited": self.rate_limited,
             "verify_failures": self.verify_failures,
             "restarts": self.restarts,
+            "failovers": self.failovers,
+            "endpoints": self.endpoints,
         }
 
     def describe(self) -> str:
@@ -121,11 +127,13 @@ class DownloadResult:
             return "\n".join(lines)
         fetched = sum(1 for f in self.files if f.status == "downloaded")
         speed = self.bytes_downloaded / self.seconds if self.seconds > 0 else 0.0
+        left = [f"{e['url']} ({e['abandoned']})" for e in self.endpoints if e.get("abandoned")]
         return (
             f"{len(self.files)} files ({_size(self.total_bytes)}): {fetched} downloaded, "
             f"{len(self.files) - fetched} already present; {_size(self.bytes_downloaded)} in "
             f"{self.seconds:.1f}s ({_size(speed)}/s); {self.retries} retries, "
-            f"{self.rate_limited} rate-limited; endpoint {self.endpoint}"
+            f"{self.rate_limited} rate-limited, {self.failovers} failovers; endpoint {self.endpoint}"
+            + (f"; left: {', '.join(left)}" if left else "")
         )
 
 
@@ -218,30 +226,60 @@ def download(
     cache_base = (
         Path(cache_dir).expanduser() if cache_dir is not None else constants.default_cache_dir()
     ).absolute()
-    offline = local_dir is None and _offline_mode()
+    target = Path(local_dir).expanduser().absolute() if local_dir is not None else None
+    stats = TransferStats()
+    cancel = threading.Event()
+
+    def answer_offline(reason: str) -> DownloadResult:
+        answer = offline_answer(
+            repo_id,
+            repo_type=repo_type,
+            revision=revision,
+            filenames=filenames,
+            include=include,
+            exclude=exclude,
+            cache_dir=cache_base,
+            local_dir=target,
+            reason=reason,
+        )
+        return DownloadResult(
+            repo_id=repo_id,
+            repo_type=repo_type,
+            revision=revision,
+            commit=answer.commit,
+            path=answer.path,
+            endpoint=OFFLINE_ENDPOINT,
+            files=[FileOutcome(path, size, "present") for path, size in answer.files],
+            bytes_downloaded=0,
+            seconds=time.monotonic() - started,
+            dry_run=dry_run,
+        )
+
+    if _offline_mode():
+        return answer_offline("offline mode (HF_HUB_OFFLINE is set)")
     try:
-        if offline:
-            raise NetworkError("offline mode (HF_HUB_OFFLINE is set)")
         listing = list_repo(
-            pool, repo_id, repo_type=repo_type, revision=revision, token=token, session=sessions.get()
+            pool,
+            repo_id,
+            repo_type=repo_type,
+            revision=revision,
+            token=token,
+            session=sessions.get(),
+            stats=stats,
+            cancel=cancel,
         )
     except NetworkError as error:
-        # Like huggingface_hub: with no network, a snapshot already in the cache is still an answer.
-        cached = None if local_dir is not None else _cached_snapshot(cache_base, repo_id, repo_type, revision)
-        if cached is None:
-            raise
-        logger.warning("%s; using the copy of %s already in the cache", error, repo_id)
-        cached.seconds = time.monotonic() - started
-        return cached
+        # Like huggingface_hub: with no network, what is already here is still an answer.
+        answer = answer_offline(str(error))
+        logger.warning("%s; using the copy already here", error)
+        return answer
     files = filter_files(listing.files, filenames=filenames, include=include, exclude=exclude)
     layout: Layout
-    if local_dir is not None:
-        layout = LocalDirLayout(listing, Path(local_dir).expanduser().absolute())
+    if target is not None:
+        layout = LocalDirLayout(listing, target)
     else:
         layout = CacheLayout(listing, cache_base)
 
-    stats = TransferStats()
-    cancel = threading.Event()
     options = TransferOptions(connections=connections, stall_timeout=stall_timeout, token=token)
 
     def transfer_for(file: RemoteFile, on_bytes=lambda n: None) -> FileTransfer:
@@ -267,12 +305,17 @@ def download(
             path=layout.result_path,
             files=files,
             seconds=time.monotonic() - started,
+            endpoint=pool.current.shown,
+            retries=stats.retries,
+            rate_limited=stats.rate_limited,
+            failovers=pool.failovers,
+            endpoints=[endpoint.outcome() for endpoint in pool.endpoints],
             **fields,
         )
 
     if dry_run:
         plan = [_plan_entry(layout, f, transfer_for(f)) for f in files]
-        return result(plan, endpoint=listing.endpoint, bytes_downloaded=0, dry_run=True)
+        return result(plan, bytes_downloaded=0, dry_run=True)
 
     _ensure_writable(layout.storage_root())
     present = {f.path for f in files if _complete_without_lock(layout, f)}
@@ -306,49 +349,17 @@ def download(
     layout.finish_revision()
     return result(
         [outcomes[f.path] for f in files],
-        endpoint=pool.current.url,
         bytes_downloaded=stats.bytes_fetched,
-        retries=stats.retries,
-        rate_limited=stats.rate_limited,
         verify_failures=stats.verify_failures,
         restarts=stats.restarts,
     )
 
 
+OFFLINE_ENDPOINT = "(offline: local copy)"
+
+
 def _offline_mode() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _cached_snapshot(cache: Path, repo_id: str, repo_type: str, revision: str) -> DownloadResult | None:
-    """The cached snapshot of ``revision`` (a branch recorded in ``refs/`` or a commit), if there is one."""
-    repo_dir = cache / repo_folder_name(repo_id, repo_type)
-    commit = revision
-    if not is_git_sha1(revision):
-        try:
-            commit = safe_join(repo_dir / "refs", revision).read_text().strip()
-        except (OSError, UnsafePathError):
-            return None
-        if not is_git_sha1(commit):
-            return None
-    snapshot = repo_dir / "snapshots" / commit
-    if not snapshot.is_dir():
-        return None
-    files = [
-        FileOutcome(path.relative_to(snapshot).as_posix(), path.stat().st_size, "present")
-        for path in sorted(snapshot.rglob("*"))
-        if path.is_file()
-    ]
-    return DownloadResult(
-        repo_id=repo_id,
-        repo_type=repo_type,
-        revision=revision,
-        commit=commit,
-        path=snapshot,
-        endpoint="(offline: local cache)",
-        files=files,
-        bytes_downloaded=0,
-        seconds=0.0,
-    )
 
 
 def _plan_entry(layout: Layout, file: RemoteFile, transfer: FileTransfer) -> FileOutcome:
@@ -375,20 +386,24 @@ def _fetch_one(
 ) -> str:
     """Fetch one file under its lock; another process holding the lock may finish it for us."""
     lock_path = layout.lock_path(file)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_path))
-    while True:
-        try:
-            lock.acquire(timeout=0.5)
-            break
-        except Timeout:
-            if cancel.is_set():
-                raise DownloadInterrupted(
-                    "interrupted while waiting for another download of this file"
-                ) from None
+    with storage_errors(f"lock {file.path} for writing"):
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(lock_path))
+        while True:
+            try:
+                lock.acquire(timeout=0.5)
+                break
+            except Timeout:
+                if cancel.is_set():
+                    raise DownloadInterrupted(
+                        "interrupted while waiting for another download of this file"
+                    ) from None
     try:
         if layout.is_complete(file):  # someone else finished it while we waited
             return "present"
+        obstacle = layout.obstacle(file)
+        if obstacle is not None:  # found before fetching a byte, rather than after
+            raise StorageError(f"cannot put {file.path} in place: {obstacle}; move it away and run again")
         bar.file_started(file.path, file.size, resumed)
         transfer.run()
         layout.finalize(file, transfer.partial_path)

@@ -21,7 +21,8 @@ precisely (``except RepoNotFoundError``)::
     ├── DownloadInterrupted                   Ctrl-C; partial data is kept
     └── CompareError                          the comparison could not be run
         ├── UnsupportedModelError
-        └── WeightLoadError                   missing, unexpected or wrongly shaped tensor
+        ├── WeightLoadError                   missing, unexpected or wrongly shaped tensor
+        └── RemoteCodeError                   loading it would run the repository's own code
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "IntegrityError",
     "NetworkError",
     "NotWritableError",
+    "RemoteCodeError",
     "RemoteError",
     "RepoNotFoundError",
     "RevisionNotFoundError",
@@ -118,3 +120,7 @@ class UnsupportedModelError(CompareError):
 
 class WeightLoadError(CompareError):
     """A checkpoint tensor is missing, unexpected, or has the wrong shape. The message names it."""
+
+
+class RemoteCodeError(CompareError):
+    """Loading something (a tokenizer) would run code from the repository, which hfmirror never does."""

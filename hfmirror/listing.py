@@ -10,33 +10,47 @@ inside the repo, sizes must be sane, checksums must be hex.
 from __future__ import annotations
 
 import fnmatch
+import http.client
 import json
 import logging
 import re
-import time
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import quote
 
 import requests
+import urllib3
 
 from . import constants
 from .endpoints import Endpoint, EndpointPool
 from .errors import (
-    AccessDeniedError,
     BadInputError,
+    DownloadInterrupted,
     EntryNotFoundError,
-    HfMirrorError,
-    NetworkError,
-    RemoteError,
-    RepoNotFoundError,
-    RevisionNotFoundError,
     UnsafeListingError,
     UnsafePathError,
 )
 from .hashing import is_git_sha1, is_sha256
 from .paths import validate_relative_path
-from .retry import RETRYABLE_STATUS, backoff_delay, server_requested_delay
+from .policy import (
+    Action,
+    Asked,
+    BodyLimitExceeded,
+    TransferStats,
+    Verdict,
+    abandoned_verdict,
+    announce_retry,
+    combine_refusals,
+    drain_error_body,
+    judge_status,
+    judge_transport_error,
+    not_a_hub_answer,
+    pause,
+    read_body,
+    settle,
+)
+from .retry import backoff_delay
 
 __all__ = ["RemoteFile", "RepoListing", "filter_files", "list_repo", "validate_repo_id"]
 
@@ -52,6 +66,7 @@ class RemoteFile:
     path: str  # relative, forward slashes, validated
     size: int
     oid: str  # sha256 for LFS files, git blob sha1 otherwise: the expected checksum and the blob name
+    blob_id: str = ""  # the git blob sha1 of what git stores (for LFS files, the pointer), if listed
 
     @property
     def is_lfs(self) -> bool:
@@ -146,10 +161,11 @@ def _parse_files(siblings: object) -> tuple[RemoteFile, ...]:
             raise UnsafeListingError(
                 f"server listed an unsafe file name, refusing to download: {error}"
             ) from None
-        if path.split("/")[0] == ".cache" or path in seen:
-            raise UnsafeListingError(f"server listed a reserved or duplicate file name: {path!r}")
+        if path in seen:
+            raise UnsafeListingError(f"server listed a file name twice: {path!r}")
         seen.add(path)
         size, oid = sibling.get("size"), sibling.get("blobId")
+        blob_id = oid.lower() if isinstance(oid, str) and is_git_sha1(oid.lower()) else ""
         lfs = sibling.get("lfs")
         if isinstance(lfs, dict):
             size, oid = lfs.get("size", size), lfs.get("sha256")
@@ -158,29 +174,13 @@ def _parse_files(siblings: object) -> tuple[RemoteFile, ...]:
         oid = oid.lower() if isinstance(oid, str) else ""
         if not (is_sha256(oid) or is_git_sha1(oid)):
             raise UnsafeListingError(f"server gave no usable checksum for {path!r}, so it cannot be verified")
-        files.append(RemoteFile(path=path, size=size, oid=oid))
+        files.append(RemoteFile(path=path, size=size, oid=oid, blob_id=blob_id))
     # A file and a folder of the same name cannot both exist on disk.
     folders = {"/".join(p.split("/")[:i]) for p in seen for i in range(1, p.count("/") + 1)}
     clash = sorted(folders & seen)
     if clash:
         raise UnsafeListingError(f"server listed {clash[0]!r} both as a file and as a folder")
     return tuple(files)
-
-
-def _definite_error(response: requests.Response, repo_id: str, revision: str, endpoint: str) -> HfMirrorError:
-    """A 4xx answer as one of our errors, following the Hub's ``X-Error-Code`` header."""
-    code = response.headers.get("X-Error-Code", "")
-    status = response.status_code
-    token_hint = "if it is private or gated, pass --token or set HF_TOKEN"
-    if code == "GatedRepo":
-        return AccessDeniedError(f"{repo_id} is gated on {endpoint}: accept its terms, then pass --token")
-    if code == "RepoNotFound" or (status == 404 and not code):
-        return RepoNotFoundError(f"repository {repo_id!r} not found on {endpoint} ({token_hint})")
-    if code == "RevisionNotFound":
-        return RevisionNotFoundError(f"revision {revision!r} not found in {repo_id} on {endpoint}")
-    if status in (401, 403):
-        return AccessDeniedError(f"access to {repo_id} denied by {endpoint} (HTTP {status}; {token_hint})")
-    return RemoteError(f"{endpoint} answered HTTP {status} for {repo_id}")
 
 
 def _info_url(endpoint: Endpoint, repo_id: str, repo_type: str, revision: str) -> str:
@@ -197,86 +197,156 @@ def list_repo(
     revision: str,
     token: str | None,
     session: requests.Session,
+    stats: TransferStats | None = None,
+    cancel: threading.Event | None = None,
 ) -> RepoListing:
     """Ask the endpoints, in failover order, what the repository holds at ``revision``.
 
     The call is the one ``HfApi.repo_info(files_metadata=True)`` makes, sent with the same session
-    (proxies, certificates, retry policy, rate governor) as the downloads, rather than through a second
-    HTTP stack. A definite answer (not found, access denied) ends the search; an endpoint that cannot
-    be reached or keeps failing is passed over for the next. The endpoint that answers becomes the
-    pool's current one.
+    (proxies, certificates, rate governor) as the downloads, and judged by the same rules
+    (:mod:`hfmirror.policy`). An endpoint that cannot be reached, keeps failing, says it does not have
+    the repository, or answers something that is not a Hub listing is passed over for the next; the
+    one that answers becomes the pool's current endpoint, for the rest of the run. Access denied is
+    final. ``stats`` (if given) counts retries and 429s; ``cancel`` (if given) ends waits early.
 
     Raises:
-        RepoNotFoundError, RevisionNotFoundError, AccessDeniedError, UnsafeListingError, NetworkError.
+        RepoNotFoundError, RevisionNotFoundError (only if every endpoint said so), AccessDeniedError,
+        UnsafeListingError, NetworkError, DownloadInterrupted.
     """
+    stats = stats if stats is not None else TransferStats()
     headers = {"Accept": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    last_problem = "no endpoint tried"
-    for endpoint in pool.endpoints:
-        failures = 0
-        while failures < constants.MAX_RETRIES:
-            endpoint.governor.acquire()
+    refusals: list[tuple[Endpoint, Verdict]] = []
+    endpoint = pool.current
+    attempts = 0  # on this endpoint
+    while True:
+        asked = Asked(repo_id, revision, endpoint.shown)
+        outcome = _ask_for_listing(endpoint, session, headers, asked, repo_type, cancel)
+        if isinstance(outcome, RepoListing):
+            endpoint.governor.on_success()
+            pool.report_success(endpoint)
+            pool.use(endpoint)
+            return outcome
+        verdict = outcome
+        if verdict.action is Action.FAIL:
+            assert verdict.error is not None
+            raise verdict.error
+        attempts += 1
+        if verdict.action in (Action.RETRY, Action.BACK_OFF):
+            wait = settle(verdict, endpoint, pool, stats, attempt=attempts)
+            # An endpoint that refuses connections is done after FAILOVER_AFTER of them, even the last
+            # one: with no network at all, the cache should answer soon, not after every backoff.
+            refused = verdict.endpoint_failed and endpoint.consecutive_failures >= pool.failover_after
+            if pool.current is endpoint and not refused and attempts <= constants.MAX_RETRIES:
+                announce_retry(endpoint, verdict, wait, attempts)
+                pause(wait, cancel)
+                continue
+            if pool.current is not endpoint:  # the pool gave up on it (say, 429 after 429)
+                verdict = abandoned_verdict(endpoint, asked)
+        elif verdict.retry_if_last and len(pool.in_service()) == 1 and attempts < pool.failover_after:
+            # No answer from the last endpoint left: the network may come back.
+            stats.add(retries=1)
+            wait = backoff_delay(attempts)
+            announce_retry(endpoint, verdict, wait, attempts)
+            pause(wait, cancel)
+            continue
+        refusals.append((endpoint, verdict))
+        if pool.current is endpoint and not pool.fail_over(endpoint, verdict.reason):
+            raise combine_refusals(refusals, asked)
+        endpoint, attempts = pool.current, 0
+
+
+def _ask_for_listing(
+    endpoint: Endpoint,
+    session: requests.Session,
+    headers: dict[str, str],
+    asked: Asked,
+    repo_type: str,
+    cancel: threading.Event | None,
+) -> RepoListing | Verdict:
+    """One listing request: the listing, or the verdict on what came back instead."""
+    if not endpoint.governor.acquire(cancel):
+        raise DownloadInterrupted("interrupted")
+    silence = threading.Timer(
+        constants.SILENCE_NOTICE_SECONDS,
+        lambda: logger.warning("still waiting for %s to list %s...", endpoint.shown, asked.repo_id),
+    )
+    silence.daemon = True
+    try:
+        endpoint.requests += 1
+        silence.start()
+        try:
+            response = session.get(
+                _info_url(endpoint, asked.repo_id, repo_type, asked.revision),
+                headers=headers,
+                stream=True,
+                timeout=(constants.CONNECT_TIMEOUT, constants.LISTING_TIMEOUT),
+            )
+        except _TRANSPORT_ERRORS as error:
+            return judge_transport_error(error, asked, timeout=constants.LISTING_TIMEOUT)
+        with response:
+            verdict = judge_status(response.status_code, response.headers, asked)
+            if verdict is not None:
+                drain_error_body(response)
+                return verdict
+            if "html" in response.headers.get("Content-Type", "").lower():
+                return not_a_hub_answer(
+                    "an HTML page, not the Hub's API (a captive portal or a captcha?)", asked
+                )
             try:
-                endpoint.requests += 1
-                response = session.get(
-                    _info_url(endpoint, repo_id, repo_type, revision),
-                    headers=headers,
-                    timeout=(constants.CONNECT_TIMEOUT, constants.CONNECT_TIMEOUT * 3),
+                body = read_body(
+                    response, limit=constants.LISTING_MAX_BYTES, seconds=constants.LISTING_DEADLINE
                 )
-                body = response.content
-            except requests.RequestException as error:
-                failures += 1
-                last_problem = f"{endpoint.url} unreachable ({type(error).__name__})"
-                logger.info("listing %s on %s failed: %s", repo_id, endpoint.url, error)
-                if failures >= pool.failover_after:
-                    break
-                time.sleep(backoff_delay(failures))
-                continue
-            finally:
-                endpoint.governor.release()
-            status = response.status_code
-            if status in (429, 503):
-                endpoint.rate_limited += 1
-                delay = server_requested_delay(response.headers)
-                endpoint.governor.on_overloaded(
-                    min(delay if delay is not None else 1.0, constants.MAX_RETRY_AFTER)
+            except BodyLimitExceeded as problem:
+                return not_a_hub_answer(f"listing cut off: {problem}", asked)
+            except _TRANSPORT_ERRORS as error:
+                return Verdict(
+                    Action.RETRY,
+                    f"connection lost in the listing ({type(error).__name__})",
+                    endpoint_failed=True,
                 )
-                failures += 1
-                last_problem = f"{endpoint.url} answered HTTP {status}"
-                continue
-            if status in RETRYABLE_STATUS:
-                failures += 1
-                last_problem = f"{endpoint.url} answered HTTP {status}"
-                time.sleep(backoff_delay(failures))
-                continue
-            if status >= 400:
-                raise _definite_error(response, repo_id, revision, endpoint.url)
-            return _parse_listing(body, endpoint, repo_id, repo_type, revision)
-        logger.warning("giving up on %s: %s", endpoint.url, last_problem)
-    raise NetworkError(f"no endpoint reachable for {repo_id}: {last_problem}")
+        return _parse_listing(body, endpoint, asked, repo_type)
+    finally:
+        silence.cancel()
+        endpoint.governor.release()
 
 
-def _parse_listing(
-    body: bytes, endpoint: Endpoint, repo_id: str, repo_type: str, revision: str
-) -> RepoListing:
+_TRANSPORT_ERRORS = (
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    OSError,
+)
+
+
+def _parse_listing(body: bytes, endpoint: Endpoint, asked: Asked, repo_type: str) -> RepoListing | Verdict:
+    """The listing in ``body``; a verdict if it is not a Hub listing at all (a broken or impostor mirror).
+
+    Raises:
+        UnsafeListingError: a Hub listing whose files cannot be trusted (names, sizes, checksums).
+    """
     try:
         info = json.loads(body)
     except ValueError:
-        raise UnsafeListingError(f"{endpoint.url} sent a listing for {repo_id} that is not JSON") from None
+        return not_a_hub_answer("a listing that is not JSON", asked)
     if not isinstance(info, dict):
-        raise UnsafeListingError(f"{endpoint.url} sent a listing for {repo_id} that is not a JSON object")
+        return not_a_hub_answer("a listing that is not a JSON object", asked)
     commit = info.get("sha")
     commit = commit.lower() if isinstance(commit, str) else ""
     if not is_git_sha1(commit):
-        raise UnsafeListingError(
-            f"{endpoint.url} gave an invalid commit id for {repo_id}: {info.get('sha')!r:.60}"
-        )
-    files = _parse_files(info.get("siblings", []))
+        return not_a_hub_answer(f"a listing without a valid commit id ({info.get('sha')!r:.60})", asked)
+    siblings = info.get("siblings", [])
+    if not isinstance(siblings, list):
+        return not_a_hub_answer("a listing whose files are not a list", asked)
+    try:
+        files = _parse_files(siblings)
+    except UnsafeListingError as error:
+        raise UnsafeListingError(f"{endpoint.shown}: {error}") from None
     return RepoListing(
-        repo_id=repo_id,
+        repo_id=asked.repo_id,
         repo_type=repo_type,
-        revision=revision,
+        revision=asked.revision,
         commit=commit,
         files=files,
         endpoint=endpoint.url,

@@ -4,6 +4,12 @@ Both the server (names in a URL) and the downloader (names in a listing) take re
 from untrusted peers and join them onto a root folder. Everything that could make such a name leave
 its root is refused here, in one place: absolute paths, ``..`` and ``.`` segments, empty segments,
 backslashes, drive letters, NUL and other control characters, and symlinks that resolve elsewhere.
+
+The Hub's own rules are applied too, so that nothing the Hub itself would refuse is ever written:
+``.git`` and ``.cache`` are refused as any segment (a planted ``.git/config`` runs its
+``core.fsmonitor`` command on the next ``git status``; ``.cache/huggingface`` holds the bookkeeping of
+a ``--local-dir``), and so is a segment longer than 255 bytes, the most a file name can be on the
+file systems people use (ext4, XFS, APFS, NTFS).
 """
 
 from __future__ import annotations
@@ -14,10 +20,16 @@ from pathlib import Path
 
 from .errors import UnsafePathError
 
-__all__ = ["safe_join", "validate_relative_path"]
+__all__ = ["MAX_SEGMENT_BYTES", "safe_join", "validate_relative_path"]
 
 _DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
 _MAX_NAME_LENGTH = 4096
+# Bytes in one segment (one file or folder name), as the Hub and common file systems allow.
+MAX_SEGMENT_BYTES = 255
+# Segments the Hub refuses anywhere in a path. Compared without case and without trailing dots and
+# spaces, which case-insensitive (macOS, Windows) or trailing-dot-stripping (Windows) file systems
+# would make the same folder.
+_RESERVED_SEGMENTS = frozenset({".git", ".cache"})
 
 
 def validate_relative_path(name: str) -> str:
@@ -40,6 +52,10 @@ def validate_relative_path(name: str) -> str:
     for segment in name.split("/"):
         if segment in ("", ".", ".."):
             raise UnsafePathError(f"file name with an empty, '.' or '..' segment: {shown!r}")
+        if segment.rstrip(". ").casefold() in _RESERVED_SEGMENTS:
+            raise UnsafePathError(f"file name with a reserved '.git' or '.cache' segment: {shown!r}")
+        if len(segment.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES:
+            raise UnsafePathError(f"file name with a segment over {MAX_SEGMENT_BYTES} bytes: {shown!r}")
     return name
 
 

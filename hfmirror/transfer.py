@@ -39,7 +39,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -48,21 +48,27 @@ import urllib3
 from . import constants
 from .endpoints import Endpoint, EndpointPool
 from .errors import (
-    AccessDeniedError,
     DownloadInterrupted,
-    EntryNotFoundError,
-    HfMirrorError,
     IntegrityError,
     NetworkError,
     RemoteError,
-    RepoNotFoundError,
-    RevisionNotFoundError,
     StorageError,
 )
-from .hashing import ContentHasher, is_git_sha1, is_sha256
+from .hashing import ContentHasher
 from .listing import RemoteFile, RepoListing
 from .pagecache import PageRecycler
-from .retry import RETRYABLE_STATUS, backoff_delay, server_requested_delay
+from .policy import (
+    Action,
+    Asked,
+    TransferStats,
+    Verdict,
+    announce_retry,
+    combine_refusals,
+    drain_error_body,
+    judge_file_answer,
+    judge_transport_error,
+    settle,
+)
 
 __all__ = ["FileTransfer", "ResumeState", "Segment", "TransferOptions", "TransferStats"]
 
@@ -137,23 +143,6 @@ class TransferOptions:
     connections: int = 8
     stall_timeout: float = constants.DEFAULT_STALL_TIMEOUT
     token: str | None = None
-
-
-@dataclass
-class TransferStats:
-    """Counters shared by every transfer of one download (updated under ``lock``)."""
-
-    bytes_fetched: int = 0
-    retries: int = 0
-    rate_limited: int = 0
-    verify_failures: int = 0
-    restarts: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, **counts: int) -> None:
-        with self.lock:
-            for name, value in counts.items():
-                setattr(self, name, getattr(self, name) + value)
 
 
 class ResumeState:
@@ -255,13 +244,17 @@ class ResumeState:
         return self.file.size
 
 
-class _Retry(Exception):
-    """This request failed in a way worth trying again."""
+class _Judged(Exception):
+    """A request came back with a verdict other than "write the body" (see :mod:`hfmirror.policy`)."""
 
-    def __init__(self, message: str, *, delay: float | None = None, endpoint_failed: bool = False) -> None:
-        super().__init__(message)
-        self.delay = delay
-        self.endpoint_failed = endpoint_failed
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__(verdict.reason)
+        self.verdict = verdict
+
+
+def _retry(reason: str) -> _Judged:
+    """The connection failed mid-body: ask again from where it stopped (the endpoint is not to blame)."""
+    return _Judged(Verdict(Action.RETRY, reason))
 
 
 class _StartOver(Exception):
@@ -382,6 +375,8 @@ class FileTransfer:
         self.on_bytes = on_bytes
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        # Endpoints that said they do not have this file (or could not answer for it), and what they said.
+        self._refusals: list[tuple[Endpoint, Verdict]] = []
 
     # ------------------------------------------------------------------ the file as a whole
 
@@ -403,7 +398,10 @@ class FileTransfer:
             IntegrityError: if the content never matched; NetworkError, RemoteError, StorageError,
             DownloadInterrupted as they arise. Partial data and state are kept for all but IntegrityError.
         """
-        self.partial_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.partial_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StorageError(f"cannot write {self.partial_path}: {error.strerror or error}") from None
         last_problem = ""
         attempts = 0
         ranges_supported = True
@@ -642,13 +640,15 @@ class FileTransfer:
                 self._wake.notify_all()
 
     def _fetch_segment(self, attempt: _Attempt, segment: Segment) -> None:
-        """Fill ``segment``, retrying failed requests with backoff; give up after MAX_RETRIES in a row."""
+        """Fill ``segment``, retrying failed requests with backoff; give up after MAX_RETRIES in a row.
+
+        Each request goes to :meth:`_endpoint`: the run's current endpoint, unless that one said it does
+        not have this file, in which case the next one is asked.
+        """
         failures = 0
         while segment.remaining > 0 and not attempt.stop.is_set() and not self.cancel.is_set():
-            endpoint = self.pool.current
-            endpoint.governor.acquire(attempt.stop)
-            if attempt.stop.is_set():
-                endpoint.governor.release()
+            endpoint = self._endpoint()
+            if not endpoint.governor.acquire(attempt.stop):
                 return
             start_pos = segment.pos
             try:
@@ -656,23 +656,65 @@ class FileTransfer:
                 endpoint.governor.on_success()
                 self.pool.report_success(endpoint)
                 failures = 0
-            except _Retry as problem:
-                failures = 0 if segment.pos > start_pos else failures + 1
-                self.stats.add(retries=1)
-                if problem.endpoint_failed:
-                    self.pool.report_failure(endpoint)
-                if failures > constants.MAX_RETRIES:
-                    raise NetworkError(
-                        f"{self.file.path}: gave up after {failures} failed attempts: {problem}"
-                    ) from None
-                delay = problem.delay if problem.delay is not None else backoff_delay(failures)
-                logger.info("%s: %s; retrying in %.1fs", self.file.path, problem, delay)
-                attempt.stop.wait(delay)  # set on Ctrl-C too, by the coordinator
+                continue
+            except _Judged as judged:
+                verdict = judged.verdict
             finally:
                 endpoint.governor.release()
+            failures = 0 if segment.pos > start_pos else failures + 1
+            if verdict.action is Action.FAIL_OVER and self._refuse(endpoint, verdict):
+                continue  # another endpoint takes over, at once
+            wait = settle(verdict, endpoint, self.pool, self.stats, attempt=failures)
+            if failures > constants.MAX_RETRIES:
+                raise NetworkError(
+                    f"{self.file.path}: gave up after {failures} failed attempts: "
+                    f"{endpoint.shown}: {verdict.reason}"
+                ) from None
+            if self._endpoint() is endpoint:  # not if the run has just moved on to another endpoint
+                logger.info("%s: %s; retrying in %.1fs", self.file.path, verdict.reason, wait)
+                announce_retry(endpoint, verdict, wait, failures)
+                attempt.stop.wait(wait)  # set on Ctrl-C too, by the coordinator
+
+    def _endpoint(self) -> Endpoint:
+        """Where to ask for this file now: the first endpoint in service that has not said it lacks it."""
+        with self._lock:
+            refused = {id(endpoint) for endpoint, _ in self._refusals}
+        for endpoint in self.pool.in_service():
+            if id(endpoint) not in refused:
+                return endpoint
+        with self._lock:
+            raise combine_refusals(list(self._refusals), self._asked(self.pool.current))
+
+    def _refuse(self, endpoint: Endpoint, verdict: Verdict) -> bool:
+        """Stop asking ``endpoint`` after a FAIL_OVER verdict; True if another endpoint is left to ask.
+
+        Not found there (a mirror lacking one file): only this file goes elsewhere. Anything else (not
+        a Hub answer, a hang, a Retry-After beyond the limit) rules the endpoint out for the whole run.
+        On the last endpoint, a hang is retried (False); anything else is the answer.
+        """
+        if isinstance(verdict.error, RemoteError):
+            with self._lock:
+                self._refusals.append((endpoint, verdict))
+            following = self._endpoint()  # raises, naming what each endpoint said, if none is left
+            logger.warning(
+                "%s: %s on %s; asking %s", self.file.path, verdict.reason, endpoint.shown, following.shown
+            )
+            return True
+        if self.pool.fail_over(endpoint, verdict.reason):
+            with self._lock:
+                self._refusals.append((endpoint, verdict))
+            return True
+        if verdict.retry_if_last:
+            return False
+        with self._lock:
+            refusals = [*self._refusals, (endpoint, verdict)]
+        raise combine_refusals(refusals, self._asked(endpoint))
+
+    def _asked(self, endpoint: Endpoint) -> Asked:
+        return Asked(self.listing.repo_id, self.listing.commit, endpoint.shown, filename=self.file.path)
 
     def _request_segment(self, attempt: _Attempt, endpoint: Endpoint, segment: Segment) -> int:
-        """One GET for the rest of ``segment``. Returns the bytes written; raises _Retry or worse."""
+        """One GET for the rest of ``segment``. Returns the bytes written; raises _Judged or worse."""
         state = attempt.state
         url = endpoint.resolve_url(
             self.listing.repo_type, self.listing.repo_id, self.listing.commit, self.file.path
@@ -696,15 +738,16 @@ class FileTransfer:
                 allow_redirects=True,
             )
         except _TRANSPORT_ERRORS as error:
-            raise _Retry(f"{type(error).__name__} from {endpoint.host}", endpoint_failed=True) from None
+            asked = self._asked(endpoint)
+            raise _Judged(judge_transport_error(error, asked, timeout=self.options.stall_timeout)) from None
         with response:
-            self._check_status(attempt, endpoint, response, segment, headers)
+            self._check_answer(attempt, endpoint, response, segment, headers)
             try:
                 return self._stream_into(attempt, response, segment)
             except _TRANSPORT_ERRORS as error:
-                raise _Retry(f"connection lost at byte {segment.pos} ({type(error).__name__})") from None
+                raise _retry(f"connection lost at byte {segment.pos} ({type(error).__name__})") from None
 
-    def _check_status(
+    def _check_answer(
         self,
         attempt: _Attempt,
         endpoint: Endpoint,
@@ -712,54 +755,26 @@ class FileTransfer:
         segment: Segment,
         sent: dict[str, str],
     ) -> None:
-        status = response.status_code
-        if status in (429, 503):
-            delay = server_requested_delay(response.headers)
-            endpoint.rate_limited += 1
-            self.stats.add(rate_limited=1)
-            wait = min(delay if delay is not None else backoff_delay(2), constants.MAX_RETRY_AFTER)
-            endpoint.governor.on_overloaded(wait)
-            raise _Retry(f"HTTP {status} (rate limited)", delay=wait)
-        if status in RETRYABLE_STATUS:
-            raise _Retry(f"HTTP {status} from {endpoint.host}", endpoint_failed=status >= 500)
-        if status >= 400 and status != 416:
-            raise _remote_error(response, self.listing, self.file)
-        if status == 416:
-            raise _StartOver(f"server says the range {sent.get('Range')} is past the end")
-        self._check_identity(response)
+        """Raise unless the answer's body is the bytes asked for (the policy judges; this acts)."""
+        with self._lock:
+            start = segment.pos
+        verdict = judge_file_answer(
+            response, self._asked(endpoint), sent=sent, start=start, size=self.file.size, oid=self.file.oid
+        )
+        if verdict is not None:
+            if response.status_code >= 300:
+                drain_error_body(response)  # so that the connection serves the next request
+            if verdict.action is Action.START_OVER:
+                raise _StartOver(verdict.reason, ranges_supported=verdict.ranges_supported)
+            if verdict.action is Action.FAIL:
+                assert verdict.error is not None
+                raise verdict.error
+            raise _Judged(verdict)
         etag = response.headers.get("ETag", "")
-        if status == 206:
-            content_range = response.headers.get("Content-Range", "")
-            expected = f"bytes {segment.pos}-"
-            total = content_range.rsplit("/", 1)[-1]
-            if not content_range.startswith(expected) or total not in (str(self.file.size), "*"):
-                raise _Retry(f"unexpected Content-Range {content_range!r} for {sent.get('Range')}")
-        elif status == 200:
-            if "Range" in sent:
-                if sent.get("If-Range") and etag and etag != sent["If-Range"]:
-                    raise _StartOver("the remote file changed since the partial download began")
-                # The server ignores Range: only a single stream from byte 0 can work.
-                raise _StartOver("server ignores Range requests", ranges_supported=False)
-        else:
-            raise _Retry(f"unexpected HTTP {status}")
         if etag and not etag.startswith("W/"):
             # Whoever answered last (the endpoint or its CDN) checks If-Range against this value.
             with self._lock:
                 attempt.state.validators.setdefault(endpoint.host, etag)
-
-    def _check_identity(self, response: requests.Response) -> None:
-        """If the endpoint names the content (a hex ETag or X-Linked-Etag), it must be what was listed.
-
-        Only the endpoint's own answer counts: after a redirect, the CDN's ETag means something else
-        (an S3 md5, a Xet hash) and is ignored.
-        """
-        first_hop = response.history[0] if response.history else response
-        for header in ("X-Linked-Etag", "ETag"):
-            value = first_hop.headers.get(header, "").removeprefix("W/").strip('"').lower()
-            if is_sha256(value) or is_git_sha1(value):
-                if value != self.file.oid:
-                    raise _StartOver(f"server now serves different content ({header} {value})")
-                return
 
     def _stream_into(self, attempt: _Attempt, response: requests.Response, segment: Segment) -> int:
         """Copy the body into the file at ``segment.pos`` until the segment (which may shrink) is full.
@@ -782,9 +797,9 @@ class FileTransfer:
             try:
                 count = body.readinto(buffer[:want])
             except (OSError, http.client.HTTPException) as error:
-                raise _Retry(f"connection lost at byte {segment.pos} ({type(error).__name__})") from None
+                raise _retry(f"connection lost at byte {segment.pos} ({type(error).__name__})") from None
             if not count:
-                raise _Retry(f"body ended early at byte {segment.pos}")
+                raise _retry(f"body ended early at byte {segment.pos}")
             with self._lock:
                 # A re-split may have moved `end` closer; never write past it.
                 usable = min(count, segment.end - segment.pos)
@@ -846,18 +861,3 @@ def _body_reader(response: requests.Response) -> http.client.HTTPResponse | urll
     """
     inner = getattr(response.raw, "_fp", None)
     return inner if isinstance(inner, http.client.HTTPResponse) else response.raw
-
-
-def _remote_error(response: requests.Response, listing: RepoListing, file: RemoteFile) -> HfMirrorError:
-    """A definite 4xx as one of our errors, following the Hub's ``X-Error-Code``."""
-    code = response.headers.get("X-Error-Code", "")
-    where = f"{file.path} in {listing.repo_id}"
-    if code == "GatedRepo" or response.status_code == 403:
-        return AccessDeniedError(f"access to {where} denied (HTTP {response.status_code}); pass --token")
-    if code == "RepoNotFound" or response.status_code == 401:
-        return RepoNotFoundError(f"repository {listing.repo_id!r} not found while fetching {file.path}")
-    if code == "RevisionNotFound":
-        return RevisionNotFoundError(f"commit {listing.commit} not found while fetching {file.path}")
-    if code == "EntryNotFound" or response.status_code == 404:
-        return EntryNotFoundError(f"{where} not found on the server")
-    return RemoteError(f"HTTP {response.status_code} while fetching {where}")

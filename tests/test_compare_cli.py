@@ -141,9 +141,9 @@ def test_tolerance_options_are_used(runner: CliRunner, compare_cmd: click.Comman
 
 
 def test_unsupported_model_raises(runner: CliRunner, compare_cmd: click.Command, tmp_path: Path) -> None:
-    path = save_random_bert(tmp_path / "gpt")
+    path = save_random_bert(tmp_path / "t5")
     config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps(config | {"model_type": "gpt2"}))
+    (path / "config.json").write_text(json.dumps(config | {"model_type": "t5"}))
     result = runner.invoke(compare_cmd, [str(path)])
     assert isinstance(result.exception, UnsupportedModelError), result.output
     assert "bert" in str(result.exception)
@@ -151,7 +151,7 @@ def test_unsupported_model_raises(runner: CliRunner, compare_cmd: click.Command,
     # Through hfmirror's error handler: one line on stderr and the documented exit code 2.
     result = CliRunner().invoke(hfmirror_cli(), ["compare", str(path)])
     assert result.exit_code == 2, result.output
-    assert "hfmirror: error: model_type 'gpt2' is not supported" in result.stderr
+    assert "hfmirror: error: model_type 't5' is not supported" in result.stderr
 
 
 def test_weight_error_through_the_handler(compare_cmd: click.Command, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@
   fails: 504. The upstream's own refusals (401, 403, 404) are passed on as the Hub words them.
 * **Tokens**: a client's ``Authorization`` goes upstream with its requests; what came through a token
   is served only to tokens the upstream accepts (:mod:`.access`). Tokens are never logged.
-* **Operators**: ``--allow``/``--deny`` (:mod:`.policy`), ``--max-size`` (:mod:`.eviction`), a log
+* **Operators**: ``--allow``/``--deny`` (:mod:`.repo_filter`), ``--max-size`` (:mod:`.eviction`), a log
   line per request with ``hit``/``miss``/``stale``, ``/metrics`` (:mod:`.metrics`).
 
 Blocking work (the upstream, hashing) runs on a thread pool, and a client waits for the upstream at
@@ -72,7 +72,7 @@ from .hubapi import (
     repo_not_found,
 )
 from .metrics import CountingMiddleware, Metrics
-from .policy import RepoPolicy
+from .repo_filter import RepoFilter
 from .repos import FileInfo, RepoLocation, RepoStore, Snapshot, snapshot_of
 from .revisions import ListingStore, Pinned, RevisionPins
 from .streaming import FillingFileResponse, parse_range, was_cut
@@ -141,7 +141,7 @@ class UpstreamApi(HubApi):
         gate: AccessGate,
         fills: FillManager,
         budget: CacheBudget,
-        policy: RepoPolicy,
+        repo_filter: RepoFilter,
         metrics: Metrics,
         local: RepoStore,
         in_use: InUse,
@@ -155,7 +155,7 @@ class UpstreamApi(HubApi):
         self.gate = gate
         self.fills = fills
         self.budget = budget
-        self.policy = policy
+        self.repo_filter = repo_filter
         self.metrics = metrics
         self.local = local
         self.in_use = in_use
@@ -168,6 +168,7 @@ class UpstreamApi(HubApi):
     def close(self) -> None:
         """Stop fills (they keep their resume state) and drop upstream calls nobody waits for."""
         self.fills.cancel.set()
+        self.upstream.cancel.set()
         self._calls.shutdown(wait=False, cancel_futures=True)
 
     async def _blocking(self, function: Callable[..., T], *args: Any) -> T:
@@ -185,7 +186,7 @@ class UpstreamApi(HubApi):
                 validate_repo_id(repo_id)
             except BadInputError:
                 continue
-            if not self.policy.permits(repo_type, repo_id):
+            if not self.repo_filter.permits(repo_type, repo_id):
                 _note(request, "denied")
                 raise HubError(403, f"{repo_id} is not served by this mirror (--allow/--deny)")
             base = self.root / repo_folder_name(repo_id, repo_type)
@@ -425,7 +426,7 @@ def create_mirror_app(
         gate=AccessGate(folder, upstream, ttl=revision_ttl),
         fills=fills,
         budget=budget,
-        policy=RepoPolicy(allow or (), deny or ()),
+        repo_filter=RepoFilter(allow or (), deny or ()),
         metrics=metrics,
         local=RepoStore(folder, ChecksumCache(state_dir)),
         in_use=in_use,

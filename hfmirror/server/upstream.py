@@ -7,7 +7,7 @@ for three things, each the way ``hfmirror download`` asks:
 * a file: :class:`hfmirror.transfer.FileTransfer` into the cache's partial file (several connections
   when one is capped, stall detection, resume, the checksum checked before the file is renamed);
 * whether a token may read a file (:meth:`Upstream.may_read`): one ``HEAD`` of its resolve URL, with
-  the same session, the same endpoint governors and the same retry rules.
+  the same session and endpoint governors, judged by the same request policy (:mod:`hfmirror.policy`).
 
 The endpoint pool fails over for good once an endpoint keeps failing (that is the downloader's rule
 for one run); a server runs for months, so the pool is renewed every :data:`FAILBACK_SECONDS` and a
@@ -24,11 +24,11 @@ from collections.abc import Callable
 import requests
 
 from .. import constants
-from ..endpoints import EndpointPool
-from ..errors import NetworkError
+from ..endpoints import Endpoint, EndpointPool
+from ..errors import NetworkError, RemoteError
 from ..layout import CacheLayout
 from ..listing import RemoteFile, RepoListing, list_repo
-from ..retry import RETRYABLE_STATUS, backoff_delay, server_requested_delay
+from ..policy import Action, Asked, Verdict, judge_status, judge_transport_error, pause, settle
 from ..transfer import FileTransfer, TransferOptions, TransferStats
 
 __all__ = ["FAILBACK_SECONDS", "Upstream"]
@@ -75,7 +75,8 @@ class Upstream:
         self.connections = connections
         self.stall_timeout = stall_timeout
         self.max_concurrency = max_concurrency
-        self.stats = TransferStats()  # every fill's counters (bytes fetched, retries, 429s)
+        self.stats = TransferStats()  # every fill's and listing's counters (bytes fetched, retries, 429s)
+        self.cancel = threading.Event()  # set at shutdown: waits end, transfers stop (keeping their state)
         self._sessions = _Sessions(pool_size=connections * 2)
         self._clock = clock
         self._pool_lock = threading.Lock()
@@ -148,41 +149,49 @@ class Upstream:
     def may_read(self, listing: RepoListing, file: RemoteFile, token: str | None) -> bool:
         """Whether the upstream serves ``file`` to ``token`` (None: to anyone). Blocking.
 
-        A 2xx or a redirect means yes (the Hub redirects only requests it will serve); 401, 403 and
-        404 mean no. Anything else is retried as the downloader retries, then the next endpoint.
+        One ``HEAD`` of the file's resolve URL per endpoint, judged by the downloader's request policy:
+        a 2xx or a redirect means yes (the Hub redirects only requests it will serve); access denied
+        means no at once (every endpoint gets the same token); not found means no unless another
+        endpoint has it; anything else is retried or passed to the next endpoint, as for a download.
 
         Raises:
             NetworkError: if no endpoint gave a definite answer.
         """
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        problem = "no endpoint tried"
-        for endpoint in self.pool.endpoints:
+        refused = False
+        problem = "no endpoint in service"
+        for endpoint in self.pool.in_service():
+            asked = Asked(listing.repo_id, listing.commit, endpoint.shown, file.path)
             url = endpoint.resolve_url(listing.repo_type, listing.repo_id, listing.commit, file.path)
             for attempt in range(1, _PROBE_ATTEMPTS + 1):
-                endpoint.governor.acquire()
-                try:
-                    endpoint.requests += 1
-                    response = self._sessions.get().head(
-                        url,
-                        headers=headers,
-                        allow_redirects=False,
-                        timeout=(constants.CONNECT_TIMEOUT, constants.CONNECT_TIMEOUT),
-                    )
-                except requests.RequestException as error:
-                    problem = f"{endpoint.url} unreachable ({type(error).__name__})"
-                    break  # connection-level: the next endpoint
-                finally:
-                    endpoint.governor.release()
-                status = response.status_code
-                if status < 400:
+                verdict = self._probe(endpoint, url, headers, asked)
+                if verdict is None:
                     return True
-                if status in (401, 403, 404):
+                problem = f"{endpoint.shown}: {verdict.reason}"
+                if verdict.action is Action.FAIL:
                     return False
-                problem = f"{endpoint.url} answered HTTP {status}"
-                if status not in RETRYABLE_STATUS:
+                if verdict.action is Action.FAIL_OVER:
+                    refused = refused or isinstance(verdict.error, RemoteError)
                     break
-                delay = server_requested_delay(response.headers)
-                if status in (429, 503):
-                    endpoint.governor.on_overloaded(min(delay or 1.0, constants.MAX_RETRY_AFTER))
-                time.sleep(min(delay if delay is not None else backoff_delay(attempt), constants.BACKOFF_MAX))
-        raise NetworkError(f"could not check access to {listing.repo_id} upstream: {problem}")
+                pause(settle(verdict, endpoint, self.pool, self.stats, attempt=attempt), self.cancel)
+        if refused:
+            return False
+        raise NetworkError(f"could not check access to {listing.repo_id} upstream ({problem})")
+
+    def _probe(self, endpoint: Endpoint, url: str, headers: dict[str, str], asked: Asked) -> Verdict | None:
+        """One HEAD; None if it was let through, else the policy's verdict on what came back."""
+        if not endpoint.governor.acquire(self.cancel):
+            raise NetworkError("the mirror is shutting down")
+        try:
+            endpoint.requests += 1
+            try:
+                response = self._sessions.get().head(
+                    url, headers=headers, allow_redirects=False, timeout=(constants.CONNECT_TIMEOUT,) * 2
+                )
+            except requests.RequestException as error:
+                return judge_transport_error(error, asked, timeout=constants.CONNECT_TIMEOUT)
+            if response.is_redirect:
+                return None
+            return judge_status(response.status_code, response.headers, asked)
+        finally:
+            endpoint.governor.release()

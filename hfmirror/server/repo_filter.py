@@ -11,10 +11,10 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable
 
-__all__ = ["RepoPolicy"]
+__all__ = ["RepoFilter"]
 
 
-class RepoPolicy:
+class RepoFilter:
     """Allow and deny lists of repo-id globs."""
 
     def __init__(self, allow: Iterable[str] = (), deny: Iterable[str] = ()) -> None:

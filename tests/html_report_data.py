@@ -1,0 +1,134 @@
+"""Synthetic material for the HTML report's tests: comparison reports and attention maps.
+
+The reports are made by the real code (``compare.metrics.compare_tensors`` on random tensors, then
+``ComparisonReport.from_stages(...).to_dict()``), so their shape is exactly what the comparison
+produces today; the keys later issues add (isolated errors, NMSE, next-token measures, the repo id)
+are added the way those issues describe them. Attention maps are softmaxes of random scores.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from compare.html_report import AttentionMaps
+from compare.metrics import compare_tensors
+from compare.report import ComparisonReport
+
+ATOL = RTOL = 1e-5
+
+# Tokens a page must show as they are: Chinese, a leading space, word pieces, and markup that must
+# stay text (a token is data from a tokenizer file, not HTML).
+TOKENS = ["[CLS]", "我", "爱", "自然", "语言", " the", "cat", "##s", "<b>&amp;</b>", "</script>", "[SEP]"]
+TEXT = "我爱自然语言 the cats <b>&amp;</b></script>"
+
+BERT_LAYER_STAGES = ("attention", "attention_add_norm", "feed_forward", "output")
+
+
+def stage_names(num_layers: int) -> list[str]:
+    """Stage names in forward order, as compare.bert records them."""
+    layers = [f"layer.{i}.{stage}" for i in range(num_layers) for stage in BERT_LAYER_STAGES]
+    return ["embeddings", *layers, "last_hidden_state", "pooler"]
+
+
+def synthetic_report(
+    num_layers: int = 2,
+    *,
+    bug_at: str | None = None,
+    isolated: bool = False,
+    later_keys: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A report of ``num_layers`` BERT-style layers, every stage O(1) with float32-sized rounding noise.
+
+    ``bug_at``: from this stage on, ours is off by ~1e-3 (carried); in isolation only that stage is.
+    ``isolated``: add each stage's isolated error (issue 17), and blame the first isolated failure.
+    ``later_keys``: add NMSE, p99, next-token measures, ids and the repo id (issues 14 and 17).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    names = stage_names(num_layers)
+    bug_index = names.index(bug_at) if bug_at is not None else len(names)
+    stages, isolated_results = [], []
+    for index, name in enumerate(names):
+        reference = torch.randn(2, 5, 8, generator=generator, dtype=torch.float64)
+        noise = torch.randn(2, 5, 8, generator=generator, dtype=torch.float64) * 1e-7 * (1 + index)
+        bug = torch.randn(2, 5, 8, generator=generator, dtype=torch.float64) * 1e-3
+        carried = reference + noise + (bug if index >= bug_index else 0)
+        alone = reference + noise / (1 + index) + (bug if index == bug_index else 0)
+        stages.append(compare_tensors(name, carried, reference, atol=ATOL, rtol=RTOL))
+        isolated_results.append(compare_tensors(name, alone, reference, atol=ATOL, rtol=RTOL))
+    report = ComparisonReport.from_stages(
+        stages,
+        model="tiny/bert-synthetic",
+        dtype="float32",
+        atol=ATOL,
+        rtol=RTOL,
+        versions={"torch": "2.13.0", "transformers": "5.24.0", "python": "3.11.2"},
+        inputs={"source": "text", "texts": [TEXT, "a second text"], "batch": 2, "seq_len": len(TOKENS)},
+    ).to_dict()
+    if isolated:
+        _add_isolated(report, isolated_results)
+    if later_keys:
+        _add_later_keys(report, generator)
+    return report
+
+
+def _add_isolated(report: dict[str, Any], isolated_results: list[Any]) -> None:
+    """Issue 17's shape: ``isolated`` per stage; the first failure in isolation is the one blamed."""
+    for stage, alone in zip(report["stages"], isolated_results, strict=True):
+        stage["isolated"] = {
+            key: getattr(alone, key)
+            for key in ("max_abs_diff", "mean_abs_diff", "rel_error", "cosine_similarity", "passed")
+        }
+    failing = [stage["name"] for stage in report["stages"] if not stage["isolated"]["passed"]]
+    report["first_failing_stage"] = failing[0] if failing else None
+
+
+def _add_later_keys(report: dict[str, Any], generator: torch.Generator) -> None:
+    for stage in report["stages"]:
+        stage["nmse"] = (stage["max_abs_diff"] or 0.0) ** 2 / 3.0
+        stage["p99_abs_diff"] = (stage["max_abs_diff"] or 0.0) * 0.8
+    ids = torch.randint(0, 100, (2, len(TOKENS)), generator=generator).tolist()
+    report["inputs"]["input_ids"] = ids
+    report["inputs"]["attention_mask"] = [[1] * len(TOKENS)] * 2
+    report["top1"] = {"ours": ids, "reference": ids}
+    report["next_token_agreement"] = 0.9375
+    report["kl_divergence"] = 3.25e-9
+    report["repo_id"] = "tiny/bert-synthetic"
+    report["commit"] = "0123456789abcdef0123456789abcdef01234567"
+
+
+def synthetic_attention(
+    num_layers: int = 2,
+    heads: int = 4,
+    tokens: list[str] | None = None,
+    *,
+    causal: bool = False,
+    bug_layer: int | None = None,
+    seed: int = 0,
+) -> AttentionMaps:
+    """Softmaxes of random scores; the reference's differ by rounding-sized noise, or, in
+    ``bug_layer``, by scores scaled 10% wrong (as a wrong 1/sqrt(d) would)."""
+    tokens = list(TOKENS if tokens is None else tokens)
+    seq = len(tokens)
+    rng = np.random.default_rng(seed)
+    ours, reference = [], []
+    for layer in range(num_layers):
+        scores = rng.normal(scale=2.0, size=(heads, seq, seq))  # (heads, T, T)
+        their_scores = scores * (1.1 if layer == bug_layer else 1.0) + rng.normal(
+            scale=1e-7, size=scores.shape
+        )
+        ours.append(_softmax(scores, causal))
+        reference.append(_softmax(their_scores, causal))
+    return AttentionMaps(tokens=tokens, ours=ours, reference=reference, causal=causal, text=TEXT)
+
+
+def _softmax(scores: np.ndarray, causal: bool) -> np.ndarray:
+    seq = scores.shape[-1]
+    if causal:
+        future = np.triu(np.ones((seq, seq), dtype=bool), k=1)  # (T, T): a key after its query
+        scores = np.where(future, -np.inf, scores)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return weights / weights.sum(axis=-1, keepdims=True)  # rows sum to 1
