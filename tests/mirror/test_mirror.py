@@ -126,6 +126,23 @@ def test_a_range_of_a_file_being_filled_is_served_from_what_is_there(
     assert upstream.sent("*/weights.bin") <= BIG + 4 * MIB
 
 
+def test_upstream_drops_429s_and_503s_are_absorbed_not_passed_on(
+    upstream: Upstream, mirror: Callable[..., Mirror], tmp_path: Path
+) -> None:
+    # What olah forwards to its clients: here the mirror's downloader retries, backs off, resumes.
+    upstream.plan.too_many_requests(1, path="/api/models/big/one/*", times=1)
+    upstream.plan.fail(503, path="*/config.json", times=1)
+    upstream.plan.drop(after_bytes=3 * MIB, path="*/weights.bin", times=1)
+    upstream.plan.too_many_requests(1, path="*/weights.bin", skip=1, times=1)
+    m = mirror(upstream.url)
+    path = huggingface_hub.snapshot_download("big/one", **hub(endpoint=m.url, cache_dir=tmp_path / "c"))
+    assert files_under(Path(path)) == files_under(upstream.root / "big" / "one")
+    statuses = [r.status for r in upstream.plan.records]
+    assert 429 in statuses and 503 in statuses  # the faults did happen upstream
+    assert upstream.sent("*/weights.bin") <= BIG + 4 * MIB  # the drop was resumed, not restarted
+    assert m.counter("errors") == 0
+
+
 # ------------------------------------------------------------------------------------ pins
 
 
@@ -398,9 +415,13 @@ def test_tokens_never_reach_the_log(upstream: Upstream, tmp_path: Path) -> None:
                 headers={"Authorization": f"Bearer {token}"},
                 timeout=30,
             )
+        for _ in range(2):
+            requests.get(f"{m.url}/tiny/bert/resolve/main/config.json", timeout=30).raise_for_status()
     finally:
         m.stop()
     log = m.log()
+    lines = [line for line in log.splitlines() if '"GET /tiny/bert/resolve/main/config.json"' in line]
+    assert [line.rsplit(" ", 1)[-1] for line in lines] == ["miss", "hit"]  # one line per request, and which
     assert '"GET /gated/model/resolve/main/config.json"' in log
     assert "hf_secret" not in log and "hf_wrong" not in log and "Bearer" not in log
 
