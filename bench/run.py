@@ -39,7 +39,18 @@ import benchlib as bl  # noqa: E402
 import report  # noqa: E402
 import server_bench  # noqa: E402
 
-SCENARIOS = ("large", "capped", "small", "resume", "compare", "compare-decoders", "startup", "serve_scale")
+SCENARIOS = (
+    "large",
+    "capped",
+    "small",
+    "resume",
+    "compare",
+    "compare-decoders",
+    "startup",
+    "serve_scale",
+    "mirror_warm",
+    "mirror_cold",
+)
 MB = 1_000_000  # bandwidth caps are in MB/s (10^6), as the issue states them
 
 HF_SCRIPT = r"""
@@ -792,8 +803,10 @@ SCENARIO_FUNCS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "compare-decoders": scenario_compare_decoders,
     "startup": scenario_startup,
     "serve_scale": server_bench.scenario_serve_scale,
+    "mirror_warm": server_bench.scenario_mirror_warm,
+    "mirror_cold": server_bench.scenario_mirror_cold,
 }
-NEEDS_SERVER = {"large", "capped", "small", "resume"}
+NEEDS_SERVER = {"large", "capped", "small", "resume", "mirror_cold"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
