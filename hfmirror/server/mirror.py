@@ -163,7 +163,9 @@ class UpstreamApi(HubApi):
         self._calls = concurrent.futures.ThreadPoolExecutor(
             _UPSTREAM_THREADS, thread_name_prefix="hfmirror-up"
         )
-        self._snapshots: collections.OrderedDict[tuple[str, str, str], Snapshot] = collections.OrderedDict()
+        self._snapshots: collections.OrderedDict[
+            tuple[str, str, str], tuple[Snapshot, dict[str, RemoteFile]]
+        ] = collections.OrderedDict()
 
     def close(self) -> None:
         """Stop fills (they keep their resume state) and drop upstream calls nobody waits for."""
@@ -270,19 +272,21 @@ class UpstreamApi(HubApi):
 
     def _snapshot_of(self, listing: RepoListing) -> Snapshot:
         """The listing as a Snapshot (kept per commit, so its rendered JSON is kept too)."""
+        return self._kept(listing)[0]
+
+    def _kept(self, listing: RepoListing) -> tuple[Snapshot, dict[str, RemoteFile]]:
+        """The listing's Snapshot and its files by path, built once per commit (a GET costs no scan)."""
         key = (listing.repo_type, listing.repo_id, listing.commit)
-        snap = self._snapshots.get(key)
-        if snap is None:
+        kept = self._snapshots.get(key)
+        if kept is None:
             layout = CacheLayout(listing, self.root)
-            files = {
-                f.path: FileInfo(f.path, layout.blob_path(f), f.size, f.oid, f.is_lfs)
-                for f in sorted(listing.files, key=lambda f: f.path)
-            }
+            ordered = sorted(listing.files, key=lambda f: f.path)
+            files = {f.path: FileInfo(f.path, layout.blob_path(f), f.size, f.oid, f.is_lfs) for f in ordered}
             snap = snapshot_of(listing.repo_type, listing.repo_id, listing.commit, files, time.time())
-            self._snapshots[key] = snap
+            kept = self._snapshots[key] = (snap, {f.path: f for f in ordered})
             while len(self._snapshots) > _KEPT_SNAPSHOTS:
                 self._snapshots.popitem(last=False)
-        return snap
+        return kept
 
     def _count(self, request: Request, outcome: str) -> None:
         _note(request, outcome)
@@ -294,11 +298,11 @@ class UpstreamApi(HubApi):
     async def resolve(self, request: Request, location: RepoLocation, revision: str, path: str) -> Response:
         pinned = await self._pinned(request, location, revision)
         listing = pinned.listing
-        file = next((f for f in listing.files if f.path == path), None)
+        snap, by_path = self._kept(listing)
+        file = by_path.get(path)
         if file is None:
             raise HubError(404, f"Entry not found: {path}", "EntryNotFound")
         await self._check_access(request, listing, file)
-        snap = self._snapshot_of(listing)
         private = self.gate.is_restricted(listing.repo_type, listing.repo_id)
         headers = file_headers(snap, snap.files[path], revision, private=private)
         if revision != listing.commit and file.is_lfs:
@@ -306,8 +310,9 @@ class UpstreamApi(HubApi):
             self._count(request, pinned.outcome)
             prefix = "datasets/" if listing.repo_type == "dataset" else ""
             target = f"/{prefix}{listing.repo_id}/resolve/{listing.commit}/{quote(path)}"
+            cache_control = headers["Cache-Control"] if private else "no-cache"  # the branch may move
             return Response(
-                status_code=302, headers={**headers, "Location": target, "Cache-Control": "no-cache"}
+                status_code=302, headers={**headers, "Location": target, "Cache-Control": cache_control}
             )
         layout = CacheLayout(listing, self.root)
         cached = await run_in_threadpool(_is_complete, layout, file)
