@@ -35,7 +35,7 @@ class Metrics:
     def __init__(self, prefix: str = "hfmirror") -> None:
         self.prefix = prefix
         self._values = dict.fromkeys(COUNTERS, 0)
-        self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self._read: dict[str, tuple[str, str, Callable[[], float]]] = {}  # name -> (kind, help, read)
         self._lock = threading.Lock()
 
     def add(self, name: str, amount: int = 1) -> None:
@@ -49,8 +49,12 @@ class Metrics:
             return self._values[name]
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        """Report ``read()`` as ``<prefix>_<name>`` at each scrape."""
-        self._gauges[name] = (help_text, read)
+        """Report ``read()`` as the gauge ``<prefix>_<name>`` at each scrape."""
+        self._read[name] = ("gauge", help_text, read)
+
+    def counted_elsewhere(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """Report ``read()``, a total kept by someone else, as the counter ``<prefix>_<name>_total``."""
+        self._read[f"{name}_total"] = ("counter", help_text, read)
 
     def render(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
@@ -60,9 +64,9 @@ class Metrics:
         for name, help_text in COUNTERS.items():
             full = f"{self.prefix}_{name}_total"
             lines += [f"# HELP {full} {help_text}", f"# TYPE {full} counter", f"{full} {values[name]}"]
-        for name, (help_text, read) in self._gauges.items():
+        for name, (kind, help_text, read) in self._read.items():
             full = f"{self.prefix}_{name}"
-            lines += [f"# HELP {full} {help_text}", f"# TYPE {full} gauge", f"{full} {read():g}"]
+            lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}", f"{full} {read():g}"]
         return "\n".join(lines) + "\n"
 
 

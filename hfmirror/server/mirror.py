@@ -439,6 +439,16 @@ def create_mirror_app(
         page_size=page_size,
     )
     metrics.gauge("fills_running", "Files being fetched from the upstream by this process.", fills.running)
+    stats = upstream.stats  # the downloader's own counters, for every fill and listing
+    metrics.counted_elsewhere("upstream_retries", "Upstream requests retried.", lambda: stats.retries)
+    metrics.counted_elsewhere(
+        "upstream_rate_limited", "Upstream 429/503 backed off from.", lambda: stats.rate_limited
+    )
+    metrics.counted_elsewhere(
+        "upstream_verify_failures",
+        "Upstream files whose checksum did not match.",
+        lambda: stats.verify_failures,
+    )
     if max_size is not None:
         metrics.gauge("cache_limit_bytes", "The --max-size limit.", lambda: max_size)
 

@@ -141,6 +141,8 @@ def test_upstream_drops_429s_and_503s_are_absorbed_not_passed_on(
     assert 429 in statuses and 503 in statuses  # the faults did happen upstream
     assert upstream.sent("*/weights.bin") <= BIG + 4 * MIB  # the drop was resumed, not restarted
     assert m.counter("errors") == 0
+    scraped = requests.get(f"{m.url}/metrics", timeout=10).text
+    assert re.search(r"^hfmirror_upstream_rate_limited_total [1-9]", scraped, re.MULTILINE), scraped
 
 
 # ------------------------------------------------------------------------------------ pins
@@ -379,6 +381,10 @@ def test_metrics_are_prometheus_text_and_the_log_has_hit_or_miss_per_request(
     assert samples["hfmirror_cache_misses_total"] == 1 and samples["hfmirror_cache_hits_total"] == 1
     assert samples["hfmirror_upstream_bytes_total"] == size and samples["hfmirror_requests_total"] == 2
     assert "# TYPE hfmirror_cache_hits_total counter" in text
+    assert (
+        "# TYPE hfmirror_upstream_retries_total counter" in text
+        and "# TYPE hfmirror_fills_running gauge" in text
+    )
 
 
 def test_cache_control_lets_http_caches_keep_commit_addressed_answers_only(
