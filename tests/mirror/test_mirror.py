@@ -126,6 +126,7 @@ def test_a_range_of_a_file_being_filled_is_served_from_what_is_there(
     assert upstream.sent("*/weights.bin") <= BIG + 4 * MIB
 
 
+@pytest.mark.slow
 def test_upstream_drops_429s_and_503s_are_absorbed_not_passed_on(
     upstream: Upstream, mirror: Callable[..., Mirror], tmp_path: Path
 ) -> None:
@@ -226,6 +227,7 @@ def test_a_corrupted_upstream_body_never_reaches_a_client_as_a_complete_file(
     assert len(_read_until_closed(url)) < BIG  # a new fill, the same: never the whole wrong file
 
 
+@pytest.mark.slow
 def test_a_client_resuming_after_a_cut_starts_over_and_gets_the_right_file(
     upstream: Upstream, mirror: Callable[..., Mirror], tmp_path: Path
 ) -> None:
@@ -276,6 +278,7 @@ def test_xet_headers_from_upstream_never_reach_clients(
     assert files_under(Path(path)) == files_under(upstream.root / "tiny" / "bert")
 
 
+@pytest.mark.slow
 def test_gated_content_goes_only_to_tokens_the_upstream_accepts(
     upstream: Upstream, mirror: Callable[..., Mirror], tmp_path: Path, unused_port: int
 ) -> None:

@@ -68,11 +68,12 @@ def streamed(filling: Fill) -> Iterator[socket.socket]:
         sock.close()
 
 
-def receive(sock: socket.socket, *, until_quiet: float) -> tuple[bytes, bool]:
-    """Read until nothing arrives for ``until_quiet`` s (False) or the server closes (True)."""
+def receive(sock: socket.socket, *, until_quiet: float, enough: int | None = None) -> tuple[bytes, bool]:
+    """Read until nothing arrives for ``until_quiet`` s (False), the server closes (True), or ``enough``
+    bytes came (False)."""
     data = b""
     sock.settimeout(until_quiet)
-    while True:
+    while enough is None or len(data) < enough:
         try:
             chunk = sock.recv(1 << 20)
         except TimeoutError:
@@ -80,23 +81,36 @@ def receive(sock: socket.socket, *, until_quiet: float) -> tuple[bytes, bool]:
         if not chunk:
             return data, True
         data += chunk
+    return data, False
 
 
 def body_of(data: bytes) -> bytes:
     return data.partition(b"\r\n\r\n")[2]
 
 
+def read_body(sock: socket.socket, count: int) -> bytes:
+    """The response head and the first ``count`` body bytes (waiting up to 30 s for them)."""
+    data = b""
+    sock.settimeout(30)
+    while b"\r\n\r\n" not in data or len(body_of(data)) < count:
+        chunk = sock.recv(1 << 20)
+        assert chunk, "the server closed early"
+        data += chunk
+    return data
+
+
 def test_the_last_block_waits_for_the_checksum(filling: Fill, streamed: socket.socket) -> None:
-    data, closed = receive(streamed, until_quiet=1.0)
-    assert not closed
+    data = read_body(streamed, SIZE - HOLD_BACK)
+    more, closed = receive(streamed, until_quiet=1.0)  # and then nothing, while unverified
+    assert not closed and more == b""
     assert body_of(data) == filling.content[: SIZE - HOLD_BACK]  # type: ignore[attr-defined]
     os.replace(filling.partial, filling.blob)  # what the downloader does once the checksum matched
-    rest, _ = receive(streamed, until_quiet=5.0)
+    rest, _ = receive(streamed, until_quiet=10.0, enough=HOLD_BACK)
     assert body_of(data) + rest == filling.content  # type: ignore[attr-defined]
 
 
 def test_a_discarded_attempt_cuts_the_connection(filling: Fill, streamed: socket.socket) -> None:
-    data, _ = receive(streamed, until_quiet=1.0)
+    data = read_body(streamed, SIZE - HOLD_BACK)
     filling.partial.unlink()  # a mismatch: the downloader throws the attempt away...
     filling.partial.write_bytes(b"\0" * SIZE)  # ...and starts a new one
     rest, closed = receive(streamed, until_quiet=10.0)
@@ -105,7 +119,7 @@ def test_a_discarded_attempt_cuts_the_connection(filling: Fill, streamed: socket
 
 
 def test_a_failed_fill_cuts_the_connection(filling: Fill, streamed: socket.socket) -> None:
-    data, _ = receive(streamed, until_quiet=1.0)
+    data = read_body(streamed, SIZE - HOLD_BACK)
     filling.error = OSError("the upstream went away for good")
     filling.done.set()
     rest, closed = receive(streamed, until_quiet=10.0)
