@@ -55,7 +55,7 @@ from ..errors import (
     UnsafeListingError,
 )
 from ..layout import CacheLayout, repo_folder_name
-from ..listing import RemoteFile, RepoListing, validate_repo_id
+from ..listing import RemoteFile, RepoListing, validate_repo_id, validate_revision
 from .access import AccessGate
 from .checksums import ChecksumCache
 from .eviction import CacheBudget, InUse
@@ -115,6 +115,8 @@ def hub_error_for(error: BaseException) -> HubError:
         return HubError(502, f"upstream answered wrongly: {message}")
     if isinstance(error, StorageError):
         return HubError(507, f"the mirror cannot store it: {message}")
+    if isinstance(error, BadInputError):
+        return HubError(400, message)
     return HubError(500, f"mirror error: {type(error).__name__}")
 
 
@@ -202,6 +204,10 @@ class UpstreamApi(HubApi):
 
     async def _pinned(self, request: Request, location: RepoLocation, revision: str) -> Pinned:
         """The listing of ``revision``: pinned, from the upstream, or (upstream down) from the cache."""
+        try:
+            validate_revision(revision)  # it becomes a file name under refs/
+        except BadInputError as error:
+            raise HubError(400, str(error)) from None
         fresh = self.pins.fresh(location.repo_type, location.repo_id, revision)
         if fresh is not None:
             return Pinned(fresh, "hit")

@@ -146,6 +146,29 @@ def test_upstream_drops_429s_and_503s_are_absorbed_not_passed_on(
     assert re.search(r"^hfmirror_upstream_rate_limited_total [1-9]", scraped, re.MULTILINE), scraped
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/models/tiny/bert/revision/..%2F..%2F..%2Fescaped",
+        "/tiny/bert/resolve/..%2F..%2Fescaped/config.json",
+        "/tiny/bert/resolve/main/..%2F..%2Fconfig.json",
+        "/tiny/bert/resolve/main/.git/config",
+        "/api/models/..%2F..%2Fescaped/revision/main",
+    ],
+)
+def test_names_that_would_leave_the_cache_are_refused(
+    upstream: Upstream, mirror: Callable[..., Mirror], tmp_path: Path, path: str
+) -> None:
+    m = mirror(upstream.url)
+    conn = http.client.HTTPConnection("127.0.0.1", m.server.port, timeout=30)
+    conn.request("GET", path)
+    status = conn.getresponse().status
+    conn.close()
+    assert 400 <= status < 500, (path, status)
+    assert not list(tmp_path.rglob("escaped*"))  # nothing written under any name from the URL
+    assert not upstream.plan.requests("*escaped*")
+
+
 # ------------------------------------------------------------------------------------ pins
 
 
