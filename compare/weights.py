@@ -13,7 +13,6 @@ Only torch and safetensors are imported here; never transformers.
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 from collections.abc import Callable, Iterator
@@ -24,8 +23,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from hfmirror.errors import HfMirrorError, WeightLoadError
-from hfmirror.paths import validate_relative_path
+from hfmirror.errors import WeightLoadError
+
+from .fetch import WEIGHT_FILES, shard_names
 
 __all__ = [
     "Transposed",
@@ -67,8 +67,8 @@ def source_name(source: str | Transposed) -> str:
 
 
 # In order of preference, like transformers: safetensors first, the pickle format as a fallback.
-_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
-_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SINGLE_FILES = tuple(single for single, _ in WEIGHT_FILES)
+_INDEX_FILES = tuple(index for _, index in WEIGHT_FILES)
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
@@ -89,18 +89,8 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
 
 
 def _shards_from_index(model_dir: Path, index_path: Path) -> list[Path]:
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-        shard_names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise WeightLoadError(f"cannot read the shard index {index_path.name}: {error}") from error
     shards = []
-    for name in shard_names:
-        try:
-            validate_relative_path(name)
-        except HfMirrorError as error:
-            raise WeightLoadError(f"{index_path.name} names an unsafe shard: {error}") from error
+    for name in shard_names(index_path):
         shard = model_dir / name
         if not shard.is_file():
             raise WeightLoadError(f"shard {name!r} listed in {index_path.name} is missing")

@@ -125,7 +125,9 @@ def compare(
 ) -> None:
     """Compare our from-scratch implementation of MODEL with transformers, stage by stage.
 
-    MODEL is a local folder (config.json + weights) or a repo id, which is downloaded first.
+    MODEL is a local folder (config.json + weights) or a repo id: then config.json is fetched first
+    (an unsupported model type is refused before any weight), then one weight format and the
+    tokenizer, not the TensorFlow/Flax/ONNX/... copies.
     Supported model types: bert, gpt2, llama, mistral, qwen (Qwen v1, e.g. Qwen/Qwen-7B), qwen2,
     qwen3, roberta, xlm-roberta.
 
@@ -143,24 +145,27 @@ def compare(
     """
     from compare.runner import compare_model_dir
 
-    def fetch(repo_id: str, **only: object) -> Path:
-        """A local folder as it is; a repo id downloaded (or found in the cache) first."""
+    fetched = {"endpoints": list(endpoints) or None, "token": token, "cache_dir": cache_dir}
+
+    def fetch_model(repo_id: str) -> Path:
+        """A local folder as it is; a repo id: config.json first, then one weight format and the
+        tokenizer (see compare.fetch)."""
+        if Path(repo_id).is_dir():
+            return Path(repo_id)
+        from compare.fetch import fetch_checkpoint
+
+        return fetch_checkpoint(repo_id, revision=revision, progress=not as_json, **fetched)
+
+    def fetch_tokenizer(repo_id: str) -> Path:
+        """A local folder as it is; a repo id: only its tokenizer files, not its weights."""
         if Path(repo_id).is_dir():
             return Path(repo_id)
         from hfmirror.download import download
 
-        result = download(
-            repo_id,
-            endpoints=list(endpoints) or None,
-            token=token,
-            cache_dir=cache_dir,
-            progress=not as_json,
-            **only,
-        )
-        return Path(result.path)
+        return Path(download(repo_id, include=list(TOKENIZER_FILES), progress=not as_json, **fetched).path)
 
-    model_dir = fetch(model, revision=revision)
-    tokenizer_dir = fetch(tokenizer, include=list(TOKENIZER_FILES)) if tokenizer and texts else None
+    model_dir = fetch_model(model)
+    tokenizer_dir = fetch_tokenizer(tokenizer) if tokenizer and texts else None
 
     report = compare_model_dir(
         model_dir,

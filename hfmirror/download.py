@@ -241,6 +241,7 @@ def download(
             cache_dir=cache_base,
             local_dir=target,
             reason=reason,
+            dry_run=dry_run,
         )
         return DownloadResult(
             repo_id=repo_id,
@@ -249,7 +250,8 @@ def download(
             commit=answer.commit,
             path=answer.path,
             endpoint=OFFLINE_ENDPOINT,
-            files=[FileOutcome(path, size, "present") for path, size in answer.files],
+            files=[FileOutcome(path, size, "present") for path, size in answer.files]
+            + [FileOutcome(path, size, "would-download") for path, size in answer.missing],
             bytes_downloaded=0,
             seconds=time.monotonic() - started,
             dry_run=dry_run,

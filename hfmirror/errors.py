@@ -19,6 +19,7 @@ precisely (``except RepoNotFoundError``)::
     │   ├── InsufficientSpaceError
     │   └── NotWritableError
     ├── DownloadInterrupted                   Ctrl-C; partial data is kept
+    ├── MissingExtraError                     an optional extra (serve, compare) is not installed
     └── CompareError                          the comparison could not be run
         ├── UnsupportedModelError
         ├── WeightLoadError                   missing, unexpected or wrongly shaped tensor
@@ -36,6 +37,7 @@ __all__ = [
     "HfMirrorError",
     "InsufficientSpaceError",
     "IntegrityError",
+    "MissingExtraError",
     "NetworkError",
     "NotWritableError",
     "RemoteCodeError",
@@ -108,6 +110,11 @@ class NotWritableError(StorageError):
 
 class DownloadInterrupted(HfMirrorError):
     """The user pressed Ctrl-C. Partial data is kept; running the same command again resumes."""
+
+
+class MissingExtraError(HfMirrorError):
+    """A command needs packages of an optional extra that are not installed. The message says which
+    ``pip install`` fixes it."""
 
 
 class CompareError(HfMirrorError):

@@ -7,7 +7,6 @@ import inspect
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import click
@@ -163,47 +162,3 @@ def test_weight_error_through_the_handler(compare_cmd: click.Command, tmp_path: 
     assert isinstance(result.exception, WeightLoadError) and name in str(result.exception)
     result = CliRunner().invoke(hfmirror_cli(), ["compare", str(path)])
     assert result.exit_code == 2 and name in result.stderr
-
-
-def test_repo_id_is_downloaded_first(
-    runner: CliRunner, compare_cmd: click.Command, bert: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A MODEL that is not a folder goes through hfmirror.download.download (stubbed: no network here)."""
-    calls = []
-
-    def fake_download(repo_id, **kwargs):
-        calls.append((repo_id, kwargs))
-        return types.SimpleNamespace(path=bert)
-
-    monkeypatch.setitem(sys.modules, "hfmirror.download", types.SimpleNamespace(download=fake_download))
-    result = runner.invoke(
-        compare,
-        [
-            "org/tiny-bert",
-            "--endpoint",
-            "http://a",
-            "--endpoint",
-            "http://b",
-            "--revision",
-            "v1",
-            "--token",
-            "t0k",
-            "--cache-dir",
-            "/tmp/c",
-            "--json",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    assert calls == [
-        (
-            "org/tiny-bert",
-            {
-                "revision": "v1",
-                "endpoints": ["http://a", "http://b"],
-                "token": "t0k",
-                "cache_dir": "/tmp/c",
-                "progress": False,
-            },
-        )
-    ]
-    assert json.loads(result.output)["model"] == "org/tiny-bert"

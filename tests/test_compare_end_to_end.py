@@ -25,6 +25,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
+@pytest.mark.slow
 def test_compare_bert_base_uncased_through_the_mirror(hub_server, tmp_path: Path) -> None:
     """A small stand-in served as `bert-base-uncased` (no org, BertForMaskedLM keys with `bert.` prefix)."""
     out = run(
