@@ -20,6 +20,8 @@ ORDER = (
     "compare-stream",
     "startup",
     "serve_scale",
+    "mirror_warm",
+    "mirror_cold",
 )
 
 
@@ -159,6 +161,14 @@ def _scenario_lines(name: str, s: dict[str, Any]) -> list[str]:
                     _f(v["first_listing_s"]),
                     f"{v['ok_runs']}/{v['runs']}",
                 ]
+                for t, v in tools.items()
+            ],
+        )
+    elif name in ("mirror_warm", "mirror_cold"):
+        lines += _table(
+            ["server / client", "median s", "MiB/s in all", "ok runs"],
+            [
+                [t, _f(v["seconds"]), _f(v.get("mib_per_s"), 1), f"{v['ok_runs']}/{v['runs']}"]
                 for t, v in tools.items()
             ],
         )

@@ -53,6 +53,8 @@ SCENARIOS = (
     "compare-stream",
     "startup",
     "serve_scale",
+    "mirror_warm",
+    "mirror_cold",
 )
 MB = 1_000_000  # bandwidth caps are in MB/s (10^6), as the issue states them
 
@@ -1154,8 +1156,10 @@ SCENARIO_FUNCS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "compare-stream": scenario_compare_stream,
     "startup": scenario_startup,
     "serve_scale": server_bench.scenario_serve_scale,
+    "mirror_warm": server_bench.scenario_mirror_warm,
+    "mirror_cold": server_bench.scenario_mirror_cold,
 }
-NEEDS_SERVER = {"large", "capped", "small", "resume"}
+NEEDS_SERVER = {"large", "capped", "small", "resume", "mirror_cold"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

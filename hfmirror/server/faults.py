@@ -16,6 +16,8 @@ and then applies to ``times`` of them (or to every one). Kinds of fault:
 ``bandwidth``       pace each response to ``rate`` bytes per second
 ``xet``             add Xet headers (``X-Xet-Hash``, ``Link: <...>; rel="xet-auth"``) to resolve answers
 ``redirect``        answer resolve requests with 302 to the same path on ``url`` (another host name)
+``require_token``   a gated repo: answer 401 (no token) or 403 (another token) with ``X-Error-Code:
+                    GatedRepo`` unless the request carries ``Authorization: Bearer <token>``
 ==================  =================================================================================
 
 Besides the rules, ``plan.limit_requests(R)`` answers 429 to requests beyond R per second.
@@ -58,6 +60,7 @@ FAULT_KINDS = (
     "bandwidth",
     "xet",
     "redirect",
+    "require_token",
 )
 # Faults that change the body only make sense for GET; the others also hit HEAD by default.
 _BODY_KINDS = {"drop", "corrupt", "ignore_range", "bandwidth"}
@@ -81,6 +84,7 @@ class Fault:
     seconds: float = 0.0  # stall
     rate: float = 0.0  # bandwidth, bytes per second
     url: str = ""  # redirect target base, e.g. "http://localhost:8001"
+    token: str = ""  # require_token: the one token let through
     seen: int = 0
     applied: int = 0
 
@@ -97,6 +101,8 @@ class Fault:
             raise ValueError("a bandwidth fault needs rate > 0 (bytes per second)")
         if self.kind == "redirect" and not self.url:
             raise ValueError("a redirect fault needs url")
+        if self.kind == "require_token" and not self.token:
+            raise ValueError("a require_token fault needs token")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Fault:
@@ -193,6 +199,10 @@ class FaultPlan:
     def redirect(self, url: str, **match: Any) -> Fault:
         """Answer resolve requests with 302 to the same path on ``url`` (unless already on that host)."""
         return self.add(Fault("redirect", url=url.rstrip("/"), **match))
+
+    def require_token(self, token: str, **match: Any) -> Fault:
+        """Let matching requests through only with ``Authorization: Bearer <token>`` (a gated repo)."""
+        return self.add(Fault("require_token", token=token, **match))
 
     def limit_requests(self, max_rps: float | None) -> None:
         """Answer 429 (``Retry-After: 1``) to requests beyond ``max_rps`` per second; None: no limit."""
@@ -343,6 +353,14 @@ class FaultInjector:
                 await _send_simple(send, record, 429, extra, b'{"error": "too many requests"}')
                 return
             if fault.kind == "redirect" and is_resolve and await self._redirect(scope, send, record, fault):
+                return
+            if (
+                fault.kind == "require_token"
+                and record.headers.get("authorization") != f"Bearer {fault.token}"
+            ):
+                status = 403 if "authorization" in record.headers else 401
+                extra = {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to this repo is restricted"}
+                await _send_simple(send, record, status, extra, b'{"error": "gated repo"}')
                 return
         if any(f.kind == "ignore_range" for f in faults):
             scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"range"])
