@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import shlex
 import signal
@@ -31,9 +30,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's hfmirror
 
 import benchlib as bl  # noqa: E402
 import report  # noqa: E402
+
+from hfmirror.resume import ResumeState  # noqa: E402
 
 SCENARIOS = ("large", "capped", "small", "resume", "compare", "startup")
 MB = 1_000_000  # bandwidth caps are in MB/s (10^6), as the issue states them
@@ -383,13 +385,7 @@ def scenario_small(ctx: Context, max_rps: float = 50) -> dict[str, Any]:
 def _state_fraction(cache: Path, size: int) -> float | None:
     """Fraction of the file hfmirror's resume state records as done (None if there is no state)."""
     found = glob.glob(str(cache / "**" / "*.hfmirror.incomplete.hfmirror.json"), recursive=True)
-    if not found:
-        return None
-    try:
-        segments = json.loads(Path(found[0]).read_text()).get("segments", [])
-        return sum(pos - start for start, pos, _end in segments) / size
-    except (OSError, ValueError, TypeError):
-        return None
+    return ResumeState.saved_bytes(Path(found[0])) / size if found else None
 
 
 def _kill_at(ctx: Context, proc: bl.subprocess.Popen, fraction: float, timeout: float = 300) -> float:
