@@ -265,6 +265,18 @@ def _kill(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def terminate(proc: subprocess.Popen, grace: float = 10) -> None:
+    """End a tracked process: SIGTERM, then SIGKILL if it is still there after ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    _LIVE.pop(proc.pid, None)
+
+
 def cleanup() -> None:
     """End every process the bench started and has not waited for (by pid)."""
     for pid, proc in list(_LIVE.items()):
@@ -343,15 +355,8 @@ class BenchServer:
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
         if self.proc is not None:
-            _LIVE.pop(self.proc.pid, None)
+            terminate(self.proc)
         if self._log is not None:
             self._log.close()
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ORDER = ("large", "capped", "small", "resume", "compare", "startup")
+ORDER = ("large", "capped", "small", "resume", "compare", "startup", "serve_scale")
 
 
 def _f(value: Any, digits: int = 2, suffix: str = "") -> str:
@@ -133,6 +133,21 @@ def _scenario_lines(name: str, s: dict[str, Any]) -> list[str]:
                     _f(v["min"], 3),
                     ", ".join(v["heavy_imports"]) or "none",
                     ", ".join(f"{m} {us / 1000:.0f}" for m, us in v["slowest_imports_us"]),
+                ]
+                for t, v in tools.items()
+            ],
+        )
+    elif name == "serve_scale":
+        lines += _table(
+            ["repo", "median GET ms", "p90 ms", "÷ smallest repo", "first listing s", "ok GETs"],
+            [
+                [
+                    t,
+                    _f(v["median_ms"]),
+                    _f(v["p90_ms"]),
+                    _f(v["ratio"], 2, "x"),
+                    _f(v["first_listing_s"]),
+                    f"{v['ok_runs']}/{v['runs']}",
                 ]
                 for t, v in tools.items()
             ],

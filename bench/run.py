@@ -8,7 +8,8 @@
 Scenarios (``--only`` names): ``large`` (unthrottled 1 GiB), ``capped`` (16 MB/s per connection),
 ``small`` (500 x 100 KB behind a request-rate limit), ``resume`` (kill -9 at ~50%, re-run),
 ``compare`` (``hfmirror compare`` on a bert-base-sized random model vs the transformers forward
-alone), ``startup`` (``--help`` start-up time and heavy imports).
+alone), ``startup`` (``--help`` start-up time and heavy imports), ``serve_scale`` (``hfmirror serve``:
+one GET's latency at 10 to 20,000 files in the repo; see server_bench.py).
 
 Writes bench/results.json (raw numbers; scenarios not re-run keep their previous results) and
 bench/RESULTS.md (tables with Goal / Measured / Met?). Big files live in bench/work/ (git-ignored).
@@ -34,10 +35,11 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 import benchlib as bl  # noqa: E402
 import report  # noqa: E402
+import server_bench  # noqa: E402
 
 from hfmirror.resume import ResumeState  # noqa: E402
 
-SCENARIOS = ("large", "capped", "small", "resume", "compare", "startup")
+SCENARIOS = ("large", "capped", "small", "resume", "compare", "startup", "serve_scale")
 MB = 1_000_000  # bandwidth caps are in MB/s (10^6), as the issue states them
 
 HF_SCRIPT = r"""
@@ -691,6 +693,7 @@ SCENARIO_FUNCS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "resume": scenario_resume,
     "compare": scenario_compare,
     "startup": scenario_startup,
+    "serve_scale": server_bench.scenario_serve_scale,
 }
 NEEDS_SERVER = {"large", "capped", "small", "resume"}
 

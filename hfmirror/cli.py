@@ -5,7 +5,8 @@ Exit codes (also in the README):
 ====  =====================================================================
 0     success
 1     ``compare`` found a stage that does not match; or an unexpected bug
-2     bad input: usage errors, malformed repo id, unsafe names, unsupported model or checkpoint
+2     bad input: usage errors, malformed repo id, unsafe names, unsupported model or checkpoint;
+      ``serve``: a port already in use
 3     not found: repository, revision or file, on every endpoint
 4     access denied: gated or private repository (try ``--token``)
 5     network: no endpoint reachable or giving Hub answers, retries ran out, a Retry-After over the
@@ -293,22 +294,54 @@ def download(
     type=click.Path(file_okay=False),
     help="Where remembered checksums are kept [default: ~/.cache/hfmirror].",
 )
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1, 1_000_000),
+    default=1000,  # server.guard.DEFAULT_MAX_CONNECTIONS, not imported: --help stays light
+    show_default=True,
+    help="Most connections at once (lowered to fit the open-file limit); the longest-stalled go first.",
+)
 @_handle_errors
-def serve(root: str, host: str, port: int, state_dir: str | None) -> None:
+def serve(root: str, host: str, port: int, state_dir: str | None, max_connections: int) -> None:
     """Serve the models under ROOT with the Hugging Face Hub's HTTP API.
 
     ROOT is a plain tree (ROOT/org/name/..., ROOT/datasets/org/name/..., ROOT/name/...) or a
-    Hugging Face cache folder (models--org--name/snapshots/...). Point clients at it with
-    HF_ENDPOINT=http://HOST:PORT.
+    Hugging Face cache folder (models--org--name/snapshots/...). A folder right under ROOT (or
+    ROOT/datasets) is a repo without an org when a file sits directly in it, else an org whose
+    sub-folders are repos. Point clients at it with HF_ENDPOINT=http://HOST:PORT.
 
     \b
     Examples:
       hfmirror serve ./models
       hfmirror serve ~/.cache/huggingface/hub --host 0.0.0.0 --port 8080
     """
-    from .server.app import run_server
+    from .server.app import create_app
+    from .server.runner import prepare_server
 
-    run_server(root, host=host, port=port, state_dir=state_dir)
+    server = prepare_server(
+        create_app(root, state_dir=state_dir), host=host, port=port, max_connections=max_connections
+    )
+    _announce_repos(root, server.app.state.store.discover())
+    click.echo(f"hfmirror: serving on {server.url} (clients: HF_ENDPOINT={server.url})", err=True)
+    server.run()
+
+
+def _announce_repos(root: str, repos: list[Any], shown: int = 20) -> None:
+    """Say which repos ``serve`` found, so a wrong layout shows at once rather than as 404s."""
+    if not repos:
+        click.echo(
+            f"hfmirror: warning: no repos found under {root}. Expected ROOT/org/name/<files>, "
+            "ROOT/name/<files>, ROOT/datasets/org/name/<files>, or a Hugging Face cache "
+            "(ROOT/models--org--name/snapshots/...).",
+            err=True,
+        )
+        return
+    click.echo(f"hfmirror: {len(repos)} repo{'s' if len(repos) != 1 else ''} under {root}:", err=True)
+    for location in repos[:shown]:
+        where = "cache" if location.layout == "cache" else "folder"
+        click.echo(f"  {location.repo_type:<8} {location.repo_id}  ({where})", err=True)
+    if len(repos) > shown:
+        click.echo(f"  ... and {len(repos) - shown} more", err=True)
 
 
 # ---------------------------------------------------------------------------------------- compare

@@ -6,11 +6,12 @@
 * ``hub_server``: the real app serving ``hub_root`` from a thread: ``.url``, ``.root``, ``.app``.
 * ``fault_server``: the same, wrapped in :class:`~hfmirror.server.faults.FaultInjector`: also ``.plan``.
 * ``faults``: the fault server's plan, reset before and after the test.
+* ``serve``: start the app on any folder for one test: ``url = serve(root, page_size=2)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,3 +101,21 @@ def faults(fault_server: RunningServer) -> Iterator[FaultPlan]:
     fault_server.plan.reset()
     yield fault_server.plan
     fault_server.plan.reset()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Start the app on any folder for one test: ``url = serve(root, page_size=2)``; stopped afterwards."""
+    started: list[tuple[ServerThread, Any]] = []
+
+    def start(root: Path, **kwargs: Any) -> str:
+        kwargs.setdefault("state_dir", tmp_path / "state")
+        app = create_app(root, **kwargs)
+        thread = ServerThread(app).start()
+        started.append((thread, app))
+        return thread.url
+
+    yield start
+    for thread, app in started:
+        thread.stop()
+        app.state.checksums.close()

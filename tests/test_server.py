@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import requests
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
 from hfmirror.hashing import git_blob_sha1, sha256_of_file
-from hfmirror.server.app import ServerThread, create_app
+from hfmirror.server.app import create_app
 from hfmirror.server.checksums import GIT_SHA1, SHA256, ChecksumCache
 from hfmirror.server.repos import is_lfs_file
 from tests.conftest import RunningServer
@@ -49,24 +49,6 @@ def raw_get(url: str, path: str, method: str = "GET") -> tuple[int, dict[str, st
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:
         conn.close()
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., str]]:
-    """Start the app on any folder for one test: ``url = serve(root, page_size=2)``."""
-    started: list[tuple[ServerThread, Any]] = []
-
-    def start(root: Path, **kwargs: Any) -> str:
-        kwargs.setdefault("state_dir", tmp_path / "state")
-        app = create_app(root, **kwargs)
-        thread = ServerThread(app).start()
-        started.append((thread, app))
-        return thread.url
-
-    yield start
-    for thread, app in started:
-        thread.stop()
-        app.state.checksums.close()
 
 
 # ------------------------------------------------------------------------------------ repo info
@@ -515,7 +497,7 @@ def test_hfmirror_serve_command_answers_and_stops_on_sigint(hub_root: Path, tmp_
             line = process.stdout.readline()
             if not line:
                 break
-            match = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
+            match = re.search(r"serving on http://127\.0\.0\.1:(\d+)", line)
             port = int(match.group(1)) if match else None
         assert port, "the server did not report its port"
         r = requests.get(f"http://127.0.0.1:{port}/tiny/bert/resolve/main/config.json", timeout=10)

@@ -15,28 +15,26 @@ raises its usual exceptions.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import threading
-import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
 
 from ..errors import BadInputError, RevisionNotFoundError, UnsafePathError
 from ..paths import validate_relative_path
 from .checksums import ChecksumCache
 from .repos import RepoLocation, RepoStore, Snapshot
+from .runner import ServerThread, prepare_server
 
 __all__ = ["DEFAULT_PAGE_SIZE", "ServerThread", "create_app", "run_server"]
 
@@ -46,6 +44,7 @@ DEFAULT_PAGE_SIZE = 1000  # entries per tree page, as on the Hub
 CHUNK_SIZE = 1024 * 1024  # bytes per body message: large chunks keep a 1 GiB transfer fast
 
 _REPO_TYPES = {"models": "model", "datasets": "dataset"}
+_MAX_MEMO_ENTRIES = 64  # rendered listings kept per snapshot
 
 
 class HubError(Exception):
@@ -177,38 +176,8 @@ class _MirrorApi:
     async def _info(self, request: Request, location: RepoLocation, revision: str) -> Response:
         snap = await self._snapshot(location, revision)
         with_blobs = _flag(request, "blobs")
-        siblings = []
-        for info in snap.files.values():
-            sibling: dict[str, Any] = {"rfilename": info.path}
-            if with_blobs:
-                sibling.update(size=info.size, blobId=info.oid)
-                if info.lfs:
-                    sibling["lfs"] = {
-                        "sha256": info.etag,
-                        "size": info.size,
-                        "pointerSize": info.pointer_size,
-                    }
-            siblings.append(sibling)
-        org, _, _ = location.repo_id.rpartition("/")
-        body: dict[str, Any] = {
-            "_id": snap.commit[:24],
-            "id": location.repo_id,
-            "author": org or None,
-            "sha": snap.commit,
-            "lastModified": _iso(snap.last_modified),
-            "createdAt": _iso(snap.last_modified),
-            "private": False,
-            "gated": False,
-            "disabled": False,
-            "downloads": 0,
-            "likes": 0,
-            "tags": [],
-            "siblings": siblings,
-            "usedStorage": sum(info.size for info in snap.files.values()),
-        }
-        if location.repo_type == "model":
-            body["modelId"] = location.repo_id
-        return JSONResponse(body)
+        body = _memo(snap, ("info", with_blobs), lambda: _render_json(_info_body(location, snap, with_blobs)))
+        return Response(body, media_type="application/json")
 
     async def _tree(
         self, request: Request, location: RepoLocation, revision: str, where: list[str]
@@ -217,11 +186,9 @@ class _MirrorApi:
         snap = await self._snapshot(location, revision)
         if directory and directory not in snap.directories:
             raise HubError(404, f"Entry not found: {directory}", "EntryNotFound")
-        entries = _tree_entries(snap, directory, recursive=_flag(request, "recursive"))
-        if _flag(request, "expand"):
-            last_commit = {"id": snap.commit, "title": "hfmirror snapshot", "date": _iso(snap.last_modified)}
-            for entry in entries:
-                entry["lastCommit"] = last_commit
+        recursive, expand = _flag(request, "recursive"), _flag(request, "expand")
+        key = ("tree", directory, recursive, expand)
+        entries = _memo(snap, key, lambda: _tree_entries(snap, directory, recursive, expand))
         cursor = request.query_params.get("cursor", "0")
         if not cursor.isdigit() or int(cursor) > len(entries):
             raise HubError(400, f"invalid cursor: {cursor[:50]!r}")
@@ -243,8 +210,10 @@ class _MirrorApi:
             raise HubError(404, "Not Found")
         _, tail, location = self._locate(repo_type, readings)
         revision, path = tail[0], _file_path(tail[1:])
-        snap = await self._snapshot(location, revision)
-        info = snap.files.get(path)
+        try:
+            snap, info = await run_in_threadpool(self.store.resolve, location, revision, path)
+        except RevisionNotFoundError as error:
+            raise HubError(404, str(error), "RevisionNotFound") from None
         try:
             stat_result = os.stat(info.local) if info is not None else None
         except OSError:
@@ -262,7 +231,55 @@ class _MirrorApi:
         return _BigChunkFileResponse(info.local, headers=headers, stat_result=stat_result)
 
 
-def _tree_entries(snap: Snapshot, directory: str, *, recursive: bool) -> list[dict[str, Any]]:
+def _memo(snap: Snapshot, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+    """What ``make`` renders from ``snap``, computed once per snapshot (a new snapshot starts empty).
+
+    Bounded: a client walking every folder of a big repo cannot make it hold more than a few dozen.
+    """
+    if key not in snap.memo:
+        if len(snap.memo) >= _MAX_MEMO_ENTRIES:
+            snap.memo.clear()
+        snap.memo[key] = make()
+    return snap.memo[key]
+
+
+def _render_json(content: Any) -> bytes:
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def _info_body(location: RepoLocation, snap: Snapshot, with_blobs: bool) -> dict[str, Any]:
+    """The repo-info JSON (``HfApi.model_info``): the commit and, per file, its name (and checksums)."""
+    siblings = []
+    for info in snap.files.values():
+        sibling: dict[str, Any] = {"rfilename": info.path}
+        if with_blobs:
+            sibling.update(size=info.size, blobId=info.oid)
+            if info.lfs:
+                sibling["lfs"] = {"sha256": info.etag, "size": info.size, "pointerSize": info.pointer_size}
+        siblings.append(sibling)
+    org, _, _ = location.repo_id.rpartition("/")
+    body: dict[str, Any] = {
+        "_id": snap.commit[:24],
+        "id": location.repo_id,
+        "author": org or None,
+        "sha": snap.commit,
+        "lastModified": _iso(snap.last_modified),
+        "createdAt": _iso(snap.last_modified),
+        "private": False,
+        "gated": False,
+        "disabled": False,
+        "downloads": 0,
+        "likes": 0,
+        "tags": [],
+        "siblings": siblings,
+        "usedStorage": sum(info.size for info in snap.files.values()),
+    }
+    if location.repo_type == "model":
+        body["modelId"] = location.repo_id
+    return body
+
+
+def _tree_entries(snap: Snapshot, directory: str, recursive: bool, expand: bool) -> list[dict[str, Any]]:
     """The tree listing of ``directory`` ("" for the top), in the Hub's JSON shape, sorted by path."""
     prefix = directory + "/" if directory else ""
 
@@ -281,6 +298,10 @@ def _tree_entries(snap: Snapshot, directory: str, *, recursive: bool) -> list[di
                 entry["lfs"] = {"oid": info.etag, "size": info.size, "pointerSize": info.pointer_size}
             entries.append(entry)
     entries.sort(key=lambda entry: entry["path"])
+    if expand:
+        last_commit = {"id": snap.commit, "title": "hfmirror snapshot", "date": _iso(snap.last_modified)}
+        for entry in entries:
+            entry["lastCommit"] = last_commit
     return entries
 
 
@@ -326,65 +347,4 @@ def run_server(
     state_dir: str | os.PathLike[str] | None = None,
 ) -> None:
     """Serve ``root`` until Ctrl-C (or SIGTERM), logging one line per request; then return normally."""
-    app = create_app(root, state_dir=state_dir)
-    config = uvicorn.Config(app, host=host, port=port, lifespan="off", timeout_graceful_shutdown=5)
-    try:
-        uvicorn.Server(config).run()
-    except KeyboardInterrupt:
-        # uvicorn re-raises the SIGINT it caught once it has shut down cleanly; nothing was interrupted.
-        pass
-    logger.info("hfmirror server stopped")
-
-
-class ServerThread:
-    """Run an ASGI app with uvicorn in a background thread on a free port (tests, benchmarks).
-
-    Use as a context manager, or call :meth:`start` and :meth:`stop`::
-
-        with ServerThread(create_app(root)) as server:
-            requests.get(server.url + "/api/models/org/name")
-    """
-
-    def __init__(
-        self, app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0, access_log: bool = False
-    ) -> None:
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            lifespan="off",
-            log_level="warning",
-            access_log=access_log,
-            timeout_graceful_shutdown=2,
-        )
-        self.app = app
-        self.host = host
-        self.port = port
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="hfmirror-server", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 20.0) -> ServerThread:
-        """Start serving and wait until the socket is listening."""
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server thread did not start")
-            time.sleep(0.01)
-        self.port = self._server.servers[0].sockets[0].getsockname()[1]
-        return self
-
-    def stop(self) -> None:
-        """Ask uvicorn to shut down and wait for the thread."""
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-
-    def __enter__(self) -> ServerThread:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    prepare_server(create_app(root, state_dir=state_dir), host=host, port=port).run()

@@ -11,24 +11,33 @@ Two layouts are served, looked up at request time so repos added while the serve
   ETag, so nothing needs hashing.
 
 Every file gets the Hub's checksums: the sha256 for "LFS" files (weights, anything large), the git blob
-sha1 for the rest. Hidden folders (``.git``, ``.cache``) and anything that resolves outside ROOT are
-never listed, so they can never be served.
+sha1 for the rest. Hidden folders (``.git``, ``.cache``) and anything that resolves outside ROOT (the
+repo folder, ``refs``, a snapshot folder, ``blobs``, any file or folder link) are never listed, so they
+can never be served.
+
+A repo's listing is kept between requests: each repo (each commit, in a cache) has a
+:class:`~.scan.FolderIndex` that re-reads only changed folders, and a :class:`Snapshot` is rebuilt
+only when the index changed, re-using the checksums of unchanged files. See :mod:`.scan` for how
+changes are noticed and why.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import hashlib
 import os
 import re
-import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import RevisionNotFoundError, UnsafePathError
 from ..hashing import git_blob_sha1, is_git_sha1, is_sha256
-from ..paths import safe_join, validate_relative_path
+from ..paths import validate_relative_path
 from .checksums import GIT_SHA1, SHA256, ChecksumCache
+from .scan import Confinement, FolderIndex, ScannedFile
 
 __all__ = [
     "LFS_SIZE_THRESHOLD",
@@ -49,6 +58,9 @@ LFS_EXTENSIONS = frozenset(
     """7z arrow bin bz2 ckpt ftz gguf gz h5 joblib mlmodel model msgpack npy npz onnx ot parquet pb pickle
     pkl pt pth rar safetensors tar tflite tgz wasm xz zip zst""".split()
 )
+
+# Listings kept at once (one per plain repo, one per cached commit); the least recently used goes first.
+MAX_LISTINGS = 1024
 
 # One segment of a repo id: letters, digits, '-', '_' and '.', not starting with '.' or '-'.
 _REPO_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,95}$")
@@ -79,10 +91,11 @@ class FileInfo:
     """One file of a snapshot, with the checksums the Hub reports for it."""
 
     path: str  # relative, forward slashes
-    local: Path  # where the bytes are (may be a symlink that stays inside ROOT)
+    local: Path  # the real file whose bytes are served (always inside ROOT)
     size: int
     etag: str  # sha256 for LFS files, git blob sha1 otherwise: the ETag and the cache blob name
     lfs: bool
+    mtime_ns: int = 0  # of ``local`` when the checksum was taken: an unchanged file keeps its checksum
 
     @property
     def oid(self) -> str:
@@ -93,10 +106,18 @@ class FileInfo:
     def pointer_size(self) -> int:
         return len(lfs_pointer(self.etag, self.size))
 
+    def describes(self, scanned: ScannedFile) -> bool:
+        """Whether this entry (and so its checksum) is still right for the file as scanned now."""
+        return (self.local, self.size, self.mtime_ns) == (scanned.real, scanned.size, scanned.mtime_ns)
+
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything a client can see of one repo at one commit."""
+    """Everything a client can see of one repo at one commit.
+
+    A snapshot never changes; when the files do, a new one is built. ``memo`` lets the API keep what it
+    renders from a snapshot (a listing's JSON) for as long as the snapshot is current.
+    """
 
     repo_type: str
     repo_id: str
@@ -104,15 +125,21 @@ class Snapshot:
     files: dict[str, FileInfo]  # by path, sorted
     last_modified: float  # newest file mtime, seconds since the epoch
     directories: frozenset[str] = field(default_factory=frozenset)
+    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @functools.cached_property
+    def directory_oids(self) -> dict[str, str]:
+        """A stable id per folder: sha1 over the paths and oids of the files below it (one pass)."""
+        digests = {directory: hashlib.sha1() for directory in self.directories}
+        for path, info in self.files.items():
+            line = f"{path}\0{info.oid}\n".encode()
+            parts = path.split("/")[:-1]
+            for depth in range(1, len(parts) + 1):
+                digests["/".join(parts[:depth])].update(line)
+        return {directory: digest.hexdigest() for directory, digest in digests.items()}
 
     def directory_oid(self, directory: str) -> str:
-        """A stable id for a folder: sha1 over the paths and oids of the files below it."""
-        prefix = directory + "/"
-        digest = hashlib.sha1()
-        for path, info in self.files.items():
-            if path.startswith(prefix):
-                digest.update(f"{path}\0{info.oid}\n".encode())
-        return digest.hexdigest()
+        return self.directory_oids[directory]
 
 
 @dataclass(frozen=True)
@@ -125,15 +152,27 @@ class RepoLocation:
     layout: str  # "plain" or "cache"
 
 
-class RepoStore:
-    """Looks repos up under ``root`` and builds their snapshots, re-using work while files are unchanged."""
+@dataclass
+class _Listing:
+    """The index of one listed folder (a plain repo, or one cached commit) and the snapshot built from it."""
 
-    def __init__(self, root: str | os.PathLike[str], checksums: ChecksumCache) -> None:
+    index: FolderIndex
+    snapshot: Snapshot | None = None
+    built_from: int = -1  # the index generation the snapshot reflects
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class RepoStore:
+    """Looks repos up under ``root`` and keeps their snapshots, rebuilt only when their files change."""
+
+    def __init__(
+        self, root: str | os.PathLike[str], checksums: ChecksumCache, *, max_listings: int = MAX_LISTINGS
+    ) -> None:
         self.root = Path(root)
-        self.real_root = Path(os.path.realpath(root))
+        self.confinement = Confinement(root)
         self.checksums = checksums
-        # Plain-tree snapshots, keyed by repo folder, re-used while the (path, size, mtime) list is the same.
-        self._snapshots: dict[Path, tuple[tuple[tuple[str, int, int], ...], Snapshot]] = {}
+        self.max_listings = max_listings
+        self._listings: collections.OrderedDict[Path, _Listing] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------ lookup
@@ -143,14 +182,14 @@ class RepoStore:
         if repo_type not in _CACHE_PREFIX or not is_valid_repo_id(repo_id):
             return None
         cache_dir = self.root / f"{_CACHE_PREFIX[repo_type]}--{repo_id.replace('/', '--')}"
-        if self._inside_root(cache_dir) and (cache_dir / "snapshots").is_dir():
+        if self.confinement.contains(cache_dir) and (cache_dir / "snapshots").is_dir():
             return RepoLocation(repo_type, repo_id, cache_dir, "cache")
         top = self.root / "datasets" if repo_type == "dataset" else self.root
         parts = repo_id.split("/")
         if repo_type == "model" and parts[0] == "datasets":
             return None  # ROOT/datasets holds datasets, never a model org
         base = top.joinpath(*parts)
-        if not self._inside_root(base) or not base.is_dir():
+        if not self.confinement.contains(base) or not base.is_dir():
             return None
         if len(parts) == 1 and not _has_regular_file(base):
             return None  # an org folder, not a repo
@@ -158,114 +197,149 @@ class RepoStore:
             return None  # a sub-folder of a no-org repo, not a repo
         return RepoLocation(repo_type, repo_id, base, "plain")
 
+    def discover(self, limit: int = 100_000) -> list[RepoLocation]:
+        """The repos under ROOT now (at most ``limit``), sorted: what ``serve`` announces at start."""
+        candidates: list[tuple[str, str]] = []
+        for name in _visible_folders(self.root):
+            if name.startswith(("models--", "datasets--")):
+                kind, _, rest = name.partition("--")
+                candidates.append((_REPO_TYPE_OF_PREFIX[kind], rest.replace("--", "/")))
+            elif name == "datasets":
+                candidates += _plain_candidates(self.root / "datasets", "dataset")
+            else:
+                candidates += _plain_candidates(self.root, "model", only=name)
+            if len(candidates) >= limit:
+                break
+        found = {}
+        for repo_type, repo_id in candidates[:limit]:
+            location = self.find(repo_type, repo_id)
+            if location is not None:
+                found[(location.repo_type, location.repo_id)] = location
+        return [found[key] for key in sorted(found)]
+
+    # ------------------------------------------------------------------------------- snapshots
+
     def snapshot(self, location: RepoLocation, revision: str) -> Snapshot:
-        """The repo at ``revision``. Blocking (may hash files): call it from a worker thread.
+        """The repo at ``revision``. Blocking (may hash new files): call it from a worker thread.
+
+        Costs one stat per folder of the repo while nothing changed.
 
         Raises:
             RevisionNotFoundError: if the revision is not ``main``/the commit (plain) or not in the cache.
         """
+        listing, commit = self._listing(location, revision)
+        listing.index.refresh()
+        return self._current(location, listing, revision, commit)
+
+    def resolve(self, location: RepoLocation, revision: str, path: str) -> tuple[Snapshot, FileInfo | None]:
+        """The snapshot at ``revision`` and its entry for ``path`` (None if absent), checked against the
+        file on disk now: a file rewritten in place gets its new size and checksum before it is served.
+
+        Raises:
+            RevisionNotFoundError: as :meth:`snapshot`.
+        """
+        listing, commit = self._listing(location, revision)
+        listing.index.refresh()
+        listing.index.check_file(path)
+        snap = self._current(location, listing, revision, commit)
+        return snap, snap.files.get(path)
+
+    def _listing(self, location: RepoLocation, revision: str) -> tuple[_Listing, str | None]:
+        """The kept listing of the folder that holds ``revision`` (made on first use), and its commit
+        when the layout names it (a cache; None for a plain tree, whose commit comes from content)."""
+        commit = None
+        folder = location.base
         if location.layout == "cache":
-            return self._cache_snapshot(location, revision)
-        snap = self._plain_snapshot(location)
-        if revision not in ("main", snap.commit):
+            commit = self._cache_commit(location, revision)
+            folder = location.base / "snapshots" / commit
+        with self._lock:
+            listing = self._listings.get(folder)
+            if listing is None:
+                listing = self._listings[folder] = _Listing(FolderIndex(folder, self.confinement))
+                while len(self._listings) > self.max_listings:
+                    self._listings.popitem(last=False)
+            self._listings.move_to_end(folder)
+        return listing, commit
+
+    def _current(
+        self, location: RepoLocation, listing: _Listing, revision: str, commit: str | None
+    ) -> Snapshot:
+        """The listing's snapshot, rebuilt first if its index changed since it was built."""
+        with listing.lock:
+            generation = listing.index.generation
+            if listing.snapshot is None or listing.built_from != generation:
+                listing.snapshot = self._build(location, listing, commit)
+                listing.built_from = generation
+            snap = listing.snapshot
+        if commit is None and revision not in ("main", snap.commit):
             raise RevisionNotFoundError(f"revision {revision!r} not found in {location.repo_id}")
         return snap
 
-    # ---------------------------------------------------------------------------------- plain tree
-
-    def _plain_snapshot(self, location: RepoLocation) -> Snapshot:
-        found = self._walk(location.base)
-        signature = tuple((path, st.st_size, st.st_mtime_ns) for path, _, st in found)
-        with self._lock:
-            cached = self._snapshots.get(location.base)
-        if cached is not None and cached[0] == signature:
-            return cached[1]
+    def _build(self, location: RepoLocation, listing: _Listing, commit: str | None) -> Snapshot:
+        previous = listing.snapshot.files if listing.snapshot is not None else {}
+        blobs = self.confinement.real(location.base / "blobs") if location.layout == "cache" else None
+        scanned = listing.index.files()
         files = {}
-        for path, local, st in found:
-            lfs = is_lfs_file(path, st.st_size)
-            etag = self.checksums.digest(local, SHA256 if lfs else GIT_SHA1)
-            files[path] = FileInfo(path, local, st.st_size, etag, lfs)
-        commit = hashlib.sha1(b"".join(f"{p}\0{f.etag}\n".encode() for p, f in files.items())).hexdigest()
-        snap = _make_snapshot(location, commit, files, found)
-        with self._lock:
-            self._snapshots[location.base] = (signature, snap)
-        return snap
+        for entry in scanned:
+            info = previous.get(entry.path)
+            if info is None or not info.describes(entry):
+                info = self._describe(entry, blobs)
+            files[entry.path] = info
+        if commit is None:  # a plain tree: the commit is a digest of the content, stable across restarts
+            commit = hashlib.sha1(b"".join(f"{p}\0{f.etag}\n".encode() for p, f in files.items())).hexdigest()
+        return _make_snapshot(location, commit, files, scanned)
 
-    # ---------------------------------------------------------------------------- Hugging Face cache
-
-    def _cache_snapshot(self, location: RepoLocation, revision: str) -> Snapshot:
-        commit = self._cache_commit(location, revision)
-        snapshot_dir = location.base / "snapshots" / commit
-        blobs = Path(os.path.realpath(location.base / "blobs"))
-        found = self._walk(snapshot_dir)
-        files = {}
-        for path, local, st in found:
-            real = Path(os.path.realpath(local))
-            name = real.name
-            if real.parent == blobs and (is_sha256(name) or is_git_sha1(name)):
-                etag, lfs = name, is_sha256(name)  # the blob's name is its ETag: no hashing
-            else:  # a copied file (no symlinks on this file system): hash it like a plain tree
-                lfs = is_lfs_file(path, st.st_size)
-                etag = self.checksums.digest(local, SHA256 if lfs else GIT_SHA1)
-            files[path] = FileInfo(path, local, st.st_size, etag, lfs)
-        return _make_snapshot(location, commit, files, found)
+    def _describe(self, entry: ScannedFile, blobs: Path | None) -> FileInfo:
+        """A file's Hub checksums: a cache blob's name is already its ETag; anything else is hashed (once)."""
+        name = entry.real.name
+        if blobs is not None and entry.real.parent == blobs and (is_sha256(name) or is_git_sha1(name)):
+            return FileInfo(entry.path, entry.real, entry.size, name, is_sha256(name), entry.mtime_ns)
+        lfs = is_lfs_file(entry.path, entry.size)
+        etag = self.checksums.digest(entry.real, SHA256 if lfs else GIT_SHA1)
+        return FileInfo(entry.path, entry.real, entry.size, etag, lfs, entry.mtime_ns)
 
     def _cache_commit(self, location: RepoLocation, revision: str) -> str:
-        """Map a branch (``refs/<revision>``) or a commit id to a snapshot folder name."""
+        """Map a branch (``refs/<revision>``) or a commit id to a snapshot folder name, inside ROOT."""
         missing = RevisionNotFoundError(f"revision {revision!r} not found in {location.repo_id}")
         try:
             validate_relative_path(revision)
-            ref = safe_join(location.base / "refs", revision)
         except UnsafePathError:
             raise missing from None
         commit = revision
-        if ref.is_file():
-            commit = ref.read_text(encoding="utf-8", errors="replace").strip()
-        if not is_git_sha1(commit) or not (location.base / "snapshots" / commit).is_dir():
+        ref = self.confinement.real(location.base / "refs" / revision)
+        if ref is not None and ref.is_file():
+            try:
+                with open(ref, "rb") as f:
+                    commit = f.read(100).decode("ascii", errors="replace").strip()
+            except OSError:
+                raise missing from None
+        if not is_git_sha1(commit):
+            raise missing
+        snapshot_dir = location.base / "snapshots" / commit
+        if not self.confinement.contains(snapshot_dir) or not snapshot_dir.is_dir():
             raise missing
         return commit
 
-    # ---------------------------------------------------------------------------------- walking
 
-    def _walk(self, base: Path) -> list[tuple[str, Path, os.stat_result]]:
-        """Regular files under ``base`` as (relative path, local path, stat), sorted by path.
+_REPO_TYPE_OF_PREFIX = {"models": "model", "datasets": "dataset"}
 
-        Hidden folders are skipped (``.git``, ``.cache`` of a local-dir download); hidden files such as
-        ``.gitattributes`` are kept. Folder symlinks are not followed (no loops); file symlinks are
-        followed only when they stay inside ROOT. FIFOs, sockets and devices are skipped.
-        """
-        found: list[tuple[str, Path, os.stat_result]] = []
-        stack = [(base, "")]
-        while stack:
-            folder, prefix = stack.pop()
-            try:
-                entries = list(os.scandir(folder))
-            except OSError:
-                continue
-            for entry in entries:
-                rel = prefix + entry.name
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        if not entry.name.startswith("."):
-                            stack.append((Path(entry.path), rel + "/"))
-                        continue
-                    if entry.is_symlink() and not self._inside_root(Path(entry.path)):
-                        continue
-                    st = os.stat(entry.path)  # follows a file symlink
-                except OSError:
-                    continue  # vanished or a dangling link
-                if stat.S_ISREG(st.st_mode):
-                    try:
-                        validate_relative_path(rel)
-                    except UnsafePathError:
-                        continue  # e.g. a control character in a name: not servable, not listed
-                    found.append((rel, Path(entry.path), st))
-        found.sort(key=lambda item: item[0])
-        return found
 
-    def _inside_root(self, path: Path) -> bool:
-        real = Path(os.path.realpath(path))
-        return real == self.real_root or self.real_root in real.parents
+def _visible_folders(folder: Path) -> list[str]:
+    """Names of the non-hidden folders (or links to folders) directly in ``folder``, sorted."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+    except OSError:
+        return []
+
+
+def _plain_candidates(top: Path, repo_type: str, *, only: str | None = None) -> list[tuple[str, str]]:
+    """Repo ids a plain tree under ``top`` may hold: ``name`` and every ``name/sub`` (find() decides)."""
+    result = []
+    for name in [only] if only is not None else _visible_folders(top):
+        result.append((repo_type, name))
+        result += [(repo_type, f"{name}/{sub}") for sub in _visible_folders(top / name)]
+    return result
 
 
 def _has_regular_file(folder: Path) -> bool:
@@ -278,16 +352,13 @@ def _has_regular_file(folder: Path) -> bool:
 
 
 def _make_snapshot(
-    location: RepoLocation,
-    commit: str,
-    files: dict[str, FileInfo],
-    found: list[tuple[str, Path, os.stat_result]],
+    location: RepoLocation, commit: str, files: dict[str, FileInfo], scanned: list[ScannedFile]
 ) -> Snapshot:
     directories = {path.rsplit("/", 1)[0] for path in files if "/" in path}
     for directory in list(directories):  # add every ancestor: a/b/c.txt gives a and a/b
         parts = directory.split("/")
         directories.update("/".join(parts[:i]) for i in range(1, len(parts)))
-    last_modified = max((st.st_mtime for _, _, st in found), default=0.0)
+    last_modified = max((entry.mtime_ns for entry in scanned), default=0) / 1e9
     return Snapshot(
         location.repo_type, location.repo_id, commit, files, last_modified, frozenset(directories)
     )
