@@ -189,6 +189,27 @@ class SegmentTable:
         with self._cond:
             return any(s.remaining > 0 for s in self._segments)
 
+    @property
+    def remaining_bytes(self) -> int:
+        with self._cond:
+            return sum(s.remaining for s in self._segments)
+
+    def active_connections(self) -> int:
+        """Segments a connection is working on now."""
+        with self._cond:
+            return sum(1 for s in self._segments if s.claimed and s.remaining > 0)
+
+    def per_connection_rate(self, now: float) -> float | None:
+        """Bytes per second one connection of this file delivers, as measured on the segments running
+        for long enough to tell (None before there is a fair measure)."""
+        with self._cond:
+            rates = [
+                (s.pos - s.claimed_pos) / (now - s.claimed_at)
+                for s in self._segments
+                if s.claimed and now - s.claimed_at >= 0.2 and s.pos > s.claimed_pos
+            ]
+            return sum(rates) / len(rates) if rates else None
+
     def connections_worth_opening(self, most: int) -> int:
         """How many connections this table can keep busy, up to ``most``: one per open segment, or
         as many as the slow-tail re-split could make, whichever is more."""

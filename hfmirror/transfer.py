@@ -349,6 +349,19 @@ class _Pass:
         finally:
             self._end()
 
+    def priority(self, endpoint: Endpoint) -> float:
+        """Seconds this file would still take with one more connection: the larger, the sooner it gets
+        the next free slot of the endpoint's connection budget (the longest job first, which finishes
+        a set of files soonest). The rate is this file's own per connection if measured, else what the
+        endpoint's connections delivered lately."""
+        governor = endpoint.governor
+        rate = self.table.per_connection_rate(time.monotonic())
+        if rate is not None:
+            governor.note_rate(rate)
+        else:
+            rate = governor.connection_rate or 1.0  # nothing measured anywhere: bytes, for every file alike
+        return self.table.remaining_bytes / (self.table.active_connections() + 1) / max(rate, 1.0)
+
     def fail(self, error: BaseException) -> None:
         """A connection's error, handed to the coordinator (the first one is raised)."""
         with self._error_lock:
@@ -480,11 +493,11 @@ class _Connection:
         failures = 0
         while self.table.remaining_of(segment) > 0 and not self._stopped():
             endpoint = transfer.endpoint()
-            if not endpoint.governor.acquire(self.a_pass.stop):
+            if not endpoint.governor.acquire(self.a_pass.stop, priority=self.a_pass.priority(endpoint)):
                 return
             start_pos = segment.pos
             try:
-                self._request(endpoint, segment)
+                self._request(endpoint, segment, sent_at=time.monotonic())
                 endpoint.governor.on_success()
                 transfer.pool.report_success(endpoint)
                 failures = 0
@@ -507,7 +520,7 @@ class _Connection:
                 announce_retry(endpoint, verdict, wait, failures)
                 self.a_pass.stop.wait(wait)  # set on Ctrl-C too, by the coordinator
 
-    def _request(self, endpoint: Endpoint, segment: Segment) -> int:
+    def _request(self, endpoint: Endpoint, segment: Segment, *, sent_at: float) -> int:
         """One GET for the rest of ``segment``. Returns the bytes written; raises _Judged or worse."""
         state, transfer = self.a_pass.state, self.transfer
         url = endpoint.resolve_url(
@@ -538,6 +551,9 @@ class _Connection:
             )
             raise _Judged(verdict) from None
         with response:
+            # The endpoint's own answer says how much of its quota is left (a CDN's, after a redirect, not).
+            first_hop = response.history[0] if response.history else response
+            endpoint.governor.observe(first_hop.headers, sent_at)
             self._check_answer(endpoint, response, start, headers)
             try:
                 return self._stream_into(response, segment)
