@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         print("model_download: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
     except HfMirrorError as error:
-        if args.debug:
-            raise
+        if args.debug:  # the traceback as well, and the same exit code
+            traceback.print_exc(file=sys.stderr)
         print(f"model_download: error: {error}", file=sys.stderr)
         return exit_code_for(error)
     except Exception as error:  # a bug: still one line unless asked for more

@@ -10,7 +10,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ORDER = ("large", "capped", "small", "resume", "compare", "startup", "serve_scale", "quota", "sharded")
+ORDER = (
+    "large",
+    "capped",
+    "small",
+    "resume",
+    "compare",
+    "compare-decoders",
+    "compare-stream",
+    "startup",
+    "serve_scale",
+    "quota",
+    "sharded",
+)
 
 
 def _f(value: Any, digits: int = 2, suffix: str = "") -> str:
@@ -115,7 +127,7 @@ def _scenario_lines(name: str, s: dict[str, Any]) -> list[str]:
                 for t, v in tools.items()
             ],
         )
-    elif name == "compare":
+    elif name.startswith("compare"):
         lines += _table(
             ["process", "median wall s", "peak RSS MiB", "CPU s", "exit 0 runs"],
             [

@@ -2,25 +2,32 @@
 """The hfmirror benchmark suite: one command, a local server, a results table.
 
     python bench/run.py                 # everything, 3 runs each, 1 GiB file (~15 min)
-    python bench/run.py --quick         # smoke run: 128 MiB file, 1 run, fewer small files
+    python bench/run.py --quick         # smoke run: 128 MiB, 1 run, fewer small files (to bench/work/quick/)
     python bench/run.py --runs 5 --only large --only capped
 
 Scenarios (``--only`` names): ``large`` (unthrottled 1 GiB), ``capped`` (16 MB/s per connection),
 ``small`` (500 x 100 KB behind a request-rate limit), ``resume`` (kill -9 at ~50%, re-run),
 ``compare`` (``hfmirror compare`` on a bert-base-sized random model vs the transformers forward
-alone), ``startup`` (``--help`` start-up time and heavy imports), ``serve_scale`` (``hfmirror serve``:
-one GET's latency at 10 to 20,000 files in the repo; see server_bench.py), ``quota`` (300 small files
-behind a fixed window of 100 requests per 2 s, announced in RateLimit headers), ``sharded`` (3 x 40 MiB
-shards and small files over a 32 MB/s link capped at 4 MB/s per connection).
+alone), ``compare-decoders`` (the same on a GPT-2-small-sized and a ~1B-parameter Llama-shaped
+random model; ``--quick``: tiny versions of both), ``compare-stream`` (a Llama-shaped random model
+with 8 GiB of float32 weights, stored as bfloat16: peak memory and time of the layer-by-layer
+comparison, and what they predict for Qwen/Qwen-7B), ``startup`` (``--help`` start-up time and heavy
+imports), ``serve_scale`` (``hfmirror serve``: one GET's latency at 10 to 20,000 files in the repo;
+see server_bench.py), ``quota`` (300 small files behind a fixed window of 100 requests per 2 s,
+announced in RateLimit headers), ``sharded`` (3 x 40 MiB shards and small files over a 32 MB/s link
+capped at 4 MB/s per connection).
 
-Writes bench/results.json (raw numbers; scenarios not re-run keep their previous results) and
-bench/RESULTS.md (tables with Goal / Measured / Met?). Big files live in bench/work/ (git-ignored).
+Writes results.json (raw numbers; scenarios not re-run keep their previous results) and RESULTS.md
+(tables with Goal / Measured / Met?) into bench/, the results of record; a ``--quick`` run writes
+them into bench/work/quick/ instead, unless ``--output DIR`` says where. Big files live in
+bench/work/ (git-ignored).
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import shlex
 import signal
@@ -41,7 +48,19 @@ import server_bench  # noqa: E402
 
 from hfmirror.resume import ResumeState  # noqa: E402
 
-SCENARIOS = ("large", "capped", "small", "resume", "compare", "startup", "serve_scale", "quota", "sharded")
+SCENARIOS = (
+    "large",
+    "capped",
+    "small",
+    "resume",
+    "compare",
+    "compare-decoders",
+    "compare-stream",
+    "startup",
+    "serve_scale",
+    "quota",
+    "sharded",
+)
 MB = 1_000_000  # bandwidth caps are in MB/s (10^6), as the issue states them
 
 HF_SCRIPT = r"""
@@ -54,24 +73,105 @@ else:
     print(snapshot_download(repo, cache_dir=cache))
 """
 
-MAKE_BERT_SCRIPT = r"""
-import sys, torch
-from transformers import BertConfig, BertModel
+# The hash bound: sha256 of the large file's bytes on one core, with hashlib (what hfmirror uses), read
+# into one reused buffer from the page cache (the server has just read the file).
+HASH_SCRIPT = r"""
+import hashlib, sys
+digest, buffer = hashlib.sha256(), bytearray(8 << 20)
+view = memoryview(buffer)
+with open(sys.argv[1], "rb", buffering=0) as f:
+    while n := f.readinto(buffer):
+        digest.update(view[:n])
+print(digest.hexdigest())
+"""
+
+# What no download that writes durably and verifies every byte can beat on this machine, measured
+# in the same run as the tools: a durable write of the same size into the same folder, and the hash.
+DURABLE_WRITE = "bound: dd conv=fdatasync"
+HASH_BOUND = "bound: sha256, 1 core"
+BOUNDS = (DURABLE_WRITE, HASH_BOUND)
+
+MAKE_MODEL_SCRIPT = r"""
+import json, sys, torch, transformers
+config_class, model_class, fields, folder = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 torch.manual_seed(0)
-BertModel(BertConfig()).save_pretrained(sys.argv[1])
+getattr(transformers, model_class)(getattr(transformers, config_class)(**fields)).save_pretrained(folder)
 """
 
 REFERENCE_SCRIPT = r"""
-import sys, torch
-from transformers import BertModel
-model_dir, batch, seq_len = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-model = BertModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+import sys, torch, transformers
+model_dir, auto_class, batch, seq_len = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+model = getattr(transformers, auto_class).from_pretrained(
+    model_dir, dtype=torch.float32, attn_implementation="eager"
+).eval()
 generator = torch.Generator().manual_seed(0)
 ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=generator)
 with torch.no_grad():
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids))
-print(tuple(out.last_hidden_state.shape))
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+print(type(out).__name__)
 """
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """A random model made once with transformers (``save_pretrained``) and reused."""
+
+    name: str  # folder under bench/work/ and label in the tables
+    description: str
+    config_class: str
+    model_class: str
+    fields: dict[str, Any]
+    reference_class: str  # the transformers auto class the reference forward loads it with
+
+
+BERT_BASE = BenchModel(
+    "bert-base", "random bert-base (12 layers, hidden 768)", "BertConfig", "BertModel", {}, "AutoModel"
+)
+GPT2_SMALL = BenchModel(
+    "gpt2-small", "GPT-2 small (12 layers, 768)", "GPT2Config", "GPT2LMHeadModel", {}, "AutoModelForCausalLM"
+)
+LLAMA_1B = BenchModel(
+    "llama-1b",
+    "Llama-shaped 1.1B (16 layers, 2048, 32 heads / 8 KV, SwiGLU 8192, vocab 32000, untied)",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    ),
+    "AutoModelForCausalLM",
+)
+# --quick: the same families at toy sizes, to check the scenario runs.
+QUICK_DECODERS = (
+    BenchModel(
+        "gpt2-quick",
+        "GPT-2, 2 layers, 256",
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(n_layer=2, n_embd=256, n_head=8),
+        "AutoModelForCausalLM",
+    ),
+    BenchModel(
+        "llama-quick",
+        "Llama-shaped, 2 layers, 256, GQA 8/2",
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=32000,
+        ),
+        "AutoModelForCausalLM",
+    ),
+)
 
 
 @dataclass
@@ -189,6 +289,46 @@ def time_download(ctx: Context, tool: str, *, connections: int = 8) -> dict[str,
     }
 
 
+def _bound_argv(ctx: Context, bound: str, dest: Path) -> list[str]:
+    if bound == DURABLE_WRITE:
+        # Written and flushed to the disk before dd exits, as hfmirror fsyncs a file before its rename.
+        count = ctx.large_size // bl.MIB
+        target = dest / ctx.large_file
+        return [
+            "dd",
+            "if=/dev/zero",
+            f"of={target}",
+            "bs=1M",
+            f"count={count}",
+            "conv=fdatasync",
+            "status=none",
+        ]
+    if bound == HASH_BOUND:
+        return [sys.executable, "-c", HASH_SCRIPT, str(ctx.server.root / ctx.large_repo / ctx.large_file)]
+    raise ValueError(bound)
+
+
+def time_bound(ctx: Context, bound: str) -> dict[str, Any]:
+    """One timed run of a machine bound (see BOUNDS), in the folder the downloads write into."""
+    dest = bl.fresh_dir(bl.WORK_DIR / "runs" / "bound")
+    result = bl.run(_bound_argv(ctx, bound, dest))
+    if bound == DURABLE_WRITE:
+        written = (dest / ctx.large_file).stat().st_size if (dest / ctx.large_file).exists() else 0
+        ok = result.ok and written == ctx.large_size
+    else:
+        ok = result.ok and len(result.stdout.strip()) == 64
+    bl.shutil.rmtree(dest, ignore_errors=True)
+    return {
+        "ok": ok,
+        "seconds": result.wall,
+        "mib_per_s": ctx.large_size / bl.MIB / result.wall,
+        "client_cpu": result.cpu,
+        "server_cpu": None,
+        "bytes_sent": 0,
+        "error": None if ok else (result.stderr.strip()[-400:] or f"exit {result.returncode}"),
+    }
+
+
 # ------------------------------------------------------------------------------------ scenarios 1, 2
 
 
@@ -199,11 +339,11 @@ def _compare_tools(ctx: Context, tools: list[str], *, rate: float | None) -> dic
     for i in range(ctx.runs):
         for tool in tools:
             ctx.server.plan(rate=rate)
-            measured = time_download(ctx, tool)
+            measured = time_bound(ctx, tool) if tool in BOUNDS else time_download(ctx, tool)
             runs[tool].append(measured)
             state = "ok" if measured["ok"] else f"FAILED: {measured['error']}"
             print(
-                f"  run {i + 1}/{ctx.runs} {tool:<16} {measured['seconds']:7.2f}s "
+                f"  run {i + 1}/{ctx.runs} {tool:<24} {measured['seconds']:7.2f}s "
                 f"{measured['mib_per_s']:8.1f} MiB/s  {state}",
                 flush=True,
             )
@@ -215,11 +355,10 @@ def _available(ctx: Context, tools: list[str], notes: list[str]) -> list[str]:
     """The tools that are installed; a note for each skipped one."""
     kept = []
     for tool in tools:
-        needed = "curl" if tool == "curl+sha256sum" else tool
-        if needed in ("aria2c", "curl") and not ctx.tools.get(needed):
+        needed = {"curl+sha256sum": "curl", DURABLE_WRITE: "dd"}.get(tool, tool)
+        if needed in TOOL_PACKAGES and not ctx.tools.get(needed):
             notes.append(
-                f"{tool} is not installed: its column is skipped (Debian package "
-                f"{'aria2' if tool == 'aria2c' else 'curl'}; or run as root with --install-tools)."
+                f"{tool}: {needed} is not installed, so its row is skipped ({_install_hint(needed)})."
             )
             continue
         kept.append(tool)
@@ -267,17 +406,61 @@ def _ratio_goal(summary: dict, tool: str, at_least: float, text: str) -> dict[st
     return {"goal": text, "measured": measured, "met": met}
 
 
+def _slowest_bound(summary: dict) -> str | None:
+    """The bound that takes longest (medians), among those measured."""
+    measured = {name: summary[name]["seconds"] for name in BOUNDS if summary.get(name, {}).get("seconds")}
+    return max(measured, key=measured.get) if measured else None
+
+
+def _bound_goal(summary: dict) -> dict[str, Any]:
+    """hfmirror >= 0.9x the speed of the slowest machine bound."""
+    text = "hfmirror >= 0.9x the slowest machine bound (durable write, sha256 on one core)"
+    slowest = _slowest_bound(summary)
+    if slowest is None:
+        return {"goal": text, "measured": "not measured", "met": None}
+    goal = _ratio_goal(summary, slowest, 0.9, text)
+    goal["measured"] += f" of '{slowest}' ({bl.fmt(summary[slowest]['seconds'])} s)"
+    return goal
+
+
+def _curl_goal(summary: dict) -> dict[str, Any]:
+    """hfmirror >= 0.8x curl, where the disk is not the limit.
+
+    curl never syncs: on a machine whose disk takes longer to write the file durably than curl takes
+    to fetch it, the ratio to curl measures the disk, and the bound goal above is the one that counts.
+    """
+    text = "hfmirror >= 0.8x curl's speed (where the disk is not the limit)"
+    durable, curl = (summary.get(name, {}).get("seconds") for name in (DURABLE_WRITE, "curl"))
+    if durable and curl and durable > curl:
+        ratio = summary.get("curl", {}).get("hfmirror_speedup")
+        return {
+            "goal": text,
+            "measured": f"not applicable: the durable write takes {bl.fmt(durable)} s, curl (no sync) "
+            f"{bl.fmt(curl)} s; hfmirror {bl.fmt(ratio)}x curl",
+            "met": None,
+        }
+    return _ratio_goal(summary, "curl", 0.8, text)
+
+
 def scenario_large(ctx: Context) -> dict[str, Any]:
     """1. The large file on unthrottled loopback."""
     notes: list[str] = []
-    tools = _available(ctx, ["hfmirror", "huggingface_hub", "aria2c", "curl", "curl+sha256sum"], notes)
+    candidates = ["hfmirror", "huggingface_hub", "aria2c", "curl", "curl+sha256sum", *BOUNDS]
+    tools = _available(ctx, candidates, notes)
     summary = _summarise_downloads(_compare_tools(ctx, tools, rate=None))
     notes.append(
         "hfmirror hashes every byte (sha256) before a file gets its final name; curl does not. "
         "curl+sha256sum is the same check done by hand, for a like-for-like comparison."
     )
+    notes.append(
+        f"The bounds, measured in the same run: '{DURABLE_WRITE}' writes the same size into the folder "
+        f"the downloads write into and flushes it to the disk (hfmirror fsyncs each file before its "
+        f"rename; curl never syncs), '{HASH_BOUND}' is hashlib's sha256 of the same bytes from the page "
+        "cache. No verified, durable download can beat the slower of the two."
+    )
     goals = [
-        _ratio_goal(summary, "curl", 0.8, "hfmirror >= 0.8x curl's speed"),
+        _bound_goal(summary),
+        _curl_goal(summary),
         _ratio_goal(summary, "curl+sha256sum", 0.8, "(context) hfmirror >= 0.8x curl + sha256sum"),
         _ratio_goal(summary, "huggingface_hub", 1.0, "hfmirror >= 1.0x huggingface_hub's speed"),
     ]
@@ -687,52 +870,43 @@ def scenario_resume(ctx: Context) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ scenario 5
 
 
-def ensure_bert(folder: Path) -> Path:
-    """A bert-base-sized random BertModel saved with save_pretrained (made once, then reused)."""
+def ensure_model(model: BenchModel) -> Path:
+    """``model`` saved under bench/work/ (made once, then reused)."""
+    folder = bl.WORK_DIR / model.name
     if not (folder / "config.json").exists() or not list(folder.glob("*.safetensors")):
         bl.fresh_dir(folder)
-        result = bl.run([sys.executable, "-c", MAKE_BERT_SCRIPT, str(folder)], env=bl.clean_env())
+        argv = [sys.executable, "-c", MAKE_MODEL_SCRIPT, model.config_class, model.model_class]
+        result = bl.run([*argv, json.dumps(model.fields), str(folder)], env=bl.clean_env())
         if not result.ok:
-            raise RuntimeError(f"could not make the bert model: {result.stderr[-1000:]}")
+            raise RuntimeError(f"could not make {model.name}: {result.stderr[-1000:]}")
     return folder
 
 
-def scenario_compare(ctx: Context, seq_len: int = 128, batch: int = 1) -> dict[str, Any]:
-    """5. ``hfmirror compare`` vs the transformers forward pass alone: wall time and peak RSS."""
-    model = ensure_bert(bl.WORK_DIR / "bert-base")
-    weight_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+def run_processes(
+    ctx: Context, commands: dict[str, list[str]], *, tag: str = "", timeout: float = 1800
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """Run every command ``ctx.runs`` times, interleaved, in processes of their own: the medians per
+    command (wall, peak RSS, CPU), and the stdout of each run that exited 0."""
     env = bl.clean_env(HF_HUB_OFFLINE="1")
-    commands = {
-        "reference": [sys.executable, "-c", REFERENCE_SCRIPT, str(model), str(batch), str(seq_len)],
-        "hfmirror compare": [
-            sys.executable,
-            "-m",
-            "hfmirror",
-            "compare",
-            str(model),
-            "--seq-len",
-            str(seq_len),
-            "--batch",
-            str(batch),
-        ],
-    }
     runs: dict[str, list[dict]] = {name: [] for name in commands}
+    outputs: dict[str, list[str]] = {name: [] for name in commands}
     for i in range(ctx.runs):
         for name, argv in commands.items():
-            result = bl.run(argv, env=env, cwd=bl.REPO_DIR)
+            result = bl.run(argv, env=env, cwd=bl.REPO_DIR, timeout=timeout)
             runs[name].append(
                 {
                     "ok": result.ok,
                     "seconds": result.wall,
                     "rss_mib": result.maxrss_mib,
                     "cpu": result.cpu,
-                    "returncode": result.returncode,
                     "error": None if result.ok else result.stderr.strip()[-400:],
                 }
             )
+            if result.ok:
+                outputs[name].append(result.stdout)
             print(
-                f"  run {i + 1}/{ctx.runs} {name:<17} {result.wall:6.2f}s  peak RSS "
-                f"{result.maxrss_mib:7.0f} MiB  exit {result.returncode}",
+                f"  {tag}run {i + 1}/{ctx.runs} {name:<40} {result.wall:7.1f}s  "
+                f"peak RSS {result.maxrss_mib:7.0f} MiB  exit {result.returncode}",
                 flush=True,
             )
     summary = {
@@ -746,39 +920,322 @@ def scenario_compare(ctx: Context, seq_len: int = 128, batch: int = 1) -> dict[s
         }
         for name, items in runs.items()
     }
+    return summary, outputs
+
+
+def measure_compare(ctx: Context, model: BenchModel, *, seq_len: int, batch: int) -> dict[str, Any]:
+    """``hfmirror compare`` vs the transformers forward pass alone, each in its own process:
+    {"tools": medians per process, "goals": wall time and peak RSS ratios, "weight_bytes": ...}."""
+    folder = ensure_model(model)
+    weight_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))  # saved in float32
+    shape = [str(batch), str(seq_len)]
+    commands = {
+        "reference": [sys.executable, "-c", REFERENCE_SCRIPT, str(folder), model.reference_class, *shape],
+        "hfmirror compare": [
+            sys.executable,
+            "-m",
+            "hfmirror",
+            "compare",
+            str(folder),
+            "--seq-len",
+            str(seq_len),
+            "--batch",
+            str(batch),
+        ],
+    }
+    summary, _ = run_processes(ctx, commands, tag=f"{model.name} ")
     ours, ref = summary["hfmirror compare"], summary["reference"]
     time_ratio = ours["seconds"] / ref["seconds"]
     rss_ratio = ours["rss_mib"] * bl.MIB / weight_bytes
+    label = f"{model.name}: " if model is not BERT_BASE else ""
     goals = [
         {
-            "goal": "compare wall time <= 2.5x the reference forward alone",
+            "goal": f"{label}compare wall time <= 2.5x the reference forward alone",
             "measured": f"{time_ratio:.2f}x ({ours['seconds']:.2f} s vs {ref['seconds']:.2f} s)",
             "met": time_ratio <= 2.5,
         },
         {
-            "goal": "compare peak RSS <= 2.5x the fp32 weight bytes",
+            "goal": f"{label}compare peak RSS <= 2.5x the fp32 weight bytes",
             "measured": f"{rss_ratio:.2f}x ({ours['rss_mib']:.0f} MiB vs "
             f"{weight_bytes / bl.MIB:.0f} MiB of weights)",
             "met": rss_ratio <= 2.5,
         },
         {
-            "goal": "compare reports a match (exit 0)",
+            "goal": f"{label}compare reports a match (exit 0)",
             "measured": f"{ours['ok_runs']}/{ours['runs']} runs exit 0",
             "met": ours["ok_runs"] == ours["runs"],
         },
     ]
+    alone = ref["rss_mib"] * bl.MIB / weight_bytes
+    note = (
+        f"{model.name}: reference = {model.reference_class}.from_pretrained(fp32, eager) + one forward, "
+        f"in its own process; it alone peaks at {alone:.2f}x the weight bytes."
+    )
     return {
-        "title": f"5. hfmirror compare on a random bert-base (12 layers, hidden 768), "
-        f"batch {batch}, seq-len {seq_len}",
-        "tools": summary,
+        "tools": {f"{label}{name}": value for name, value in summary.items()},
         "goals": goals,
+        "notes": [note],
         "weight_bytes": weight_bytes,
-        "notes": [
-            f"Reference: BertModel.from_pretrained(fp32, eager) + one forward, in its own process. "
-            f"Peak RSS from os.wait4 (ru_maxrss) of each process. The reference alone peaks at "
-            f"{ref['rss_mib'] * bl.MIB / weight_bytes:.2f}x the weight bytes."
-        ],
     }
+
+
+def scenario_compare(ctx: Context, seq_len: int = 128, batch: int = 1) -> dict[str, Any]:
+    """5. ``hfmirror compare`` vs the transformers forward pass alone: wall time and peak RSS."""
+    measured = measure_compare(ctx, BERT_BASE, seq_len=seq_len, batch=batch)
+    return {
+        "title": f"5. hfmirror compare on a {BERT_BASE.description}, batch {batch}, seq-len {seq_len}",
+        **measured,
+        "notes": measured["notes"] + ["Peak RSS from os.wait4 (ru_maxrss) of each process."],
+    }
+
+
+def scenario_compare_decoders(ctx: Context, seq_len: int = 128, batch: int = 1) -> dict[str, Any]:
+    """5b. The same for decoders: GPT-2 small and a ~1B Llama-shaped model (random weights, float32)."""
+    models = QUICK_DECODERS if ctx.quick else (GPT2_SMALL, LLAMA_1B)
+    result: dict[str, Any] = {"tools": {}, "goals": [], "notes": [], "weight_bytes": {}}
+    for model in models:
+        measured = measure_compare(ctx, model, seq_len=seq_len, batch=batch)
+        result["tools"] |= measured["tools"]
+        result["goals"] += measured["goals"]
+        result["notes"] += measured["notes"]
+        result["weight_bytes"][model.name] = measured["weight_bytes"]
+    names = " and ".join(model.description for model in models)
+    return {"title": f"5b. hfmirror compare on decoders: {names}; batch {batch}, seq-len {seq_len}", **result}
+
+
+# ------------------------------------------------------------------------------------ scenario 5c
+
+# Writes a Llama-shaped random checkpoint in bfloat16, one shard per piece (the embeddings, each layer,
+# the final norm and LM head), so the whole model is never in memory: at most one layer, plus one
+# tensor in float32 while it is drawn. Linear weights ~ N(0, 1/fan_in) keep activations O(1).
+MAKE_STREAM_MODEL_SCRIPT = r"""
+import json, math, sys
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+
+folder, shape = Path(sys.argv[1]), json.loads(sys.argv[2])
+C, I, L, H, KV, V = (shape[k] for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"))
+hd = C // H
+generator = torch.Generator().manual_seed(0)
+folder.mkdir(parents=True, exist_ok=True)
+
+def draw(rows, cols, scale):
+    return (torch.randn(rows, cols, generator=generator) * scale).to(torch.bfloat16)
+
+def linear(out_features, in_features):
+    return draw(out_features, in_features, 1 / math.sqrt(in_features))
+
+def ones(size):
+    return torch.ones(size, dtype=torch.bfloat16)
+
+pieces = [lambda: {"model.embed_tokens.weight": draw(V, C, 1.0)}]
+for i in range(L):
+    prefix = f"model.layers.{i}"
+    pieces.append(lambda prefix=prefix: {
+        f"{prefix}.input_layernorm.weight": ones(C),
+        f"{prefix}.self_attn.q_proj.weight": linear(H * hd, C),
+        f"{prefix}.self_attn.k_proj.weight": linear(KV * hd, C),
+        f"{prefix}.self_attn.v_proj.weight": linear(KV * hd, C),
+        f"{prefix}.self_attn.o_proj.weight": linear(C, H * hd),
+        f"{prefix}.post_attention_layernorm.weight": ones(C),
+        f"{prefix}.mlp.gate_proj.weight": linear(I, C),
+        f"{prefix}.mlp.up_proj.weight": linear(I, C),
+        f"{prefix}.mlp.down_proj.weight": linear(C, I),
+    })
+pieces.append(lambda: {"model.norm.weight": ones(C), "lm_head.weight": linear(V, C)})
+weight_map, total = {}, 0
+for number, make in enumerate(pieces, start=1):
+    tensors = make()
+    name = f"model-{number:05d}-of-{len(pieces):05d}.safetensors"
+    save_file(tensors, folder / name, metadata={"format": "pt"})
+    weight_map |= {tensor_name: name for tensor_name in tensors}
+    total += sum(t.numel() * t.element_size() for t in tensors.values())
+    del tensors
+index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+(folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+config = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": C, "intermediate_size": I,
+    "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": KV, "vocab_size": V,
+    "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+}
+(folder / "config.json").write_text(json.dumps(config, indent=2))
+print(total)
+"""
+
+# Qwen/Qwen-7B's real shapes (config.json: hidden 4096, 32 layers, 32 heads, no GQA, intermediate_size
+# 22016 = 2 x the width of w1 and w2, vocab 151936, untied), as parameters per piece.
+QWEN_7B = {
+    "layers": 32,
+    "layer": 4 * 4096 * 4096 + 3 * 4096 + 3 * 4096 * 11008 + 2 * 4096,  # c_attn (+bias), c_proj, mlp, norms
+    "embeddings": 151936 * 4096,
+    "final": 151936 * 4096 + 4096,
+}
+STREAM_SHAPE = dict(
+    hidden=2048, intermediate=8192, layers=34, heads=32, kv_heads=8, vocab=32000
+)  # 8.2 GiB fp32
+STREAM_QUICK_SHAPE = dict(hidden=512, intermediate=1408, layers=4, heads=8, kv_heads=2, vocab=32000)
+
+
+def ensure_stream_model(name: str, shape: dict[str, int]) -> Path:
+    """The random bfloat16 checkpoint of ``shape`` under bench/work/ (written once, shard by shard)."""
+    folder = bl.WORK_DIR / name
+    if not (folder / "model.safetensors.index.json").exists():
+        bl.fresh_dir(folder)
+        result = bl.run(
+            [sys.executable, "-c", MAKE_STREAM_MODEL_SCRIPT, str(folder), json.dumps(shape)],
+            env=bl.clean_env(),
+        )
+        if not result.ok:
+            raise RuntimeError(f"could not make {name}: {result.stderr[-1000:]}")
+    return folder
+
+
+def _piece_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """Seconds and parameters per piece kind, from a compare --json report's timing."""
+    pieces = report["timing"]["pieces"]
+    layers = [p for p in pieces if p["piece"].startswith("layer.")]
+
+    def seconds(p: dict[str, Any]) -> float:
+        return p["reference_seconds"] + p["ours_seconds"]
+
+    by_name = {p["piece"]: p for p in pieces}
+    return {
+        "layer_seconds": bl.median([seconds(p) for p in layers]),
+        "layer_parameters": layers[0]["parameters"],
+        "embeddings_seconds": seconds(by_name["embeddings"]),
+        "embeddings_parameters": by_name["embeddings"]["parameters"],
+        "final_seconds": seconds(by_name["final"]),
+        "final_parameters": by_name["final"]["parameters"],
+        "total_seconds": report["timing"]["total_seconds"],
+    }
+
+
+def qwen_7b_estimate(figures: dict[str, Any], peak_mib: float, runtime_mib: float) -> dict[str, float]:
+    """Qwen/Qwen-7B's peak memory and time, scaled from the measured pieces.
+
+    Time: each piece's seconds scale with its parameters (at one input shape the matrix products, and
+    reading the tensors, dominate). Memory: the peak is the runtime plus the largest piece's float32
+    bytes times the factor measured here (both sides' copies, the bfloat16 pages, activations)."""
+    largest = max(figures[f"{kind}_parameters"] for kind in ("layer", "embeddings", "final"))
+    factor = (peak_mib - runtime_mib) * bl.MIB / (4 * largest)
+    qwen_largest = max(QWEN_7B["layer"], QWEN_7B["embeddings"], QWEN_7B["final"])
+    seconds = sum(
+        figures[f"{kind}_seconds"] * QWEN_7B[kind] / figures[f"{kind}_parameters"] * count
+        for kind, count in (("layer", QWEN_7B["layers"]), ("embeddings", 1), ("final", 1))
+    )
+    return {
+        "peak_gib": (runtime_mib * bl.MIB + factor * 4 * qwen_largest) / 2**30,
+        "seconds": seconds,
+        "factor": factor,
+        "fp32_gib": 4
+        * (QWEN_7B["layers"] * QWEN_7B["layer"] + QWEN_7B["embeddings"] + QWEN_7B["final"])
+        / 2**30,
+    }
+
+
+def scenario_compare_stream(ctx: Context, seq_len: int = 128, batch: int = 1) -> dict[str, Any]:
+    """5c. The layer-by-layer comparison of a model with 8 GiB of float32 weights (bfloat16 on disk):
+    peak RSS and wall time vs one whole-model reference forward; then Qwen-7B, predicted."""
+    shape = STREAM_QUICK_SHAPE if ctx.quick else STREAM_SHAPE
+    name = "llama-stream-quick" if ctx.quick else "llama-stream-8gib"
+    folder = ensure_stream_model(name, shape)
+    runtime_folder = ensure_stream_model(
+        "llama-stream-runtime", dict(STREAM_QUICK_SHAPE, layers=1, hidden=64, intermediate=128, vocab=256)
+    )
+    parameters = (
+        shape["layers"]
+        * (
+            2 * shape["hidden"] ** 2
+            + 2 * shape["hidden"] * (shape["hidden"] // shape["heads"]) * shape["kv_heads"]
+            + 3 * shape["hidden"] * shape["intermediate"]
+            + 2 * shape["hidden"]
+        )
+        + 2 * shape["vocab"] * shape["hidden"]
+        + shape["hidden"]
+    )
+    fp32_bytes = 4 * parameters
+    compare_argv = [
+        sys.executable,
+        "-m",
+        "hfmirror",
+        "compare",
+        "--seq-len",
+        str(seq_len),
+        "--batch",
+        str(batch),
+        "--json",
+    ]
+    commands = {
+        "reference (whole model)": [
+            sys.executable,
+            "-c",
+            REFERENCE_SCRIPT,
+            str(folder),
+            "AutoModelForCausalLM",
+            str(batch),
+            str(seq_len),
+        ],
+        "hfmirror compare": [*compare_argv[:4], str(folder), *compare_argv[4:]],
+        "hfmirror compare, tiny model (runtime)": [*compare_argv[:4], str(runtime_folder), *compare_argv[4:]],
+    }
+    summary, outputs = run_processes(ctx, commands, timeout=7200)
+    reports = [json.loads(stdout) for stdout in outputs["hfmirror compare"]]
+    ours, ref = summary["hfmirror compare"], summary["reference (whole model)"]
+    runtime = summary["hfmirror compare, tiny model (runtime)"]
+    rss_share = ours["rss_mib"] * bl.MIB / fp32_bytes
+    time_ratio = ours["seconds"] / ref["seconds"]
+    fp32_mib, fp32_gib = fp32_bytes / bl.MIB, fp32_bytes / 2**30
+    goals = [
+        {
+            "goal": "streamed compare peak RSS <= 25% of the fp32 weight bytes",
+            "measured": f"{rss_share:.1%} ({ours['rss_mib']:.0f} MiB vs {fp32_mib:.0f} MiB)",
+            "met": rss_share <= 0.25,
+        },
+        {
+            "goal": "streamed compare wall time <= 3x one whole-model reference forward",
+            "measured": f"{time_ratio:.2f}x ({ours['seconds']:.1f} s vs {ref['seconds']:.1f} s)",
+            "met": time_ratio <= 3.0,
+        },
+        {
+            "goal": "streamed compare reports a match (exit 0)",
+            "measured": f"{ours['ok_runs']}/{ours['runs']} runs exit 0",
+            "met": ours["ok_runs"] == ours["runs"],
+        },
+    ]
+    reference_share = ref["rss_mib"] * bl.MIB / fp32_bytes
+    notes = [
+        f"Model: Llama-shaped random weights, {shape}, {parameters / 1e9:.2f} B parameters, "
+        f"{fp32_gib:.2f} GiB in float32, written as bfloat16 safetensors one shard per piece. Reference: "
+        f"AutoModelForCausalLM.from_pretrained(fp32, eager) + one forward (batch {batch}, seq-len "
+        f"{seq_len}) in its own process; it peaks at {reference_share:.0%} of the fp32 bytes.",
+    ]
+    result: dict[str, Any] = {"tools": summary, "goals": goals, "notes": notes, "fp32_bytes": fp32_bytes}
+    if reports:
+        figures = _piece_figures(reports[-1])
+        estimate = qwen_7b_estimate(figures, ours["rss_mib"], runtime["rss_mib"])
+        result |= {"pieces": figures, "qwen_7b": estimate}
+        notes.append(
+            "Per piece (the reference's, then ours isolated and carried): a layer "
+            f"({figures['layer_parameters'] / 1e6:.1f} M parameters) {figures['layer_seconds']:.2f} s, the "
+            f"embeddings {figures['embeddings_seconds']:.2f} s, the final norm + LM head "
+            f"{figures['final_seconds']:.2f} s. Runtime alone (a 1-layer, 64-wide model): "
+            f"{runtime['rss_mib']:.0f} MiB; the peak above it is {estimate['factor']:.2f}x the largest "
+            "piece's float32 bytes."
+        )
+        notes.append(
+            f"Qwen/Qwen-7B on paper ({estimate['fp32_gib']:.1f} GiB of float32 weights; a layer has 202 M "
+            "parameters, the embeddings and the LM head 622 M each, the LM head being the largest piece): "
+            f"expected peak RSS {estimate['peak_gib']:.1f} GiB (the runtime + {estimate['factor']:.2f}x "
+            "2.3 GiB), "
+            f"expected time {estimate['seconds'] / 60:.0f} min at batch {batch}, seq-len {seq_len} (each "
+            "piece's measured seconds scaled by its parameter count)."
+        )
+    title = (
+        f"5c. hfmirror compare, layer by layer, on {fp32_gib:.1f} GiB of float32 weights (bfloat16 on disk)"
+    )
+    return {"title": title, **result}
 
 
 # ------------------------------------------------------------------------------------ scenario 6
@@ -878,6 +1335,8 @@ SCENARIO_FUNCS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "small": scenario_small,
     "resume": scenario_resume,
     "compare": scenario_compare,
+    "compare-decoders": scenario_compare_decoders,
+    "compare-stream": scenario_compare_stream,
     "startup": scenario_startup,
     "quota": scenario_quota,
     "sharded": scenario_sharded,
@@ -910,17 +1369,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--install-tools", action="store_true", help="apt-get install aria2/curl if missing (root only)"
     )
     parser.add_argument(
-        "--no-write", action="store_true", help="print only; leave RESULTS.md/results.json alone"
+        "--output",
+        type=Path,
+        metavar="DIR",
+        help="where RESULTS.md and results.json go (default: bench/, the results of record; "
+        "bench/work/quick/ with --quick, so a smoke run never overwrites them)",
     )
+    parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
     return parser.parse_args(argv)
 
 
+def results_folder(args: argparse.Namespace) -> Path:
+    """Where this run's RESULTS.md and results.json go."""
+    if args.output is not None:
+        return args.output
+    return bl.WORK_DIR / "quick" if args.quick else bl.BENCH_DIR
+
+
+# Tools some scenarios compare with or measure against, and the Debian package of each.
+TOOL_PACKAGES = {"aria2c": "aria2", "curl": "curl", "dd": "coreutils"}
+
+
+def _install_hint(tool: str) -> str:
+    return f"apt-get install {TOOL_PACKAGES[tool]}, or run as root with --install-tools"
+
+
 def detect_tools(install: bool, notes: list[str]) -> dict[str, str | None]:
-    """Find aria2c and curl (installing them with apt-get if asked and allowed)."""
-    missing = [pkg for tool, pkg in (("aria2c", "aria2"), ("curl", "curl")) if not bl.tool_path(tool)]
+    """Find aria2c, curl and dd (installing them with apt-get if asked and allowed); say what is missing."""
+    missing = [pkg for tool, pkg in TOOL_PACKAGES.items() if not bl.tool_path(tool)]
     if missing and install:
         notes.append(bl.install_tools(missing))
-    return {"aria2c": bl.tool_path("aria2c"), "curl": bl.tool_path("curl")}
+    found = {tool: bl.tool_path(tool) for tool in TOOL_PACKAGES}
+    for tool, path in found.items():
+        if path is None:
+            print(
+                f"note: {tool} is not installed; its rows will be skipped ({_install_hint(tool)})", flush=True
+            )
+    return found
 
 
 def build_context(args: argparse.Namespace, server: bl.BenchServer, tools: dict, notes: list[str]) -> Context:
@@ -963,6 +1448,7 @@ def build_context(args: argparse.Namespace, server: bl.BenchServer, tools: dict,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    output = results_folder(args)
     chosen = [s for s in SCENARIOS if not args.only or s in args.only]
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     bl.WORK_DIR.mkdir(exist_ok=True)
@@ -997,10 +1483,9 @@ def main(argv: list[str] | None = None) -> int:
         bl.cleanup()
         bl.shutil.rmtree(bl.WORK_DIR / "runs", ignore_errors=True)
         if results and not args.no_write:
-            report.write(results, bl.machine_info(), notes, bl.BENCH_DIR)
-    print(
-        f"wrote {bl.BENCH_DIR / 'RESULTS.md'} and results.json" if not args.no_write else "done", flush=True
-    )
+            output.mkdir(parents=True, exist_ok=True)
+            report.write(results, bl.machine_info(), notes, output)
+    print(f"wrote {output / 'RESULTS.md'} and results.json" if not args.no_write else "done", flush=True)
     return 0
 
 

@@ -1,25 +1,43 @@
 """Which from-scratch implementation goes with which checkpoint: the registry, keyed by model_type.
 
-Adding an architecture (RoBERTa, GPT-2, Llama...) means writing its module (config parser, model,
-weight map, like compare.bert) and one ``Architecture`` entry here, plus its hook points in
-compare.reference. Nothing else changes. Only torch is imported; never transformers.
+One :class:`Architecture` entry owns everything about a kind of model: how its config.json is parsed,
+our model class, the weight map from our parameters to the checkpoint's tensors, how checkpoint
+names vary (task-head prefixes, old names, buffers to ignore), and the reference side: which
+transformers class loads it, where each stage is computed (a compare.reference_layout
+ReferenceLayout), and, when transformers cannot load the checkpoint as it is, the conversion that
+makes it loadable (Qwen v1). Adding an architecture is its module plus one entry here.
+
+Only torch is imported; never transformers.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from hfmirror.errors import UnsupportedModelError
 
-from .bert import BertModel, bert_weight_map
+from .bert import BERT_REFERENCE, BertModel, bert_weight_map
 from .config import BertConfig, read_config_json
-from .weights import checkpoint_files, checkpoint_tensor_names, load_weights
+from .gpt2 import GPT2_REFERENCE, GPT2Config, GPT2Model, gpt2_weight_map
+from .llama import LLAMA_REFERENCE, LlamaConfig, LlamaModel, llama_weight_map
+from .model import TransformerModel
+from .qwen import (
+    QWEN_REFERENCE,
+    QwenConfig,
+    QwenModel,
+    qwen2_reference_config,
+    qwen2_reference_tensors,
+    qwen_weight_map,
+)
+from .reference_layout import ReferenceConversion, ReferenceLayout
+from .roberta import RobertaConfig, RobertaModel
+from .weights import CheckpointReader, TensorCache, WeightMap, checkpoint_files, load_piece, plan_weights
 
 __all__ = [
     "REGISTRY",
@@ -27,55 +45,141 @@ __all__ = [
     "LoadedModel",
     "architecture_for",
     "load_model",
+    "prepare_model",
     "supported_model_types",
 ]
+
+_PLAIN_REFERENCE = "transformers {model_class}, eager attention, eval, no_grad"
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """Everything needed to build one kind of model from a checkpoint folder."""
+    """Everything needed to build, load and check one kind of model."""
 
     model_type: str  # config.json's "model_type"
     parse_config: Callable[[dict[str, Any]], Any]  # raw config.json -> typed, validated config
-    model_class: Callable[..., nn.Module]  # (config, **options) -> model
-    weight_map: Callable[..., dict[str, str]]  # (config, **options) -> {our name: checkpoint name}
-    base_prefix: str  # prefix of the base model's tensors in task checkpoints ("bert.")
-    head_prefixes: tuple[str, ...] = ()  # task heads outside the base model: ignored
-    buffer_names: tuple[str, ...] = ()  # non-learned buffers some checkpoints carry: ignored
+    model_class: Callable[..., TransformerModel]  # (config, **options) -> our model
+    weight_map: Callable[..., WeightMap]  # (config, **options) -> {our name: checkpoint tensor}
+    reference: ReferenceLayout  # where transformers computes each stage
+    base_prefix: str = ""  # prefix of the base model's tensors in task checkpoints ("bert.")
+    head_prefixes: tuple[str, ...] = ()  # task heads outside what we compare: ignored
+    ignored: tuple[str, ...] = ()  # regular expressions: non-learned buffers some checkpoints carry
     legacy_suffixes: dict[str, str] = field(default_factory=dict)  # old name ending -> current one
     # Options that depend on which tensors the checkpoint has (e.g. a pooler or not).
     detect_options: Callable[[set[str]], dict[str, Any]] = lambda names: {}
+    # Extra from_pretrained arguments for the reference, from those options.
+    reference_kwargs: Callable[[dict[str, Any]], dict[str, Any]] = lambda options: {}
+    # Set when transformers cannot load the checkpoint as it is (see compare.qwen).
+    conversion: ReferenceConversion | None = None
+    uses_token_types: bool = False  # the input carries segment ids (encoders)
+    has_lm_head: bool = False  # the final stage is next-token logits
 
     def canonical_name(self, name: str) -> str | None:
         """A checkpoint tensor name as the weight map spells it, or None for a tensor to ignore."""
         if name.startswith(self.head_prefixes):
             return None  # e.g. cls.predictions.* of BertForPreTraining: not part of the encoder
         name = name.removeprefix(self.base_prefix)
-        if name.rsplit(".", 1)[-1] in self.buffer_names:
+        if any(re.fullmatch(pattern, name) for pattern in self.ignored):
             return None
         for old, new in self.legacy_suffixes.items():
             if name.endswith(old):
                 return name[: -len(old)] + new
         return name
 
+    def describe_reference(self) -> str:
+        """What the numbers are compared against, in one sentence for the report."""
+        if self.conversion is not None:
+            return self.conversion.description
+        return _PLAIN_REFERENCE.format(model_class=self.reference.model_class)
 
-def _bert_options(names: set[str]) -> dict[str, Any]:
+
+def _pooler_option(names: set[str]) -> dict[str, Any]:
     # BertForMaskedLM checkpoints have no pooler; BertModel and BertForPreTraining do.
     return {"with_pooler": any(name.startswith("pooler.") for name in names)}
 
 
-REGISTRY: dict[str, Architecture] = {
-    "bert": Architecture(
-        model_type="bert",
-        parse_config=BertConfig.from_dict,
-        model_class=BertModel,
+def _pooler_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    return {"add_pooling_layer": options.get("with_pooler", True)}
+
+
+def _encoder(
+    model_type: str, config_class: type, model_class: type, base_prefix: str, heads: tuple
+) -> Architecture:
+    """BERT and the encoders laid out like it."""
+    return Architecture(
+        model_type=model_type,
+        parse_config=config_class.from_dict,
+        model_class=model_class,
         weight_map=bert_weight_map,
-        base_prefix="bert.",
-        head_prefixes=("cls.", "classifier.", "qa_outputs."),
-        buffer_names=("position_ids", "token_type_ids"),
+        reference=BERT_REFERENCE,
+        base_prefix=base_prefix,
+        head_prefixes=heads,
+        ignored=(r"(.*\.)?position_ids", r"(.*\.)?token_type_ids"),
         # TensorFlow-era checkpoints call LayerNorm's scale and shift gamma and beta.
         legacy_suffixes={"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias"},
-        detect_options=_bert_options,
+        detect_options=_pooler_option,
+        reference_kwargs=_pooler_kwargs,
+        uses_token_types=True,
+    )
+
+
+def _llama_family(model_type: str) -> Architecture:
+    return Architecture(
+        model_type=model_type,
+        parse_config=LlamaConfig.from_dict,
+        model_class=LlamaModel,
+        weight_map=llama_weight_map,
+        reference=LLAMA_REFERENCE,
+        base_prefix="model.",
+        head_prefixes=("score.",),
+        ignored=(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),  # old checkpoints saved it
+        has_lm_head=True,
+    )
+
+
+QWEN_CONVERSION = ReferenceConversion(
+    description=(
+        "transformers Qwen2ForCausalLM (eager attention, eval, no_grad) holding this Qwen v1 checkpoint "
+        "through compare.qwen's conversion (c_attn split into q/k/v; w2 -> gate_proj, w1 -> up_proj, "
+        "c_proj -> down_proj): Qwen's own modelling code is remote code for transformers < 4.38 and "
+        "does not run on transformers 5"
+    ),
+    model_class="Qwen2ForCausalLM",
+    config=qwen2_reference_config,
+    tensors=qwen2_reference_tensors,
+)
+
+REGISTRY: dict[str, Architecture] = {
+    "bert": _encoder("bert", BertConfig, BertModel, "bert.", ("cls.", "classifier.", "qa_outputs.")),
+    "roberta": _encoder(
+        "roberta", RobertaConfig, RobertaModel, "roberta.", ("lm_head.", "classifier.", "qa_outputs.")
+    ),
+    "xlm-roberta": _encoder(
+        "xlm-roberta", RobertaConfig, RobertaModel, "roberta.", ("lm_head.", "classifier.", "qa_outputs.")
+    ),
+    "gpt2": Architecture(
+        model_type="gpt2",
+        parse_config=GPT2Config.from_dict,
+        model_class=GPT2Model,
+        weight_map=gpt2_weight_map,
+        reference=GPT2_REFERENCE,
+        base_prefix="transformer.",
+        head_prefixes=("score.", "multiple_choice_head."),
+        # The causal mask, saved as a buffer by old versions of transformers (the hub's gpt2 has it).
+        ignored=(r"h\.\d+\.attn\.(bias|masked_bias)",),
+        has_lm_head=True,
+    ),
+    **{model_type: _llama_family(model_type) for model_type in ("llama", "mistral", "qwen2", "qwen3")},
+    "qwen": Architecture(
+        model_type="qwen",
+        parse_config=QwenConfig.from_dict,
+        model_class=QwenModel,
+        weight_map=qwen_weight_map,
+        reference=QWEN_REFERENCE,
+        base_prefix="transformer.",
+        ignored=(r"h\.\d+\.attn\.(masked_bias|rotary_emb\.inv_freq)",),
+        conversion=QWEN_CONVERSION,
+        has_lm_head=True,
     ),
 }
 
@@ -101,16 +205,25 @@ def architecture_for(raw_config: dict[str, Any]) -> Architecture:
 
 @dataclass
 class LoadedModel:
-    """A from-scratch model with its weights, and what it was built from."""
+    """A from-scratch model, what it was built from, and how its weights are read.
 
-    model: nn.Module
+    Made by :func:`prepare_model`, the model is on the "meta" device (shapes only) and its pieces are
+    loaded as they are needed; :func:`load_model` loads all of it at once.
+    """
+
+    model: TransformerModel
     config: Any
     architecture: Architecture
     options: dict[str, Any]
+    files: list[Path] = field(default_factory=list)  # the checkpoint's weight files
+    reader: CheckpointReader | None = None
+    weight_map: WeightMap = field(default_factory=dict)
+    plan: dict[str, str] = field(default_factory=dict)  # our parameter -> checkpoint tensor name
 
 
-def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Build our implementation of the checkpoint in ``model_dir`` and load its weights, in eval mode.
+def prepare_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Our implementation of the checkpoint in ``model_dir``, on "meta", with the checkpoint checked
+    against its weight map (names, shapes, dtypes, from the files' headers; no data read yet).
 
     Raises:
         CompareError: no or malformed config.json.
@@ -121,12 +234,39 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> 
     architecture = architecture_for(raw_config)
     config = architecture.parse_config(raw_config)
     files = checkpoint_files(model_dir)
-    names = {architecture.canonical_name(name) for name in checkpoint_tensor_names(files)}
+    reader = CheckpointReader(files)
+    names = {architecture.canonical_name(name) for name in reader.names()}
     options = architecture.detect_options({name for name in names if name is not None})
 
     with torch.device("meta"):  # shapes only: the checkpoint's tensors become the parameters
-        model = architecture.model_class(config, **options)
-    weight_map = architecture.weight_map(config, **options)
-    load_weights(model, files, weight_map, rename=architecture.canonical_name, dtype=dtype)
+        model = architecture.model_class(config, **options).to(dtype)
     model.requires_grad_(False)
-    return LoadedModel(model=model.eval(), config=config, architecture=architecture, options=options)
+    weight_map = architecture.weight_map(config, **options)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    plan = plan_weights(reader, weight_map, shapes, rename=architecture.canonical_name)
+    return LoadedModel(
+        model=model.eval(),
+        config=config,
+        architecture=architecture,
+        options=options,
+        files=files,
+        reader=reader,
+        weight_map=weight_map,
+        plan=plan,
+    )
+
+
+def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Build our implementation of the checkpoint in ``model_dir`` and load all its weights, in eval mode.
+
+    Raises:
+        CompareError: no or malformed config.json.
+        UnsupportedModelError: a model_type (or variant) we do not implement.
+        WeightLoadError: a missing, unexpected or wrongly shaped tensor.
+    """
+    loaded = prepare_model(model_dir, dtype=dtype)
+    assert loaded.reader is not None
+    tensors = TensorCache(loaded.reader, dtype)
+    load_piece(loaded.model, "", loaded.plan, loaded.weight_map, tensors)
+    tensors.clear()  # the parameters keep what they hold
+    return loaded

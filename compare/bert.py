@@ -1,38 +1,41 @@
 """BERT from scratch: embeddings, a stack of post-LN encoder layers, and the pooler.
 
-Bottom-up: ``BertEmbeddings``, ``BertEncoderLayer``, ``BertPooler``, ``BertModel``, and finally
-``bert_weight_map``: the explicit table from our parameter names to the checkpoint's tensor names.
-Only torch is imported (through compare.layers); never transformers.
+Bottom-up: ``BertEmbeddings``, ``BertEncoderLayer``, ``BertPooler``, ``BertModel``, then
+``bert_weight_map`` (the explicit table from our parameter names to the checkpoint's tensor names)
+and ``BERT_REFERENCE`` (where transformers' BertModel computes each stage). Only torch is imported
+(through compare.layers); never transformers.
 
-Every forward pass can report its intermediate tensors ("stages") through a ``record(name, tensor)``
-callback; compare.runner uses that to line them up with the reference implementation.
+Stages, in forward order: ``embeddings``; per layer ``layer.{i}.attention`` (after the output
+projection), ``layer.{i}.attention_add_norm``, ``layer.{i}.feed_forward``, ``layer.{i}.output``;
+``last_hidden_state``; ``pooler`` (see compare.model for how stages are recorded).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .config import BertConfig
 from .layers import FeedForward, LayerNorm, MultiHeadSelfAttention, add_and_norm, additive_padding_mask
+from .model import NO_RECORDING, Context, Recorder, TransformerModel
+from .reference_layout import ReferenceLayout, StagePoint
 
-__all__ = ["BertEmbeddings", "BertEncoderLayer", "BertModel", "BertPooler", "Recorder", "bert_weight_map"]
-
-# Called with (stage name, tensor) at each stage of the forward pass.
-Recorder = Callable[[str, torch.Tensor], None]
-
-
-def _ignore(name: str, tensor: torch.Tensor) -> None:
-    """The default recorder: keep nothing."""
+__all__ = [
+    "BERT_REFERENCE",
+    "BertEmbeddings",
+    "BertEncoderLayer",
+    "BertModel",
+    "BertPooler",
+    "bert_weight_map",
+]
 
 
 class BertEmbeddings(nn.Module):
     """A token's starting vector: what it is + where it is + which segment it is in, normalised.
 
     Three lookup tables are summed (the transformer has no notion of order, so position is added in
-    as a learned vector), then LayerNorm. Dropout is omitted: we only ever evaluate.
+    as a learned vector: see "positions" in compare.layers), then LayerNorm. Dropout is omitted: we
+    only ever evaluate.
     """
 
     def __init__(self, config: BertConfig) -> None:
@@ -42,11 +45,12 @@ class BertEmbeddings(nn.Module):
         self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        seq_len = input_ids.size(1)
-        positions = torch.arange(seq_len, device=input_ids.device)  # (T,): 0, 1, ..., T-1
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        # input_ids, token_type_ids: (B, T); positions: (B, T) or (T,)
         x = self.token(input_ids) + self.token_type(token_type_ids)  # (B, T, C)
-        x = x + self.position(positions)  # (B, T, C) + (T, C), broadcast over the batch
+        x = x + self.position(positions)  # (B, T, C) + (B or 1, T, C)
         return self.norm(x)  # (B, T, C)
 
 
@@ -63,17 +67,12 @@ class BertEncoderLayer(nn.Module):
         self.feed_forward = FeedForward(config.hidden_size, config.intermediate_size, config.hidden_act)
         self.feed_forward_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, record: Recorder = _ignore) -> torch.Tensor:
-        # x: (B, T, C); mask: (B, 1, 1, T) additive
-        attention_out = self.attention(x, mask)  # (B, T, C), after the output projection
-        record("attention", attention_out)
-        x = add_and_norm(x, attention_out, self.attention_norm)  # (B, T, C)
-        record("attention_add_norm", x)
-        feed_forward_out = self.feed_forward(x)  # (B, T, C)
-        record("feed_forward", feed_forward_out)
-        x = add_and_norm(x, feed_forward_out, self.feed_forward_norm)  # (B, T, C)
-        record("output", x)
-        return x
+    def forward(self, x: torch.Tensor, context: Context, record: Recorder = NO_RECORDING) -> torch.Tensor:
+        # x: (B, T, C); context.mask: (B, 1, 1, T) additive
+        attention_out = record("attention", self.attention(x, context.mask, record))  # (B, T, C)
+        x = record("attention_add_norm", add_and_norm(x, attention_out, self.attention_norm))  # (B, T, C)
+        feed_forward_out = record("feed_forward", self.feed_forward(x))  # (B, T, C)
+        return record("output", add_and_norm(x, feed_forward_out, self.feed_forward_norm))  # (B, T, C)
 
 
 class BertPooler(nn.Module):
@@ -88,11 +87,13 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(first_token))  # (B, C)
 
 
-class BertModel(nn.Module):
+class BertModel(TransformerModel):
     """The BERT encoder: embeddings, ``num_hidden_layers`` encoder layers, and (optionally) the pooler.
 
     Checkpoints saved from BertForMaskedLM have no pooler weights, hence ``with_pooler``.
     """
+
+    final_modules = ("pooler",)
 
     def __init__(self, config: BertConfig, *, with_pooler: bool = True) -> None:
         super().__init__()
@@ -101,39 +102,36 @@ class BertModel(nn.Module):
         self.layers = nn.ModuleList(BertEncoderLayer(config) for _ in range(config.num_hidden_layers))
         self.pooler = BertPooler(config) if with_pooler else None
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        *,
-        record: Recorder = _ignore,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return (last_hidden_state (B, T, C), pooled output (B, C) or None).
+    def positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Position ids: 0, 1, ..., T-1 for every row, padding or not."""
+        return torch.arange(input_ids.size(1))  # (T,), broadcast over the batch
 
-        ``attention_mask`` is (B, T) with 1 for real tokens and 0 for padding (default: all 1);
-        ``token_type_ids`` default to all 0 (one segment).
-        """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+    def make_context(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> Context:
+        """``token_type_ids`` default to all 0 (one segment)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        dtype = self.embeddings.token.weight.dtype
+        mask = additive_padding_mask(attention_mask, self.dtype)  # (B, 1, 1, T)
+        return Context(
+            attention_mask=attention_mask,
+            masks={"full": mask},
+            positions=self.positions(input_ids),
+            token_type_ids=token_type_ids,
+        )
 
-        x = self.embeddings(input_ids, token_type_ids)  # (B, T, C)
-        record("embeddings", x)
-        mask = additive_padding_mask(attention_mask, dtype)  # (B, 1, 1, T)
-        for i, layer in enumerate(self.layers):
+    def embed(self, input_ids: torch.Tensor, context: Context, record: Recorder) -> torch.Tensor:
+        assert context.token_type_ids is not None
+        return record("embeddings", self.embeddings(input_ids, context.token_type_ids, context.positions))
 
-            def record_layer(name: str, tensor: torch.Tensor, i: int = i) -> None:
-                record(f"layer.{i}.{name}", tensor)
-
-            x = layer(x, mask, record_layer)
-        record("last_hidden_state", x)
+    def finish(
+        self, x: torch.Tensor, context: Context, record: Recorder
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return (last_hidden_state (B, T, C), pooled output (B, C) or None)."""
+        x = record("last_hidden_state", x)
         pooled = None
         if self.pooler is not None:
-            pooled = self.pooler(x)
-            record("pooler", pooled)
+            pooled = record("pooler", self.pooler(x))
         return x, pooled
 
 
@@ -143,7 +141,7 @@ def bert_weight_map(config: BertConfig, *, with_pooler: bool = True) -> dict[str
     The checkpoint names come from the original TensorFlow code: ``attention.self`` holds Q/K/V,
     ``attention.output`` the output projection and its LayerNorm, ``intermediate`` and ``output``
     the two halves of the feed-forward block. The ``bert.`` prefix and old ``gamma``/``beta``
-    names are dealt with in compare.weights before this map is consulted.
+    names are dealt with (compare.architectures) before this map is consulted.
     """
     mapping = {
         "embeddings.token.weight": "embeddings.word_embeddings.weight",
@@ -168,3 +166,25 @@ def bert_weight_map(config: BertConfig, *, with_pooler: bool = True) -> dict[str
     if with_pooler:
         mapping |= {"pooler.dense.weight": "pooler.dense.weight", "pooler.dense.bias": "pooler.dense.bias"}
     return mapping
+
+
+# Where transformers' BertModel (and RobertaModel, laid out the same) computes each of our stages.
+BERT_REFERENCE = ReferenceLayout(
+    model_class="AutoModel",
+    layers="encoder.layer",
+    embeddings=(StagePoint("embeddings", "embeddings"),),
+    layer=(
+        StagePoint("attention", "attention.output.dense"),  # BertSelfOutput.dense: before the residual
+        StagePoint("attention_add_norm", "attention.output"),  # BertSelfOutput: LayerNorm(x + .)
+        StagePoint("feed_forward", "output.dense"),  # BertOutput.dense(act(intermediate(x)))
+        StagePoint("output", ""),  # the BertLayer itself
+    ),
+    final=(
+        StagePoint("last_hidden_state", "encoder"),
+        StagePoint("pooler", "pooler", optional=True),
+    ),
+    attention="attention.self",  # returns (context, attention weights)
+    steps="encoder",
+    embedding_modules=("embeddings",),
+    final_modules=("pooler",),
+)

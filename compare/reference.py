@@ -2,28 +2,50 @@
 
 Pinned means: ``dtype`` given explicitly (transformers 5 defaults to "auto", i.e. whatever the
 checkpoint was saved in), ``attn_implementation="eager"`` (the default SDPA kernel differs from the
-textbook formula by rounding, about 5e-4 in float32), ``eval()`` and ``torch.no_grad()``.
-Intermediate stages are captured with forward hooks on the transformers modules; each stage name
-means the same tensor as in our model's ``record`` calls (see compare.bert).
+textbook formula by rounding, about 5e-4 in float32), ``eval()`` and ``torch.no_grad()``. Remote code
+is never run (``trust_remote_code`` stays False).
+
+Intermediate stages are captured with forward hooks on the transformers modules that each
+architecture's ReferenceLayout names (compare.bert, compare.gpt2, compare.llama, compare.qwen); each
+stage name means the same tensor as in our model's ``record`` calls.
+
+:func:`load_reference` and :func:`reference_stages` run the whole model at once, as ``from_pretrained``
+loads it: the comparison itself runs it one piece at a time (compare.reference_stream), and the tests
+check that both give the same stages.
 """
 
 from __future__ import annotations
 
 import contextlib
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from hfmirror.errors import CompareError
+from hfmirror.errors import CompareError, RemoteCodeError
 
-__all__ = ["REFERENCE_HOOKS", "has_tokenizer", "load_reference", "reference_stages", "tokenize", "versions"]
+from .reference_layout import ReferenceLayout, StagePoint
+from .weights import checkpoint_files, iter_checkpoint_tensors
+
+if TYPE_CHECKING:
+    from .architectures import Architecture
+
+__all__ = [
+    "ReferenceRun",
+    "has_tokenizer",
+    "load_reference",
+    "load_tokenizer",
+    "reference_stages",
+    "tokenize",
+    "versions",
+]
 
 # Files any one of which means the folder carries a tokenizer AutoTokenizer can load.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
 
 
 def versions() -> dict[str, str]:
@@ -54,61 +76,45 @@ def _quiet_transformers() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
-# ------------------------------------------------------------------------------------------ hooks
-
-
-def _bert_hook_points(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Our stage names -> the transformers BertModel module whose forward output is that stage."""
-    points: list[tuple[str, nn.Module]] = [("embeddings", model.embeddings)]
-    for i, layer in enumerate(model.encoder.layer):
-        points += [
-            (
-                f"layer.{i}.attention",
-                layer.attention.output.dense,
-            ),  # BertSelfOutput.dense: before the residual
-            (f"layer.{i}.attention_add_norm", layer.attention.output),  # BertSelfOutput: LayerNorm(x + .)
-            (f"layer.{i}.feed_forward", layer.output.dense),  # BertOutput.dense(act(intermediate(x)))
-            (f"layer.{i}.output", layer),  # BertLayer
-        ]
-    return points
-
-
-def _bert_load_kwargs(options: dict[str, Any]) -> dict[str, Any]:
-    return {"add_pooling_layer": options.get("with_pooler", True)}
-
-
-# model_type -> (where to hook, extra from_pretrained arguments derived from our options).
-REFERENCE_HOOKS: dict[
-    str, tuple[Callable[[nn.Module], list[tuple[str, nn.Module]]], Callable[[dict[str, Any]], dict[str, Any]]]
-] = {
-    "bert": (_bert_hook_points, _bert_load_kwargs),
-}
-
-
 # ----------------------------------------------------------------------------------------- loading
 
 
 def load_reference(
-    model_dir: str | Path, *, model_type: str, dtype: torch.dtype, options: dict[str, Any] | None = None
+    model_dir: str | Path,
+    *,
+    architecture: Architecture,
+    config: Any,
+    dtype: torch.dtype,
+    options: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """``AutoModel.from_pretrained`` pinned to ``dtype`` and eager attention, in eval mode.
+    """The transformers model for the checkpoint in ``model_dir``, pinned to ``dtype`` and eager
+    attention, in eval mode: ``from_pretrained`` of the layout's auto class, or, for a checkpoint
+    transformers cannot read as it is, of the architecture's documented conversion.
 
     Raises:
         CompareError: transformers could not load the checkpoint, or left weights randomly
             initialised (a reference that is not the checkpoint would make the comparison meaningless).
     """
-    from transformers import AutoModel
+    import transformers
 
-    _, load_kwargs = REFERENCE_HOOKS[model_type]
+    pinned = {"dtype": dtype, "attn_implementation": "eager", "output_loading_info": True}
     try:
         with _quiet_transformers():
-            model, info = AutoModel.from_pretrained(
-                str(model_dir),
-                dtype=dtype,
-                attn_implementation="eager",
-                output_loading_info=True,
-                **load_kwargs(options or {}),
-            )
+            if architecture.conversion is None:
+                auto_class = getattr(transformers, architecture.reference.model_class)
+                model, info = auto_class.from_pretrained(
+                    str(model_dir), **pinned, **architecture.reference_kwargs(options or {})
+                )
+            else:  # transformers' own loading, of the converted config and tensors
+                conversion = architecture.conversion
+                model_class = getattr(transformers, conversion.model_class)
+                reference_config = transformers.AutoConfig.for_model(**conversion.config(config))
+                state = dict(conversion.tensors(iter_checkpoint_tensors(checkpoint_files(model_dir))))
+                model, info = model_class.from_pretrained(
+                    None, config=reference_config, state_dict=state, **pinned
+                )
+    except CompareError:
+        raise
     except Exception as error:  # transformers raises many kinds; all mean "no reference"
         raise CompareError(
             f"transformers could not load {model_dir}: {type(error).__name__}: {error}"
@@ -120,35 +126,65 @@ def load_reference(
     return model.eval()
 
 
+# ---------------------------------------------------------------------------------------- tokenizer
+
+
 def has_tokenizer(model_dir: str | Path) -> bool:
     """Whether the folder carries tokenizer files."""
     return any((Path(model_dir) / name).is_file() for name in _TOKENIZER_FILES)
 
 
-def tokenize(model_dir: str | Path, texts: list[str], *, max_length: int) -> dict[str, torch.Tensor]:
-    """Tokenise ``texts`` with the checkpoint's own tokenizer as one padded batch.
-
-    Returns input_ids, attention_mask and token_type_ids, each (B, T).
+def load_tokenizer(source: str | Path) -> Any:
+    """The tokenizer in folder ``source``, loaded without running any code from it.
 
     Raises:
         CompareError: the folder has no tokenizer, or it cannot be loaded.
+        RemoteCodeError: the tokenizer is the repository's own code (Qwen v1's is).
     """
-    if not has_tokenizer(model_dir):
+    if not has_tokenizer(source):
         raise CompareError(
-            f"--text was given but {model_dir} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
+            f"--text was given but {source} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
             "run without texts to compare on random token ids"
         )
     from transformers import AutoTokenizer
 
     try:
         with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+            return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
     except Exception as error:
+        if "trust_remote_code" in str(error) or "custom code" in str(error):
+            raise RemoteCodeError(f"the tokenizer of {source} is custom code, which is never run") from error
         raise CompareError(
-            f"cannot load the tokenizer of {model_dir}: {type(error).__name__}: {error}"
+            f"cannot load the tokenizer of {source}: {type(error).__name__}: {error}"
         ) from error
+
+
+def tokenize(
+    tokenizer: Any, texts: list[str], *, max_length: int, vocab_size: int
+) -> dict[str, torch.Tensor]:
+    """Tokenise ``texts`` as one batch, padded on the right.
+
+    Right padding keeps every real token at the position it has without padding (decoders number
+    positions 0 .. T-1 along the row). Decoder tokenizers often have no padding token; the
+    end-of-text token stands in (padded positions are masked out of attention).
+
+    Returns input_ids, attention_mask and token_type_ids, each (B, T).
+
+    Raises:
+        CompareError: several texts and no token to pad with, or ids outside the model's vocabulary.
+    """
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None and len(texts) > 1:
+            raise CompareError("the tokenizer has no padding (or end-of-text) token; pass a single --text")
+        tokenizer.pad_token = tokenizer.eos_token
     encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     input_ids = encoded["input_ids"]
+    if int(input_ids.max()) >= vocab_size:
+        raise CompareError(
+            f"the tokenizer produced token id {int(input_ids.max())}, outside the model's vocabulary "
+            f"({vocab_size}): is it the checkpoint's tokenizer?"
+        )
     return {
         "input_ids": input_ids,
         "attention_mask": encoded.get("attention_mask", torch.ones_like(input_ids)),
@@ -159,31 +195,73 @@ def tokenize(model_dir: str | Path, texts: list[str], *, max_length: int) -> dic
 # ----------------------------------------------------------------------------------------- running
 
 
+@dataclass
+class ReferenceRun:
+    """What one reference forward pass produced: every stage's tensor (forward order), and each
+    layer's attention weights (B, nh, T, T) when asked for."""
+
+    stages: dict[str, torch.Tensor]
+    attention: dict[str, torch.Tensor]
+
+
 def _first_tensor(output: Any) -> torch.Tensor:
-    # Some modules return (hidden, attention weights); the stage is the hidden states.
-    return output[0] if isinstance(output, tuple) else output
+    # Attention modules return (output, weights) and some modules a ModelOutput; the stage is the first.
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def _submodule(root: nn.Module, point: StagePoint) -> nn.Module | None:
+    try:
+        module = root.get_submodule(point.path) if point.path else root
+    except AttributeError:
+        module = None
+    if module is None and not point.optional:
+        raise CompareError(f"the reference model has no module {point.path!r} for stage {point.stage!r}")
+    return module
+
+
+def _hook_points(model: nn.Module, layout: ReferenceLayout) -> list[tuple[str, StagePoint, nn.Module]]:
+    """(stage name, where, module) for every stage of the layout, in forward order."""
+    points = [(point.stage, point, _submodule(model, point)) for point in layout.embeddings]
+    for i, layer in enumerate(model.get_submodule(layout.layers)):
+        points += [(f"layer.{i}.{point.stage}", point, _submodule(layer, point)) for point in layout.layer]
+    points += [(point.stage, point, _submodule(model, point)) for point in layout.final]
+    return [(name, point, module) for name, point, module in points if module is not None]
 
 
 def reference_stages(
-    model: nn.Module, model_type: str, inputs: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Run the reference once and return every stage's tensor, in forward order."""
-    hook_points, _ = REFERENCE_HOOKS[model_type]
-    stages: dict[str, torch.Tensor] = {}
+    model: nn.Module,
+    layout: ReferenceLayout,
+    inputs: dict[str, torch.Tensor],
+    *,
+    keep_attention: bool = False,
+) -> ReferenceRun:
+    """Run the reference once and return every stage's tensor (and, if asked, its attention weights)."""
+    run = ReferenceRun(stages={}, attention={})
     handles = []
-    for name, module in hook_points(model):
 
-        def hook(_module: nn.Module, _args: Any, output: Any, name: str = name) -> None:
-            stages[name] = _first_tensor(output).detach().clone()
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        run.stages[name] = tensor.detach().clone()
 
-        handles.append(module.register_forward_hook(hook))
+    for name, point, module in _hook_points(model, layout):
+        if point.take == "input":
+            handles.append(module.register_forward_pre_hook(lambda _m, args, name=name: keep(name, args[0])))
+        else:
+            handles.append(
+                module.register_forward_hook(
+                    lambda _m, _a, output, name=name: keep(name, _first_tensor(output))
+                )
+            )
+    if keep_attention:
+        for i, layer in enumerate(model.get_submodule(layout.layers)):
+
+            def keep_weights(_m: nn.Module, _a: Any, output: Any, i: int = i) -> None:
+                run.attention[f"layer.{i}"] = output[1].detach().clone()
+
+            handles.append(layer.get_submodule(layout.attention).register_forward_hook(keep_weights))
     try:
         with torch.no_grad():
-            outputs = model(**inputs)
+            model(**inputs)
     finally:
         for handle in handles:
             handle.remove()
-    stages["last_hidden_state"] = outputs.last_hidden_state.detach().clone()
-    if getattr(outputs, "pooler_output", None) is not None:
-        stages["pooler"] = outputs.pooler_output.detach().clone()
-    return stages
+    return run

@@ -5,9 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .metrics import StageResult
+import torch
 
-__all__ = ["ComparisonReport"]
+from .metrics import NextTokenMetrics, StageResult
+
+__all__ = ["AttentionWeights", "ComparisonReport"]
+
+# Input fields too long for the table's one-line summary (they are in the JSON).
+_LONG_INPUT_FIELDS = ("texts", "input_ids", "attention_mask", "tokens", "compared_positions")
 
 
 def _sci(value: float | None) -> str:
@@ -20,12 +25,42 @@ def _cosine_gap(value: float | None) -> str:
 
 
 @dataclass
+class AttentionWeights:
+    """Every layer's attention weights, ours and the reference's: "layer.i" -> (B, nh, T, T).
+
+    Row q of head h is the query at position q's weighted look at the keys (it sums to 1).
+    ``causal``: a decoder's, where no query looks at a later key.
+    """
+
+    ours: dict[str, torch.Tensor]
+    reference: dict[str, torch.Tensor]
+    causal: bool
+
+    def for_row(self, row: int, tokens: list[str], *, text: str | None = None) -> Any:
+        """One input row's maps as the HTML report takes them (compare.html_attention.AttentionMaps),
+        cut to the row's ``len(tokens)`` real tokens (right padding dropped)."""
+        from .html_attention import AttentionMaps
+
+        length = len(tokens)
+        layers = sorted(self.ours, key=lambda name: int(name.split(".")[1]))
+
+        def cut(maps: dict[str, torch.Tensor]) -> list[Any]:
+            return [maps[name][row, :, :length, :length].double().numpy() for name in layers]  # (nh, T, T)
+
+        return AttentionMaps(
+            tokens=tokens, ours=cut(self.ours), reference=cut(self.reference), causal=self.causal, text=text
+        )
+
+
+@dataclass
 class ComparisonReport:
     """Our implementation vs the reference, stage by stage.
 
-    ``passed`` is True when every stage is within tolerance; ``first_failing_stage`` names the
-    earliest stage (in forward order) that is not, which is where to start looking for the bug:
-    later stages inherit its error.
+    Each stage is measured carried and, where the comparison ran that way, isolated (see
+    compare.metrics). ``passed`` is True when every stage is within tolerance in isolation (carried
+    when no isolated measurement exists); ``first_failing_stage`` names the earliest stage (in forward
+    order) that is not: the stage whose own computation is wrong, where to start looking for the bug.
+    ``max_abs_diff`` is the largest carried difference: what a user of our model would see.
     """
 
     model: str
@@ -39,11 +74,15 @@ class ComparisonReport:
     versions: dict[str, str]
     inputs: dict[str, Any] = field(default_factory=dict)  # what was fed in (source, shape, padding)
     reference: str = "transformers AutoModel, eager attention, eval, no_grad"
+    next_token: NextTokenMetrics | None = None  # models with an LM head only
+    attention: AttentionWeights | None = None  # only when asked for (not part of the JSON)
+    timing: dict[str, Any] | None = None  # seconds per piece, parameters per piece (streamed runs)
+    layers: str | None = None  # the range of layers compared ("3-7"), when not all of them
 
     @classmethod
     def from_stages(cls, stages: list[StageResult], **fields: Any) -> ComparisonReport:
         """Build a report, deriving the verdict fields from the stage results."""
-        failing = [stage.name for stage in stages if not stage.passed]
+        failing = [stage.name for stage in stages if not stage.verdict_passed]
         measured = [stage.max_abs_diff for stage in stages if stage.max_abs_diff is not None]
         return cls(
             passed=bool(stages) and not failing,
@@ -55,6 +94,11 @@ class ComparisonReport:
 
     @property
     def failing_stages(self) -> list[str]:
+        """Stages outside tolerance, by the verdict's measure (isolated where measured)."""
+        return [stage.name for stage in self.stages if not stage.verdict_passed]
+
+    @property
+    def carried_failing_stages(self) -> list[str]:
         return [stage.name for stage in self.stages if not stage.passed]
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,46 +115,75 @@ class ComparisonReport:
             "inputs": dict(self.inputs),
             "reference": self.reference,
             "stages": [stage.to_dict() for stage in self.stages],
+            **self._next_token_fields(),
+            **({"timing": self.timing} if self.timing is not None else {}),
+            **({"layers": self.layers} if self.layers is not None else {}),
+        }
+
+    def _next_token_fields(self) -> dict[str, Any]:
+        if self.next_token is None:
+            return {}
+        return {
+            "next_token": self.next_token.to_dict(),
+            "top1": {"ours": self.next_token.top1_ours, "reference": self.next_token.top1_reference},
         }
 
     def verdict(self) -> str:
         """One line: PASS, or FAIL naming the first failing stage."""
         tolerance = f"atol={self.atol:g}, rtol={self.rtol:g}"
+        isolated = any(stage.isolated is not None for stage in self.stages)
+        how = " in isolation" if isolated else ""
+        carried = len(self.carried_failing_stages)
         if self.passed:
+            inherited = f", {carried} outside it carried" if isolated and carried else ""
             return (
-                f"PASS: all {len(self.stages)} stages match the reference within {tolerance} "
-                f"(max abs diff {_sci(self.max_abs_diff)})"
+                f"PASS: all {len(self.stages)} stages match the reference within {tolerance}{how} "
+                f"(carried max abs diff {_sci(self.max_abs_diff)}{inherited})"
             )
         if not self.stages:
             return "FAIL: no stages were compared"
-        return (
-            f"FAIL: first failing stage: {self.first_failing_stage} "
-            f"({len(self.failing_stages)} of {len(self.stages)} stages outside {tolerance})"
-        )
+        counts = f"{len(self.failing_stages)} of {len(self.stages)} stages outside {tolerance}{how}"
+        if isolated:
+            counts += f", {carried} carried"
+        return f"FAIL: first failing stage: {self.first_failing_stage} ({counts})"
 
     def render_table(self) -> str:
         """An aligned text table, one row per stage, with a final verdict line."""
+        isolated = any(stage.isolated is not None for stage in self.stages)
         headers = [
             "stage",
             "max abs diff",
             "mean abs diff",
             "rel error",
             "1 - cosine",
-            "budget used",
-            "result",
+            "nmse",
+            "p99 abs diff",
         ]
-        rows = [
-            [
+        headers += ["budget used"] + (["isolated max", "isolated budget"] if isolated else []) + ["result"]
+
+        def result(stage: StageResult) -> str:
+            text = "PASS" if stage.verdict_passed else "FAIL"
+            if stage.isolated is not None and stage.passed != stage.isolated.passed:
+                text += f"  (carried {'PASS' if stage.passed else 'FAIL'})"
+            notes = [note for note in (stage.note, stage.isolated.note if stage.isolated else None) if note]
+            return text + "".join(f"  ({note})" for note in dict.fromkeys(notes))
+
+        rows = []
+        for stage in self.stages:
+            row = [
                 stage.name,
                 _sci(stage.max_abs_diff),
                 _sci(stage.mean_abs_diff),
                 _sci(stage.rel_error),
                 _cosine_gap(stage.cosine_similarity),
+                _sci(stage.nmse),
+                _sci(stage.p99_abs_diff),
                 _sci(stage.tolerance_used),
-                ("PASS" if stage.passed else "FAIL") + (f"  ({stage.note})" if stage.note else ""),
             ]
-            for stage in self.stages
-        ]
+            if isolated:
+                alone = stage.isolated
+                row += [_sci(alone.max_abs_diff), _sci(alone.tolerance_used)] if alone else ["-", "-"]
+            rows.append([*row, result(stage)])
         widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers) - 1)]
 
         def line(cells: list[str]) -> str:
@@ -120,7 +193,9 @@ class ComparisonReport:
             ]
             return "  ".join([*parts, cells[-1]]).rstrip()
 
-        inputs = ", ".join(f"{key}={value}" for key, value in self.inputs.items() if key != "texts")
+        inputs = ", ".join(
+            f"{key}={value}" for key, value in self.inputs.items() if key not in _LONG_INPUT_FIELDS
+        )
         versions = ", ".join(f"{key} {value}" for key, value in self.versions.items())
         out = [
             f"model:     {self.model}",
@@ -129,11 +204,29 @@ class ComparisonReport:
             "(a stage passes when |ours - ref| <= atol + rtol * |ref| everywhere;",
             "           'budget used' is the largest |ours - ref| / (atol + rtol * |ref|): 1 is the limit)",
             f"input:     {inputs}",
+        ]
+        if isolated:
+            out.append(
+                "measured:  carried (our model on its own numbers from the embeddings on) and isolated "
+                "(each component fed the reference's input); the result follows the isolated error"
+            )
+        if self.layers is not None:
+            out.append(f"layers:    {self.layers} only (the reference's output feeds the first of them)")
+        if "compared_positions" in self.inputs:
+            out.append(f"compared:  {self.inputs['compared_positions']}")
+        out += [
             "",
             line(headers),
             line(["-" * w for w in widths] + ["-" * len(headers[-1])]),
             *(line(row) for row in rows),
             "",
-            self.verdict(),
         ]
+        if self.next_token is not None:
+            metrics = self.next_token
+            out.append(
+                f"next token: the top-1 token agrees at {metrics.agreement:.1%} of {metrics.positions} real "
+                f"positions; KL(reference || ours) mean {_sci(metrics.kl_divergence_mean)}, "
+                f"max {_sci(metrics.kl_divergence_max)} nats"
+            )
+        out.append(self.verdict())
         return "\n".join(out)

@@ -1,37 +1,56 @@
 """Run our model and the reference on the same input and compare them stage by stage.
 
-Order of work, chosen so that only one model is in memory at a time:
+Order of work:
 
-1. read config.json and load *our* model (malformed checkpoints fail here, with a named tensor);
-2. build the input: the checkpoint's tokenizer on ``texts`` (a padded batch), or random ids with a
-   random padding pattern;
-3. run ours, keep its stages, free it;
-4. load the reference (transformers, pinned), run it with hooks, keep its stages, free it;
-5. compare every stage in forward order (see compare.metrics for the metrics and the pass rule).
+1. read config.json, build *our* model on "meta" and check the checkpoint against its weight map
+   from the files' headers (malformed checkpoints fail here, with a named tensor, before any data is
+   read);
+2. build the input: the checkpoint's tokenizer (or ``tokenizer``) on ``texts`` (a padded batch), or
+   random ids with a random padding pattern;
+3. build the reference (transformers, pinned) on "meta" from its config;
+4. compare piece by piece, carried and isolated (compare.streaming): one code path for every size,
+   with only one piece's weights in memory at a time;
+5. for models with an LM head, compare the next-token predictions (carried logits: what a user of
+   our model would get).
 """
 
 from __future__ import annotations
 
-import gc
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hfmirror.errors import CompareError
+from hfmirror.errors import CompareError, RemoteCodeError
 
-from .architectures import load_model
-from .metrics import StageResult, compare_tensors
-from .report import ComparisonReport
+from .architectures import Architecture, prepare_model
+from .metrics import next_token_metrics
+from .report import AttentionWeights, ComparisonReport
+from .streaming import compare_pieces
+from .weights import TensorCache
 
-__all__ = ["DEFAULT_TOLERANCES", "DTYPES", "compare_model_dir", "random_inputs"]
+__all__ = [
+    "DEFAULT_TOLERANCES",
+    "DTYPES",
+    "compare_model_dir",
+    "parse_layers",
+    "random_inputs",
+]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
-# (atol, rtol) per dtype. Measured on random BERTs with O(1) activations (see the tests): float32
+# (atol, rtol) per dtype. Measured on random models with O(1) activations (see the tests): float32
 # rounding reaches ~1e-6 at a 12-layer, 768-wide model, float64 ~1e-14; the smallest deliberate bug in
 # the tests (exact vs tanh GELU) moves a stage by ~1e-4. Both defaults sit between, with margin.
 DEFAULT_TOLERANCES = {"float32": (1e-5, 1e-5), "float64": (1e-10, 1e-10)}
+
+_ENCODER_POSITIONS = "all (padded keys are masked; padded rows are compared too)"
+_DECODER_POSITIONS = (
+    "hidden states and logits at every position, padded ones included (a padded position sees only "
+    "the real tokens before it, the same way in both); next-token agreement and KL at real positions only"
+)
 
 
 def random_inputs(
@@ -57,35 +76,89 @@ def random_inputs(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
 
 
-def _our_stages(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    stages: dict[str, torch.Tensor] = {}
+@dataclass
+class _Input:
+    """The batch both models get, and how the report describes it."""
 
-    def record(name: str, tensor: torch.Tensor) -> None:
-        stages[name] = tensor.detach()  # fresh tensors, never modified in place afterwards
-
-    with torch.no_grad():
-        model(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"], record=record)
-    return stages
+    tensors: dict[str, torch.Tensor]  # input_ids, attention_mask, token_type_ids: (B, T)
+    description: dict[str, Any]
+    note: str | None = None  # said to the user (e.g. why texts were not used)
 
 
-def compare_stages(
-    ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], *, atol: float, rtol: float
-) -> list[StageResult]:
-    """Compare stage by stage, in our forward order; a stage only one side produced fails."""
+def _tokenized(
+    model_dir: Path, tokenizer: str | Path | None, texts: list[str], config: Any
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any], str | None]:
+    """(inputs, description, note); inputs None when the tokenizer is custom code."""
+    from . import reference
 
-    def missing(name: str, tensor: torch.Tensor, note: str) -> StageResult:
-        return StageResult(name, False, list(tensor.shape), None, None, None, None, None, note)
+    source = Path(tokenizer) if tokenizer is not None else model_dir
+    try:
+        loaded_tokenizer = reference.load_tokenizer(source)
+    except RemoteCodeError as error:
+        note = f"{error}: comparing on random token ids instead (pass --tokenizer DIR_OR_REPO to use another)"
+        return None, {"texts_not_used": list(texts)}, note
+    limit, _ = config.sequence_limit()
+    tensors = reference.tokenize(loaded_tokenizer, texts, max_length=limit, vocab_size=config.vocab_size)
+    tokens = [loaded_tokenizer.convert_ids_to_tokens(row) for row in tensors["input_ids"].tolist()]
+    description = {"source": "text", "texts": list(texts), "tokenizer": str(source), "tokens": tokens}
+    return tensors, description, None
 
-    results = []
-    for name, tensor in ours.items():
-        if name in reference:
-            results.append(compare_tensors(name, tensor, reference[name], atol=atol, rtol=rtol))
-        else:
-            results.append(missing(name, tensor, "the reference has no such stage"))
-    for name, tensor in reference.items():
-        if name not in ours:
-            results.append(missing(name, tensor, "our model did not produce this stage"))
-    return results
+
+def _make_input(
+    model_dir: Path,
+    architecture: Architecture,
+    config: Any,
+    *,
+    texts: list[str] | None,
+    tokenizer: str | Path | None,
+    seq_len: int,
+    batch: int,
+    seed: int,
+) -> _Input:
+    tensors, description, note = None, {}, None
+    if texts:
+        tensors, description, note = _tokenized(model_dir, tokenizer, texts, config)
+    if tensors is None:
+        limit, why = config.sequence_limit()
+        if seq_len > limit:
+            raise CompareError(f"seq_len {seq_len} is longer than the model takes: {limit} ({why})")
+        tensors = random_inputs(
+            batch=batch,
+            seq_len=seq_len,
+            seed=seed,
+            vocab_size=config.vocab_size,
+            type_vocab_size=getattr(config, "type_vocab_size", 1),
+            pad_token_id=config.pad_token_id,
+        )
+        description |= {"source": "random token ids", "seed": seed}
+    mask = tensors["attention_mask"]
+    description |= {
+        "batch": mask.shape[0],
+        "seq_len": mask.shape[1],
+        "padded_positions": int((mask == 0).sum()),
+        "compared_positions": _DECODER_POSITIONS if architecture.has_lm_head else _ENCODER_POSITIONS,
+        "input_ids": tensors["input_ids"].tolist(),
+        "attention_mask": mask.tolist(),
+    }
+    if note:
+        description["note"] = note
+    return _Input(tensors=tensors, description=description, note=note)
+
+
+def parse_layers(text: str, num_layers: int) -> tuple[int, int]:
+    """ "A-B" (or "A") -> (A, B), checked against the model's ``num_layers``.
+
+    Raises:
+        CompareError: not a range of existing layers.
+    """
+    first, _, last = text.partition("-")
+    try:
+        bounds = (int(first), int(last or first))
+    except ValueError:
+        raise CompareError(f"--layers takes A-B (e.g. 3-7), got {text!r}") from None
+    if not 0 <= bounds[0] <= bounds[1] < num_layers:
+        raise CompareError(f"--layers {text}: the model has layers 0-{num_layers - 1}")
+    return bounds
 
 
 def compare_model_dir(
@@ -99,16 +172,26 @@ def compare_model_dir(
     atol: float | None = None,
     rtol: float | None = None,
     model_name: str | None = None,
+    tokenizer: str | Path | None = None,
+    keep_attention: bool = False,
+    on_note: Any = None,
+    layers: str | None = None,
 ) -> ComparisonReport:
     """Compare our from-scratch model with transformers on the checkpoint in ``model_dir``.
 
     Args:
         model_dir: a folder with config.json and weights (and a tokenizer, if ``texts`` are given).
         texts: sentences to tokenise as one padded batch; if None or empty, random token ids are used.
-        seq_len, batch, seed: shape and seed of the random input (ignored when ``texts`` are given).
+        seq_len, batch, seed: shape and seed of the random input (ignored when ``texts`` are used).
         dtype: "float32" or "float64", used by both models.
         atol, rtol: tolerances (default: ``DEFAULT_TOLERANCES[dtype]``).
         model_name: how to name the model in the report (default: ``model_dir``).
+        tokenizer: a folder whose tokenizer to use instead of the checkpoint's.
+        keep_attention: also keep every layer's attention weights, ours and the reference's
+            (``report.attention``).
+        on_note: called with a one-line note the user should see (e.g. texts not used), if given.
+        layers: "A-B" to compare layers A to B only (the reference's output of layer A - 1 feeds
+            layer A, carried and isolated alike).
 
     Returns:
         A :class:`ComparisonReport`; ``report.passed`` is False when any stage differs.
@@ -128,62 +211,83 @@ def compare_model_dir(
     if atol < 0 or rtol < 0:
         raise CompareError("atol and rtol must not be negative")
     torch_dtype = DTYPES[dtype]
+    model_dir = Path(model_dir)
+    began = time.perf_counter()
 
     from . import reference  # imports transformers lazily, only when a comparison actually runs
+    from .reference_stream import StreamedReference
 
-    # 1. Ours first: a malformed checkpoint fails here with the tensor named.
-    loaded = load_model(model_dir, dtype=torch_dtype)
-    config = loaded.config
+    # 1. Ours, on "meta": a malformed checkpoint fails here with the tensor named.
+    prepared = prepare_model(model_dir, dtype=torch_dtype)
+    architecture, config, reader = prepared.architecture, prepared.config, prepared.reader
+    assert reader is not None
+    bounds = parse_layers(layers, len(prepared.model.layers)) if layers else None
 
     # 2. The input.
-    description: dict[str, Any]
-    if texts:
-        inputs = reference.tokenize(model_dir, texts, max_length=config.max_position_embeddings)
-        description = {"source": "text", "texts": list(texts)}
-    else:
-        if seq_len > config.max_position_embeddings:
-            raise CompareError(
-                f"seq_len {seq_len} is longer than the model's max_position_embeddings "
-                f"({config.max_position_embeddings})"
-            )
-        inputs = random_inputs(
-            batch=batch,
-            seq_len=seq_len,
-            seed=seed,
-            vocab_size=config.vocab_size,
-            type_vocab_size=config.type_vocab_size,
-            pad_token_id=config.pad_token_id,
-        )
-        description = {"source": "random token ids", "seed": seed}
-    mask = inputs["attention_mask"]
-    description |= {
-        "batch": mask.shape[0],
-        "seq_len": mask.shape[1],
-        "padded_positions": int((mask == 0).sum()),
-        "compared_positions": "all (padded keys are masked; padded rows are compared too)",
-    }
+    batch_input = _make_input(
+        model_dir,
+        architecture,
+        config,
+        texts=texts,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        batch=batch,
+        seed=seed,
+    )
+    if batch_input.note and on_note is not None:
+        on_note(batch_input.note)
+    inputs = batch_input.tensors
+    reference_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    if architecture.uses_token_types:
+        reference_inputs["token_type_ids"] = inputs["token_type_ids"]
 
-    # 3. Run ours, then let it go before the reference is loaded.
-    ours = _our_stages(loaded.model, inputs)
-    model_type = loaded.architecture.model_type
-    options = loaded.options
-    del loaded
-    gc.collect()
+    # 3. and 4. The reference, and the comparison, piece by piece.
+    streamed = StreamedReference(
+        model_dir,
+        architecture=architecture,
+        config=config,
+        dtype=torch_dtype,
+        files=prepared.files,
+        options=prepared.options,
+    )
+    run = compare_pieces(
+        prepared.model,
+        streamed,
+        TensorCache(reader, torch_dtype),
+        plan=prepared.plan,
+        weight_map=prepared.weight_map,
+        inputs=inputs,
+        reference_inputs=reference_inputs,
+        atol=atol,
+        rtol=rtol,
+        layers=bounds,
+        keep_attention=keep_attention,
+    )
 
-    # 4. The reference.
-    ref_model = reference.load_reference(model_dir, model_type=model_type, dtype=torch_dtype, options=options)
-    theirs = reference.reference_stages(ref_model, model_type, inputs)
-    del ref_model
-    gc.collect()
-
-    # 5. Compare.
-    stages = compare_stages(ours, theirs, atol=atol, rtol=rtol)
+    # 5. What the two would predict next.
+    next_token = None
+    if architecture.has_lm_head and run.logits is not None and run.logits[0].shape == run.logits[1].shape:
+        next_token = next_token_metrics(*run.logits, inputs["attention_mask"])
     return ComparisonReport.from_stages(
-        stages,
+        run.stages,
         model=model_name or str(model_dir),
         dtype=dtype,
         atol=atol,
         rtol=rtol,
         versions=reference.versions(),
-        inputs=description,
+        inputs=batch_input.description,
+        reference=architecture.describe_reference() + ", run one piece at a time",
+        next_token=next_token,
+        attention=(
+            AttentionWeights(
+                ours=run.attention_ours, reference=run.attention_reference, causal=architecture.has_lm_head
+            )
+            if keep_attention
+            else None
+        ),
+        timing={
+            "total_seconds": time.perf_counter() - began,
+            "pieces": [timing.to_dict() for timing in run.timings],
+        },
+        layers=layers,
     )

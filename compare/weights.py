@@ -4,38 +4,77 @@ Formats: ``model.safetensors`` (memory-mapped through ``safe_open``), sharded sa
 ``model.safetensors.index.json``, and ``pytorch_model.bin`` (single or sharded) read with
 ``torch.load(weights_only=True)`` only, memory-mapped where the file format allows.
 
-Memory: the model is built on the "meta" device (shapes, no storage) and each checkpoint tensor is
-handed to it with ``load_state_dict(assign=True)``; shards are read one after the other. So the
-weights exist once, plus at most one tensor in flight when a dtype conversion is needed.
+Memory: models are built on the "meta" device (shapes, no storage) and checkpoint tensors are handed
+to them with ``load_state_dict(assign=True)``, one piece at a time if need be (the embeddings, one
+layer, the final modules: :func:`load_piece`). A :class:`CheckpointReader` reads one tensor at a
+time from the memory-mapped files, and a :class:`TensorCache` converts each tensor to the compared
+dtype (bfloat16 -> float32, say) once per piece. Before anything is read, :func:`plan_weights` checks every
+name, shape and dtype against the weight map from the files' headers, so a malformed checkpoint
+fails at once, naming the tensor.
 
 Only torch and safetensors are imported here; never transformers.
 """
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from hfmirror.errors import HfMirrorError, WeightLoadError
-from hfmirror.paths import validate_relative_path
+from hfmirror.errors import WeightLoadError
+
+from .fetch import WEIGHT_FILES, shard_names
 
 __all__ = [
+    "CheckpointReader",
+    "TensorCache",
+    "Transposed",
+    "WeightMap",
     "checkpoint_files",
-    "checkpoint_tensor_names",
     "iter_checkpoint_tensors",
-    "load_weights",
+    "load_piece",
+    "plan_weights",
+    "source_name",
+    "split_by_piece",
 ]
 
+
+@dataclass(frozen=True)
+class Transposed:
+    """A weight map entry for a checkpoint tensor stored (in, out), as GPT-2's Conv1D layers store it
+    (they compute ``x @ W + b``): it is transposed on loading into nn.Linear's (out, in)."""
+
+    name: str
+
+
+# Our parameter name -> the checkpoint tensor it is read from (by name, or Transposed). Several of our
+# parameters may read one tensor (a tied LM head and the token embeddings); they then share it.
+WeightMap = dict[str, "str | Transposed"]
+
+
+def split_by_piece(weight_map: WeightMap, pieces: dict[str, tuple[str, ...]]) -> dict[str, WeightMap]:
+    """The weight map of each piece of a model (``TransformerModel.piece_prefixes()``), so that the
+    tensors of one piece (the embeddings, layer i, the final modules) can be found and loaded alone."""
+    return {
+        piece: {ours: source for ours, source in weight_map.items() if ours.startswith(prefixes)}
+        for piece, prefixes in pieces.items()
+    }
+
+
+def source_name(source: str | Transposed) -> str:
+    """The checkpoint tensor name of a weight map entry."""
+    return source.name if isinstance(source, Transposed) else source
+
+
 # In order of preference, like transformers: safetensors first, the pickle format as a fallback.
-_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
-_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SINGLE_FILES = tuple(single for single, _ in WEIGHT_FILES)
+_INDEX_FILES = tuple(index for _, index in WEIGHT_FILES)
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
@@ -56,18 +95,8 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
 
 
 def _shards_from_index(model_dir: Path, index_path: Path) -> list[Path]:
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-        shard_names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise WeightLoadError(f"cannot read the shard index {index_path.name}: {error}") from error
     shards = []
-    for name in shard_names:
-        try:
-            validate_relative_path(name)
-        except HfMirrorError as error:
-            raise WeightLoadError(f"{index_path.name} names an unsafe shard: {error}") from error
+    for name in shard_names(index_path):
         shard = model_dir / name
         if not shard.is_file():
             raise WeightLoadError(f"shard {name!r} listed in {index_path.name} is missing")
@@ -125,75 +154,174 @@ def iter_checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tens
                 yield name, state.pop(name)
 
 
-def checkpoint_tensor_names(files: list[Path]) -> set[str]:
-    """Every tensor name in the checkpoint, reading as little as possible (safetensors: the header)."""
-    names: set[str] = set()
-    for path in files:
-        if path.suffix == ".safetensors":
-            try:
-                with safe_open(str(path), framework="pt", device="cpu") as f:
-                    names.update(f.keys())
-            except (SafetensorError, OSError) as error:
-                raise WeightLoadError(f"cannot read {path.name}: {error}") from error
-        else:
-            names.update(_load_pickle_checkpoint(path))  # memory-mapped: names without reading the data
-    return names
+class CheckpointReader:
+    """The tensors of a checkpoint, by name, read one at a time.
+
+    The files' headers are read up front (names, shapes, dtypes; no data). A tensor read from a
+    safetensors file is a view of the memory-mapped file: no copy, and nothing comes from disk until it
+    is used. Each read opens the file and closes it again, so the pages of tensors no longer needed
+    (the bfloat16 original of a tensor converted to float32, say) leave this process's memory as soon
+    as the tensor is dropped. Pickled ``.bin`` checkpoints are memory-mapped where their format
+    allows, and kept open until :meth:`release`.
+
+    Raises (on construction):
+        WeightLoadError: an unreadable file, or a tensor name found in two files.
+    """
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = list(files)
+        self._file_of: dict[str, Path] = {}  # tensor name -> the file holding it
+        self._shape: dict[str, tuple[int, ...]] = {}
+        self._floating: dict[str, bool] = {}
+        self._open_pickles: dict[Path, dict[str, torch.Tensor]] = {}
+        for path in self.files:
+            for name, shape, floating in self._header(path):
+                if name in self._file_of:
+                    raise WeightLoadError(f"tensor {name!r} appears twice in the checkpoint")
+                self._file_of[name], self._shape[name], self._floating[name] = path, shape, floating
+        self.release()
+
+    def _header(self, path: Path) -> Iterator[tuple[str, tuple[int, ...], bool]]:
+        if path.suffix != ".safetensors":
+            for name, tensor in self._pickle(path).items():
+                yield name, tuple(tensor.shape), tensor.is_floating_point()
+            return
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for name in handle.keys():
+                    piece = handle.get_slice(name)
+                    yield name, tuple(piece.get_shape()), piece.get_dtype().startswith(("F", "BF"))
+        except (SafetensorError, OSError) as error:
+            raise WeightLoadError(f"cannot read {path.name}: {error}") from error
+
+    def _pickle(self, path: Path) -> dict[str, torch.Tensor]:
+        if path not in self._open_pickles:
+            self._open_pickles[path] = _load_pickle_checkpoint(path)
+        return self._open_pickles[path]
+
+    def names(self) -> list[str]:
+        """Every tensor name, in file order."""
+        return list(self._file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shape[name]
+
+    def is_floating_point(self, name: str) -> bool:
+        return self._floating[name]
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` as stored (its own dtype; memory-mapped where possible)."""
+        path = self._file_of[name]
+        if path.suffix != ".safetensors":
+            return self._pickle(path)[name]
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                return handle.get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise WeightLoadError(f"cannot read {name!r} from {path.name}: {error}") from error
+
+    def release(self) -> None:
+        """Let go of the pickled checkpoints' maps (safetensors files are never left open)."""
+        self._open_pickles.clear()
 
 
-def load_weights(
-    model: nn.Module,
-    files: list[Path],
-    weight_map: dict[str, str],
+class TensorCache:
+    """Checkpoint tensors converted to ``dtype``, each once, for whoever reads it in one piece (a tied
+    LM head and the token embeddings share one copy)."""
+
+    def __init__(self, reader: CheckpointReader, dtype: torch.dtype) -> None:
+        self.reader, self.dtype = reader, dtype
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._tensors:
+            self._tensors[name] = self.reader.read(name).to(self.dtype)  # no copy if the dtype matches
+        return self._tensors[name]
+
+    def clear(self) -> None:
+        """Forget the tensors and release the files (see CheckpointReader.release)."""
+        self._tensors.clear()
+        self.reader.release()
+
+
+def plan_weights(
+    reader: CheckpointReader,
+    weight_map: WeightMap,
+    shapes: dict[str, tuple[int, ...]],
     *,
     rename: Callable[[str], str | None],
-    dtype: torch.dtype,
-) -> nn.Module:
-    """Fill ``model``'s parameters from checkpoint ``files`` through an explicit ``weight_map``.
+) -> dict[str, str]:
+    """Check the checkpoint against the weight map from its headers alone; return, for each of our
+    parameters, the name of the checkpoint tensor it is read from.
 
     Args:
-        model: a model whose parameters are exactly the keys of ``weight_map`` (may be on "meta").
-        files: the checkpoint files (see :func:`checkpoint_files`).
-        weight_map: our parameter name -> the checkpoint tensor name (after ``rename``).
+        reader: the checkpoint.
+        weight_map: our parameter name -> the checkpoint tensor (after ``rename``), see :data:`WeightMap`.
+        shapes: our parameter name -> its shape (from the model, which may be on "meta").
         rename: checkpoint name -> canonical name, or None for a tensor to ignore (e.g. a task head).
-        dtype: the floating-point dtype to store parameters in.
-
-    Returns:
-        ``model``, with every parameter assigned.
 
     Raises:
-        WeightLoadError: a tensor that is missing, unexpected, duplicated or has the wrong shape;
-            the message names it.
+        WeightLoadError: a tensor that is missing, unexpected, duplicated, not floating point or has
+            the wrong shape; the message names it.
     """
-    expected = {name: tuple(param.shape) for name, param in model.named_parameters()}
-    if set(expected) != set(weight_map):  # a bug in the weight map, not in the checkpoint
-        raise AssertionError(
-            f"weight map does not match the model: {sorted(set(expected) ^ set(weight_map))}"
-        )
-    ours_for = {theirs: ours for ours, theirs in weight_map.items()}
+    if set(shapes) != set(weight_map):  # a bug in the weight map, not in the checkpoint
+        raise AssertionError(f"weight map does not match the model: {sorted(set(shapes) ^ set(weight_map))}")
+    readers: dict[str, list[str]] = {}  # canonical checkpoint name -> our parameters read from it
+    for ours, source in weight_map.items():
+        readers.setdefault(source_name(source), []).append(ours)
 
-    state: dict[str, torch.Tensor] = {}
-    for raw_name, tensor in iter_checkpoint_tensors(files):
+    plan: dict[str, str] = {}
+    found: set[str] = set()
+    for raw_name in reader.names():
         name = rename(raw_name)
         if name is None:
             continue
-        ours = ours_for.get(name)
-        if ours is None:
+        if name not in readers:
             raise WeightLoadError(f"unexpected tensor {raw_name!r} in the checkpoint (no parameter for it)")
-        if ours in state:
+        if name in found:
             raise WeightLoadError(f"tensor {raw_name!r} appears twice in the checkpoint")
-        if tuple(tensor.shape) != expected[ours]:
-            raise WeightLoadError(
-                f"tensor {raw_name!r} has shape {tuple(tensor.shape)}, expected {expected[ours]} "
-                f"(from config.json)"
-            )
-        if not tensor.is_floating_point():
-            raise WeightLoadError(f"tensor {raw_name!r} has dtype {tensor.dtype}, expected floating point")
-        state[ours] = tensor.to(dtype)  # no copy when the dtype already matches
+        found.add(name)
+        if not reader.is_floating_point(raw_name):
+            raise WeightLoadError(f"tensor {raw_name!r} is not floating point")
+        for ours in readers[name]:
+            _check_shape(raw_name, reader.shape(raw_name), weight_map[ours], shapes[ours])
+            plan[ours] = raw_name
 
-    missing = [weight_map[ours] for ours in weight_map if ours not in state]
+    missing = sorted({source_name(weight_map[ours]) for ours in weight_map if ours not in plan})
     if missing:
         shown = ", ".join(repr(name) for name in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise WeightLoadError(f"missing tensor(s) in the checkpoint: {shown}{more}")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
+    return plan
+
+
+def _check_shape(
+    raw_name: str, shape: tuple[int, ...], source: str | Transposed, expected: tuple[int, ...]
+) -> None:
+    transposed = isinstance(source, Transposed)
+    stored = expected[::-1] if transposed else expected
+    if shape != stored:
+        layout = " (stored (in, out) and transposed on loading)" if transposed else ""
+        raise WeightLoadError(
+            f"tensor {raw_name!r} has shape {shape}, expected {stored}{layout} (from config.json)"
+        )
+
+
+def load_piece(
+    module: nn.Module,
+    prefix: str,
+    plan: dict[str, str],
+    weight_map: WeightMap,
+    tensors: TensorCache,
+) -> nn.Module:
+    """Give ``module`` (our parameters named ``prefix`` + its own names; "" for a whole model) its
+    tensors, by the ``plan`` of :func:`plan_weights`, transposing where the weight map says so."""
+    state = {}
+    for ours, raw_name in plan.items():
+        if ours.startswith(prefix):
+            tensor = tensors.get(raw_name)
+            state[ours[len(prefix) :]] = (
+                tensor.t().contiguous() if isinstance(weight_map[ours], Transposed) else tensor
+            )
+    module.load_state_dict(state, strict=True, assign=True)
+    return module

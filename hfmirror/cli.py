@@ -5,13 +5,13 @@ Exit codes (also in the README):
 ====  =====================================================================
 0     success
 1     ``compare`` found a stage that does not match; or an unexpected bug
-2     bad input: usage errors, malformed repo id, unsafe names, unsupported model or checkpoint;
-      ``serve``: a port already in use
+2     bad input: usage errors, malformed repo id, unsafe names, unsupported model or checkpoint, an
+      optional extra (``serve``, ``compare``) that is not installed; ``serve``: a port already in use
 3     not found: repository, revision or file, on every endpoint
 4     access denied: gated or private repository (try ``--token``)
 5     network: no endpoint reachable or giving Hub answers, retries ran out, a Retry-After over the
       limit; or offline without every file asked for
-6     integrity: a file's size or checksum never matched
+6     integrity: a file's size or checksum never matched; ``verify`` found a file that does not match
 7     storage: no disk space, the target is not writable, or something on disk is in the way
 8     the server sent a listing with unsafe names (outside the target, ``.git``, ``.cache``)
 130   interrupted (Ctrl-C); partial data is kept and a re-run resumes
@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -44,6 +46,7 @@ from .errors import (
     DownloadInterrupted,
     HfMirrorError,
     IntegrityError,
+    MissingExtraError,
     NetworkError,
     RemoteError,
     StorageError,
@@ -72,6 +75,7 @@ _EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (UnsupportedModelError, EXIT_BAD_INPUT),
     (WeightLoadError, EXIT_BAD_INPUT),
     (CompareError, EXIT_BAD_INPUT),
+    (MissingExtraError, EXIT_BAD_INPUT),
     (NetworkError, EXIT_NETWORK),
     (IntegrityError, EXIT_INTEGRITY),
     (StorageError, EXIT_STORAGE),
@@ -117,7 +121,11 @@ def notices_on_stderr(enabled: bool, *, prefix: str = "hfmirror") -> Iterator[No
 
 
 def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn hfmirror errors into one line on stderr and an exit code; tracebacks only with --debug."""
+    """Turn hfmirror errors into one line on stderr and an exit code; tracebacks only with --debug.
+
+    --debug adds the traceback and changes nothing else: scripts that look at the exit code get the
+    documented one either way.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -127,26 +135,51 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:
-            if debug:
-                raise
-            click.echo("hfmirror: interrupted.", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+            _fail("hfmirror: interrupted.", EXIT_INTERRUPTED, debug)
         except HfMirrorError as error:
-            if debug:
-                raise
-            click.echo(f"hfmirror: error: {error}", err=True)
-            sys.exit(exit_code_for(error))
+            _fail(f"hfmirror: error: {error}", exit_code_for(error), debug)
         except Exception as error:  # a bug: still one line unless asked for more
-            if debug:
-                raise
-            click.echo(
-                f"hfmirror: unexpected error: {type(error).__name__}: {error} "
-                "(re-run with --debug for details)",
-                err=True,
-            )
-            sys.exit(EXIT_MISMATCH)
+            hint = "" if debug else " (re-run with --debug for details)"
+            _fail(f"hfmirror: unexpected error: {type(error).__name__}: {error}{hint}", EXIT_MISMATCH, debug)
 
     return wrapper
+
+
+def _fail(message: str, code: int, debug: bool) -> None:
+    """Print the traceback of the error being handled (with --debug), then the message; exit."""
+    if debug:
+        traceback.print_exc(file=sys.stderr)
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+# The optional extras (pyproject.toml) and the modules a command of each cannot run without.
+_EXTRAS: dict[str, tuple[str, ...]] = {
+    "serve": ("starlette", "uvicorn"),
+    "compare": ("torch", "transformers", "safetensors"),
+}
+
+
+def _needs_extras(*extras: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Before the command runs (and touches the network), check its extras are installed; if not,
+    say which ``pip install`` fixes it. ``find_spec`` only looks: nothing heavy is imported."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for extra in extras:
+                missing = [name for name in _EXTRAS[extra] if importlib.util.find_spec(name) is None]
+                if missing:
+                    raise MissingExtraError(
+                        f"this command needs {', '.join(missing)} (the '{extra}' extra), which is not "
+                        f"installed: pip install 'hfmirror[{extra}]' (from a source checkout: "
+                        f"pip install -e '.[{extra}]')"
+                    )
+            return command(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -160,6 +193,7 @@ def cli(debug: bool) -> None:
     Examples:
       hfmirror download Qwen/Qwen-7B
       hfmirror download bert-base-uncased config.json --local-dir ./bert
+      hfmirror verify Qwen/Qwen-7B
       hfmirror serve ./models --port 8000
       hfmirror compare bert-base-uncased
       hfmirror demo
@@ -168,18 +202,27 @@ def cli(debug: bool) -> None:
 
 # --------------------------------------------------------------------------------------- download
 
-
-@cli.command()
-@click.argument("repo_id")
-@click.argument("filenames", nargs=-1)
-@click.option("--revision", default="main", show_default=True, help="Branch, tag or commit sha.")
-@click.option(
+# Options several commands share.
+_repo_type_option = click.option(
     "--repo-type",
     type=click.Choice(["model", "dataset"]),
     default="model",
     show_default=True,
     help="What kind of repository REPO_ID names.",
 )
+_cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    help="Hugging Face cache folder "
+    "[default: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub].",
+)
+
+
+@cli.command()
+@click.argument("repo_id")
+@click.argument("filenames", nargs=-1)
+@click.option("--revision", default="main", show_default=True, help="Branch, tag or commit sha.")
+@_repo_type_option
 @click.option("--include", multiple=True, metavar="GLOB", help="Only files matching GLOB (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching GLOB (repeatable).")
 @click.option(
@@ -187,12 +230,7 @@ def cli(debug: bool) -> None:
     type=click.Path(file_okay=False),
     help="Write plain files into DIR instead of the Hugging Face cache.",
 )
-@click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False),
-    help="Hugging Face cache folder "
-    "[default: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub].",
-)
+@_cache_dir_option
 @click.option(
     "--endpoint",
     "endpoints",
@@ -290,6 +328,89 @@ def download(
         click.echo(str(result.path))
 
 
+# ----------------------------------------------------------------------------------------- verify
+
+
+@cli.command()
+@click.argument("repo_id", required=False)
+@click.option(
+    "--local-dir",
+    type=click.Path(file_okay=False),
+    help="Verify the files downloaded into DIR (with --local-dir) instead of the cache.",
+)
+@_repo_type_option
+@click.option("--revision", help="Branch, tag or commit in the cache [default: main].")
+@_cache_dir_option
+@click.option("--repair", is_flag=True, help="Fetch again what is wrong or missing (needs the network).")
+@click.option(
+    "--endpoint",
+    "endpoints",
+    multiple=True,
+    metavar="URL",
+    help="With --repair: mirror to use; repeat for failover order [default: as for download].",
+)
+@click.option("--token", help="With --repair: access token [default: HF_TOKEN, else the stored token].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only problems and errors.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict on every file as JSON.")
+@_handle_errors
+def verify(
+    repo_id: str | None,
+    local_dir: str | None,
+    repo_type: str,
+    revision: str | None,
+    cache_dir: str | None,
+    repair: bool,
+    endpoints: tuple[str, ...],
+    token: str | None,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Hash the downloaded files of REPO_ID again (or of --local-dir DIR) and compare each with the
+    checksum recorded when it was downloaded. Offline; exit 6 naming the files that do not match.
+
+    In the cache a blob's name is its checksum and the snapshot's links say which files belong to the
+    revision; in a local dir, .cache/huggingface/download/<file>.metadata records it. With --repair,
+    what is wrong is removed and fetched again from the same commit, then verified once more.
+
+    \b
+    Examples:
+      hfmirror verify Qwen/Qwen-7B
+      hfmirror verify bert-base-uncased --revision v1.0 --json
+      hfmirror verify --local-dir ./bert
+      hfmirror verify bert-base-uncased --local-dir ./bert --repair
+    """
+    from .verify import repair as run_repair
+    from .verify import verify as run_verify
+
+    progress = not (quiet or as_json)
+    report = run_verify(
+        repo_id,
+        local_dir=local_dir,
+        repo_type=repo_type,
+        revision=revision,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    if repair and report.wrong:
+        if not as_json:
+            for line in report.problem_lines():
+                click.echo(line, err=True)
+            click.echo(f"repairing {len(report.wrong)} files...", err=True)
+        report = run_repair(report, endpoints=list(endpoints) or None, token=token, progress=progress)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for line in report.problem_lines(unchecked=not quiet):
+            click.echo(line)
+        if not quiet:
+            click.echo(report.summary())
+    if report.wrong:
+        names = ", ".join(f.path for f in report.wrong[:10])
+        more = f" and {len(report.wrong) - 10} more" if len(report.wrong) > 10 else ""
+        hint = "" if repair else " (--repair fetches them again)"
+        raise IntegrityError(f"{len(report.wrong)} files do not match their download: {names}{more}{hint}")
+
+
 # ------------------------------------------------------------------------------------------ serve
 
 
@@ -312,6 +433,7 @@ def download(
     help="Most connections at once (lowered to fit the open-file limit); the longest-stalled go first.",
 )
 @_handle_errors
+@_needs_extras("serve")
 def serve(root: str, host: str, port: int, state_dir: str | None, max_connections: int) -> None:
     """Serve the models under ROOT with the Hugging Face Hub's HTTP API.
 
@@ -364,7 +486,7 @@ def _register_compare() -> None:
     from .compare_command import compare
 
     command = copy.copy(compare)
-    command.callback = _handle_errors(compare.callback)
+    command.callback = _handle_errors(_needs_extras("compare")(compare.callback))
     cli.add_command(command)
 
 
@@ -378,6 +500,7 @@ _register_compare()
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep the demo's files here.")
 @click.option("--keep", is_flag=True, help="Keep the temporary folder afterwards.")
 @_handle_errors
+@_needs_extras("serve", "compare")
 def demo(workdir: str | None, keep: bool) -> None:
     """Run the whole story offline: make a small BERT, serve it, download it (killing the first
     download half-way and resuming it), and compare our from-scratch BERT with transformers.

@@ -18,6 +18,23 @@ __all__ = ["compare"]
 
 EXIT_MISMATCH = 1  # as documented in hfmirror.cli
 
+# compare.architectures.supported_model_types(), written out so that --help needs no torch (a test
+# keeps the two equal).
+SUPPORTED_MODEL_TYPES = (
+    "bert",
+    "gpt2",
+    "llama",
+    "mistral",
+    "qwen",
+    "qwen2",
+    "qwen3",
+    "roberta",
+    "xlm-roberta",
+)
+
+# What --tokenizer REPO downloads: the tokenizer's files, not the weights.
+TOKENIZER_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken")
+
 
 @click.command()
 @click.argument("model")
@@ -29,6 +46,12 @@ EXIT_MISMATCH = 1  # as documented in hfmirror.cli
     help="A sentence to run through both models (repeatable; tokenised as one padded batch, so "
     "texts of different lengths exercise the padding mask). "
     "Without --text, random token ids with random padding are used.",
+)
+@click.option(
+    "--tokenizer",
+    metavar="DIR_OR_REPO",
+    help="Tokenise --text with this tokenizer (a folder, or a repo id whose tokenizer files are "
+    "downloaded) instead of the checkpoint's. Custom tokenizer code is never run.",
 )
 @click.option(
     "--seq-len",
@@ -65,6 +88,20 @@ EXIT_MISMATCH = 1  # as documented in hfmirror.cli
     help="Relative tolerance [default: 1e-5 for float32, 1e-10 for float64].",
 )
 @click.option(
+    "--layers",
+    metavar="A-B",
+    help="Compare layers A to B only (counted from 0, inclusive); the reference's output of the layer "
+    "before A feeds layer A. Embeddings and final stages are compared when the range includes the "
+    "first or the last layer.",
+)
+@click.option(
+    "--stream",
+    is_flag=True,
+    help="Compare one layer at a time. Every comparison does (one code path for every size, with one "
+    "layer's weights in memory at a time, so models larger than memory can be checked); the flag is "
+    "accepted for scripts that want to say so.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print the report as one JSON object instead of a table."
 )
 @click.option(
@@ -87,12 +124,15 @@ EXIT_MISMATCH = 1  # as documented in hfmirror.cli
 def compare(
     model: str,
     texts: tuple[str, ...],
+    tokenizer: str | None,
     seq_len: int,
     batch: int,
     seed: int,
     dtype: str,
     atol: float | None,
     rtol: float | None,
+    layers: str | None,
+    stream: bool,
     as_json: bool,
     revision: str,
     endpoints: tuple[str, ...],
@@ -101,37 +141,57 @@ def compare(
 ) -> None:
     """Compare our from-scratch implementation of MODEL with transformers, stage by stage.
 
-    MODEL is a local folder (config.json + weights) or a repo id, which is downloaded first.
-    Every stage (embeddings; per layer: attention, attention_add_norm, feed_forward, output;
-    last_hidden_state; pooler) is compared; the first one outside tolerance is named.
-    Exit status: 0 all stages match, 1 a stage differs.
+    MODEL is a local folder (config.json + weights) or a repo id: then config.json is fetched first
+    (an unsupported model type is refused before any weight), then one weight format and the
+    tokenizer, not the TensorFlow/Flax/ONNX/... copies.
+    Supported model types: bert, gpt2, llama, mistral, qwen (Qwen v1, e.g. Qwen/Qwen-7B), qwen2,
+    qwen3, roberta, xlm-roberta.
+
+    Every stage is compared, one layer at a time, twice: carried (our model on its own numbers, what a
+    user sees) and isolated (each component fed the reference's input: its own error). The first stage
+    whose isolated error is outside tolerance is named. Encoders: embeddings; per layer attention,
+    attention_add_norm, feed_forward, output; last_hidden_state; pooler. Decoders: embeddings; per
+    layer attention, attention_residual, mlp, output; final_norm; logits, plus next-token agreement
+    and KL divergence. Exit status: 0 all stages match, 1 a stage differs.
 
     \b
     Examples:
       hfmirror compare bert-base-uncased
-      hfmirror compare ./bert --text "the cat sat on the mat" --text "hello"
-      hfmirror compare ./bert --dtype float64 --json
+      hfmirror compare Qwen/Qwen-7B
+      hfmirror compare ./gpt2 --text "the cat sat on the mat" --text "hello"
+      hfmirror compare ./llama --dtype float64 --json
+      hfmirror compare ./llama --layers 20-23
     """
     from compare.runner import compare_model_dir
 
-    if Path(model).is_dir():
-        model_dir = Path(model)
-    else:
+    del stream  # nothing to switch on: every comparison runs one layer at a time
+
+    fetched = {"endpoints": list(endpoints) or None, "token": token, "cache_dir": cache_dir}
+
+    def fetch_model(repo_id: str) -> Path:
+        """A local folder as it is; a repo id: config.json first, then one weight format and the
+        tokenizer (see compare.fetch)."""
+        if Path(repo_id).is_dir():
+            return Path(repo_id)
+        from compare.fetch import fetch_checkpoint
+
+        return fetch_checkpoint(repo_id, revision=revision, progress=not as_json, **fetched)
+
+    def fetch_tokenizer(repo_id: str) -> Path:
+        """A local folder as it is; a repo id: only its tokenizer files, not its weights."""
+        if Path(repo_id).is_dir():
+            return Path(repo_id)
         from hfmirror.download import download
 
-        result = download(
-            model,
-            revision=revision,
-            endpoints=list(endpoints) or None,
-            token=token,
-            cache_dir=cache_dir,
-            progress=not as_json,
-        )
-        model_dir = Path(result.path)
+        return Path(download(repo_id, include=list(TOKENIZER_FILES), progress=not as_json, **fetched).path)
+
+    model_dir = fetch_model(model)
+    tokenizer_dir = fetch_tokenizer(tokenizer) if tokenizer and texts else None
 
     report = compare_model_dir(
         model_dir,
         texts=list(texts) or None,
+        tokenizer=tokenizer_dir,
         seq_len=seq_len,
         batch=batch,
         seed=seed,
@@ -139,6 +199,8 @@ def compare(
         atol=atol,
         rtol=rtol,
         model_name=model,
+        layers=layers,
+        on_note=lambda note: click.echo(f"hfmirror: note: {note}", err=True),
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

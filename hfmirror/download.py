@@ -244,6 +244,7 @@ def download(
             cache_dir=cache_base,
             local_dir=target,
             reason=reason,
+            dry_run=dry_run,
         )
         return DownloadResult(
             repo_id=repo_id,
@@ -252,7 +253,8 @@ def download(
             commit=answer.commit,
             path=answer.path,
             endpoint=OFFLINE_ENDPOINT,
-            files=[FileOutcome(path, size, "present") for path, size in answer.files],
+            files=[FileOutcome(path, size, "present") for path, size in answer.files]
+            + [FileOutcome(path, size, "would-download") for path, size in answer.missing],
             bytes_downloaded=0,
             seconds=time.monotonic() - started,
             dry_run=dry_run,

@@ -19,9 +19,11 @@ precisely (``except RepoNotFoundError``)::
     │   ├── InsufficientSpaceError
     │   └── NotWritableError
     ├── DownloadInterrupted                   Ctrl-C; partial data is kept
+    ├── MissingExtraError                     an optional extra (serve, compare) is not installed
     └── CompareError                          the comparison could not be run
         ├── UnsupportedModelError
-        └── WeightLoadError                   missing, unexpected or wrongly shaped tensor
+        ├── WeightLoadError                   missing, unexpected or wrongly shaped tensor
+        └── RemoteCodeError                   loading it would run the repository's own code
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ __all__ = [
     "HfMirrorError",
     "InsufficientSpaceError",
     "IntegrityError",
+    "MissingExtraError",
     "NetworkError",
     "NotWritableError",
+    "RemoteCodeError",
     "RemoteError",
     "RepoNotFoundError",
     "RevisionNotFoundError",
@@ -108,6 +112,11 @@ class DownloadInterrupted(HfMirrorError):
     """The user pressed Ctrl-C. Partial data is kept; running the same command again resumes."""
 
 
+class MissingExtraError(HfMirrorError):
+    """A command needs packages of an optional extra that are not installed. The message says which
+    ``pip install`` fixes it."""
+
+
 class CompareError(HfMirrorError):
     """The comparison could not be run (as opposed to: it ran and found differences)."""
 
@@ -118,3 +127,7 @@ class UnsupportedModelError(CompareError):
 
 class WeightLoadError(CompareError):
     """A checkpoint tensor is missing, unexpected, or has the wrong shape. The message names it."""
+
+
+class RemoteCodeError(CompareError):
+    """Loading something (a tokenizer) would run code from the repository, which hfmirror never does."""

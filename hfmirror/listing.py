@@ -125,7 +125,8 @@ def filter_files(
     matches a whole folder.
 
     Raises:
-        EntryNotFoundError: if a name in ``filenames`` is not in the repository.
+        EntryNotFoundError: if a name in ``filenames`` is not in the repository, or the globs leave
+            nothing (a typo in a pattern should not look like a successful download of no files).
     """
     files = list(files)
     if filenames:
@@ -138,11 +139,16 @@ def filter_files(
     def matches(path: str, patterns: list[str]) -> bool:
         return any(fnmatch.fnmatch(path, p + "*" if p.endswith("/") else p) for p in patterns)
 
+    selected = files
     if include:
-        files = [f for f in files if matches(f.path, include)]
+        selected = [f for f in selected if matches(f.path, include)]
     if exclude:
-        files = [f for f in files if not matches(f.path, exclude)]
-    return files
+        selected = [f for f in selected if not matches(f.path, exclude)]
+    if files and not selected and (include or exclude):
+        patterns = [f"--include {p!r}" for p in include or []] + [f"--exclude {p!r}" for p in exclude or []]
+        where = "named" if filenames else "in the repository"
+        raise EntryNotFoundError(f"none of the {len(files)} files {where} matches {' '.join(patterns)}")
+    return selected
 
 
 def _parse_files(siblings: object) -> tuple[RemoteFile, ...]:

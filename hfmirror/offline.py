@@ -28,11 +28,15 @@ __all__ = ["OfflineAnswer", "offline_answer"]
 
 @dataclass(frozen=True)
 class OfflineAnswer:
-    """Where the files asked for are, the commit they belong to, and each one's path and size."""
+    """Where the files asked for are, the commit they belong to, and each one's path and size.
+
+    ``missing`` is only ever non-empty for a dry run: what was asked for and is not here.
+    """
 
     path: Path
     commit: str
     files: list[tuple[str, int]]
+    missing: list[tuple[str, int]]
 
 
 def offline_answer(
@@ -46,11 +50,13 @@ def offline_answer(
     cache_dir: Path,
     local_dir: Path | None,
     reason: str,
+    dry_run: bool = False,
 ) -> OfflineAnswer:
     """The files asked for, from the cache (``local_dir`` None) or from ``local_dir``.
 
     ``reason`` says why the network is not used ("offline mode (HF_HUB_OFFLINE is set)", or what the
-    endpoints said); it begins every error message.
+    endpoints said); it begins every error message. A ``dry_run`` only looks: what is missing is
+    returned in ``missing`` instead of raised (a plan may well show files that are not here yet).
 
     Raises:
         NetworkError: naming what is not here; EntryNotFoundError: a named file the commit lacks.
@@ -82,12 +88,16 @@ def offline_answer(
     if named and not known:
         chosen = []  # filter_files reads an empty list of names as "every file"
     missing = unknown + [f.path for f in chosen if present.get(f.path) != f.size]
+    if missing and dry_run and listed is not None:
+        here = [(f.path, f.size) for f in chosen if f.path not in missing]
+        absent = [(f.path, f.size) for f in chosen if f.path in missing]
+        return OfflineAnswer(path=root, commit=commit, files=here, missing=absent)
     if missing:
         sample = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise NetworkError(f"{reason}, and the copy of {where} here lacks what was asked for: {sample}")
     if not chosen and listed is None:
         raise NetworkError(f"{reason}, and the copy of {where} here holds no file matching what was asked")
-    return OfflineAnswer(path=root, commit=commit, files=[(f.path, f.size) for f in chosen])
+    return OfflineAnswer(path=root, commit=commit, files=[(f.path, f.size) for f in chosen], missing=[])
 
 
 def _cached_commit(repo_dir: Path, revision: str) -> str:

@@ -7,6 +7,8 @@
 * ``fault_server``: the same, wrapped in :class:`~hfmirror.server.faults.FaultInjector`: also ``.plan``.
 * ``faults``: the fault server's plan, reset before and after the test.
 * ``serve``: start the app on any folder for one test: ``url = serve(root, page_size=2)``.
+* ``isolated_home`` (autouse): the temporary home every default points at (see tests/isolation.py),
+  so that no test reads or writes the user's real ``~/.cache``.
 """
 
 from __future__ import annotations
@@ -20,10 +22,32 @@ import pytest
 
 from hfmirror.server.app import ServerThread, create_app
 from hfmirror.server.faults import FaultInjector, FaultPlan
+from tests import isolation
 from tests.support import make_repo, save_tiny_bert
 
 # Larger than 1 MiB and not a multiple of any chunk size, so range and drop offsets are interesting.
 BIG_FILE_SIZE = 3 * 1024 * 1024 + 4321
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any test module is imported (huggingface_hub reads its cache paths at import time)."""
+    isolation.isolate()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    isolation.restore()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_home() -> Path:
+    """The session's temporary home. Fails at once if huggingface_hub was imported before the
+    environment was redirected (an import added to this file, say), since it would then use the
+    user's real cache."""
+    home = isolation.test_home()
+    from huggingface_hub import constants as hub_constants
+
+    assert Path(hub_constants.HF_HUB_CACHE).is_relative_to(home), hub_constants.HF_HUB_CACHE
+    return home
 
 
 @dataclass

@@ -7,7 +7,6 @@ import inspect
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import click
@@ -79,6 +78,9 @@ def test_help(runner: CliRunner, compare_cmd: click.Command) -> None:
         "--revision",
         "--token",
         "--cache-dir",
+        "--tokenizer",
+        "--layers",
+        "--stream",
     ):
         assert option in result.output
 
@@ -141,9 +143,9 @@ def test_tolerance_options_are_used(runner: CliRunner, compare_cmd: click.Comman
 
 
 def test_unsupported_model_raises(runner: CliRunner, compare_cmd: click.Command, tmp_path: Path) -> None:
-    path = save_random_bert(tmp_path / "gpt")
+    path = save_random_bert(tmp_path / "t5")
     config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps(config | {"model_type": "gpt2"}))
+    (path / "config.json").write_text(json.dumps(config | {"model_type": "t5"}))
     result = runner.invoke(compare_cmd, [str(path)])
     assert isinstance(result.exception, UnsupportedModelError), result.output
     assert "bert" in str(result.exception)
@@ -151,7 +153,7 @@ def test_unsupported_model_raises(runner: CliRunner, compare_cmd: click.Command,
     # Through hfmirror's error handler: one line on stderr and the documented exit code 2.
     result = CliRunner().invoke(hfmirror_cli(), ["compare", str(path)])
     assert result.exit_code == 2, result.output
-    assert "hfmirror: error: model_type 'gpt2' is not supported" in result.stderr
+    assert "hfmirror: error: model_type 't5' is not supported" in result.stderr
 
 
 def test_weight_error_through_the_handler(compare_cmd: click.Command, tmp_path: Path) -> None:
@@ -165,45 +167,18 @@ def test_weight_error_through_the_handler(compare_cmd: click.Command, tmp_path: 
     assert result.exit_code == 2 and name in result.stderr
 
 
-def test_repo_id_is_downloaded_first(
-    runner: CliRunner, compare_cmd: click.Command, bert: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A MODEL that is not a folder goes through hfmirror.download.download (stubbed: no network here)."""
-    calls = []
-
-    def fake_download(repo_id, **kwargs):
-        calls.append((repo_id, kwargs))
-        return types.SimpleNamespace(path=bert)
-
-    monkeypatch.setitem(sys.modules, "hfmirror.download", types.SimpleNamespace(download=fake_download))
-    result = runner.invoke(
-        compare,
-        [
-            "org/tiny-bert",
-            "--endpoint",
-            "http://a",
-            "--endpoint",
-            "http://b",
-            "--revision",
-            "v1",
-            "--token",
-            "t0k",
-            "--cache-dir",
-            "/tmp/c",
-            "--json",
-        ],
-    )
+def test_layers_and_stream_options(runner: CliRunner, bert: Path) -> None:
+    result = runner.invoke(hfmirror_cli(), ["compare", str(bert), "--stream", "--layers", "1-1", "--json"])
     assert result.exit_code == 0, result.output
-    assert calls == [
-        (
-            "org/tiny-bert",
-            {
-                "revision": "v1",
-                "endpoints": ["http://a", "http://b"],
-                "token": "t0k",
-                "cache_dir": "/tmp/c",
-                "progress": False,
-            },
-        )
+    data = json.loads(result.output)
+    assert data["layers"] == "1-1" and [s["name"] for s in data["stages"]] == [
+        "layer.1.attention",
+        "layer.1.attention_add_norm",
+        "layer.1.feed_forward",
+        "layer.1.output",
+        "last_hidden_state",
+        "pooler",
     ]
-    assert json.loads(result.output)["model"] == "org/tiny-bert"
+    assert all("isolated" in stage for stage in data["stages"])
+    result = CliRunner().invoke(hfmirror_cli(), ["compare", str(bert), "--layers", "0-5"])
+    assert result.exit_code == 2 and "--layers 0-5: the model has layers 0-1" in result.stderr

@@ -30,7 +30,7 @@ from compare.layers import ACTIVATIONS, add_and_norm
 from compare.metrics import compare_tensors
 from compare.runner import DEFAULT_TOLERANCES, compare_model_dir, random_inputs
 from hfmirror.errors import CompareError, UnsupportedModelError
-from tests.test_compare_support import save_random_bert
+from tests.test_compare_support import assert_fails_at, save_random_bert
 
 TEXTS = ["hello world", "the cat sat on the mat", "a dog ran"]
 
@@ -123,6 +123,7 @@ def test_model_modules_import_torch_only() -> None:
         "import sys\n"
         "import compare, compare.layers, compare.config, compare.bert, compare.weights, compare.architectures\n"
         "import compare.metrics, compare.report, compare.runner\n"
+        "import compare.model, compare.gpt2, compare.llama, compare.qwen, compare.roberta, compare.reference_layout\n"
         "bad = sorted(m for m in sys.modules if m == 'transformers' or m.startswith('transformers.'))\n"
         "assert not bad, bad\n"
         "assert 'torch' in sys.modules\n"
@@ -189,23 +190,16 @@ def test_random_inputs_are_reproducible_and_padded() -> None:
 # Break one piece of *our* model and check the comparison fails exactly where the bug first shows.
 
 
-def _assert_fails_at(report, stage: str) -> None:
-    assert not report.passed, report.render_table()
-    assert report.first_failing_stage == stage, report.render_table()
-    names = [s.name for s in report.stages]
-    assert all(s.passed for s in report.stages[: names.index(stage)]), "stages before the bug must pass"
-    assert f"first failing stage: {stage}" in report.render_table().splitlines()[-1]
-
-
 def test_dropped_attention_scale_fails_at_attention(bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def unscaled(query, key, value, mask=None):
+    def unscaled(query, key, value, mask=None, **options):
         scores = torch.matmul(query, key.transpose(-2, -1))  # the 1/sqrt(d) is missing
         if mask is not None:
             scores = scores + mask
-        return torch.matmul(torch.softmax(scores, dim=-1), value)
+        weights = torch.softmax(scores, dim=-1)
+        return torch.matmul(weights, value), weights
 
     monkeypatch.setattr(compare.layers, "scaled_dot_product_attention", unscaled)
-    _assert_fails_at(compare_model_dir(bert), "layer.0.attention")
+    assert_fails_at(compare_model_dir(bert), "layer.0.attention")
 
 
 def test_ignored_padding_mask_fails_at_attention(bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -216,7 +210,7 @@ def test_ignored_padding_mask_fails_at_attention(bert: Path, monkeypatch: pytest
             attention_mask.shape[0], 1, 1, attention_mask.shape[1], dtype=dtype
         ),
     )
-    _assert_fails_at(compare_model_dir(bert, texts=TEXTS), "layer.0.attention")
+    assert_fails_at(compare_model_dir(bert, texts=TEXTS), "layer.0.attention")
 
 
 @pytest.mark.parametrize("wrong", ["relu", "gelu_new"])
@@ -227,7 +221,7 @@ def test_swapped_activation_fails_at_feed_forward(
     # gelu_new (the tanh approximation) differs from exact GELU by ~1e-4: a subtle bug must still fail,
     # in float32 and (not being rounding noise) in float64 too.
     monkeypatch.setitem(ACTIVATIONS, "gelu", ACTIVATIONS[wrong])
-    _assert_fails_at(compare_model_dir(bert, dtype=dtype), "layer.0.feed_forward")
+    assert_fails_at(compare_model_dir(bert, dtype=dtype), "layer.0.feed_forward")
 
 
 @pytest.mark.parametrize(
@@ -241,14 +235,14 @@ def test_swapped_activation_fails_at_feed_forward(
 def test_transposed_weight_fails_where_it_is_used(
     bert: Path, monkeypatch: pytest.MonkeyPatch, tensor: str, stage: str
 ) -> None:
-    original = compare.weights.iter_checkpoint_tensors
+    original = compare.weights.CheckpointReader.read
 
-    def transposing(files):
-        for name, value in original(files):
-            yield name, (value.t().contiguous() if name == tensor else value)  # square: shapes still fit
+    def transposing(self, name):
+        value = original(self, name)
+        return value.t().contiguous() if name == tensor else value  # square: shapes still fit
 
-    monkeypatch.setattr(compare.weights, "iter_checkpoint_tensors", transposing)
-    _assert_fails_at(compare_model_dir(bert), stage)
+    monkeypatch.setattr(compare.weights.CheckpointReader, "read", transposing)
+    assert_fails_at(compare_model_dir(bert), stage)
 
 
 def test_wrong_layer_norm_eps_fails_at_embeddings(bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,27 +254,22 @@ def test_wrong_layer_norm_eps_fails_at_embeddings(bert: Path, monkeypatch: pytes
     monkeypatch.setitem(
         REGISTRY, "bert", dataclasses.replace(architecture, parse_config=parse_with_wrong_eps)
     )
-    _assert_fails_at(compare_model_dir(bert), "embeddings")
+    assert_fails_at(compare_model_dir(bert), "embeddings")
 
 
 def test_pre_layer_norm_fails_at_first_attention(bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     class PreLNLayer(BertEncoderLayer):
         """x + sublayer(LayerNorm(x)) instead of BERT's LayerNorm(x + sublayer(x))."""
 
-        def forward(self, x, mask, record):
-            attention_out = self.attention(self.attention_norm(x), mask)
-            record("attention", attention_out)
-            x = x + attention_out
-            record("attention_add_norm", x)
-            feed_forward_out = self.feed_forward(self.feed_forward_norm(x))
-            record("feed_forward", feed_forward_out)
-            x = x + feed_forward_out
-            record("output", x)
-            return x
+        def forward(self, x, context, record):
+            attention_out = record("attention", self.attention(self.attention_norm(x), context.mask))
+            x = record("attention_add_norm", x + attention_out)
+            feed_forward_out = record("feed_forward", self.feed_forward(self.feed_forward_norm(x)))
+            return record("output", x + feed_forward_out)
 
     monkeypatch.setattr(compare.bert, "BertEncoderLayer", PreLNLayer)
     # The attention now reads LayerNorm(x) instead of x: the first stage that sees it is the attention.
-    _assert_fails_at(compare_model_dir(bert), "layer.0.attention")
+    assert_fails_at(compare_model_dir(bert), "layer.0.attention")
 
 
 def test_add_and_norm_is_post_ln() -> None:
@@ -321,8 +310,8 @@ def _write_config(path: Path, **changes) -> Path:
 
 
 def test_unsupported_model_type_lists_supported(tmp_path: Path) -> None:
-    path = _write_config(save_random_bert(tmp_path / "m"), model_type="gpt2")
-    with pytest.raises(UnsupportedModelError, match="'gpt2'.*supported: bert"):
+    path = _write_config(save_random_bert(tmp_path / "m"), model_type="t5")
+    with pytest.raises(UnsupportedModelError, match="'t5'.*supported: bert, gpt2, llama"):
         compare_model_dir(path)
 
 

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hfmirror import demo
 
 
+@pytest.mark.slow
 def test_demo_runs_offline_and_resumes_and_compares(tmp_path: Path) -> None:
     # Started as the `hfmirror` console script is (its own folder first on sys.path, not the current
     # one), from a folder holding a folder named `hfmirror` that Python would import instead of ours

@@ -67,6 +67,7 @@ def free_port() -> int:
 # ------------------------------------------------------------------------------------ layouts
 
 
+@pytest.mark.slow
 def test_cache_layout_is_the_hubs_and_transformers_loads_it_offline(hub_server, tmp_path: Path) -> None:
     cache = tmp_path / "hub"
     result = download("tiny/bert", endpoints=[hub_server.url], cache_dir=cache, progress=False)
@@ -206,6 +207,7 @@ def test_a_damaged_local_file_is_fetched_again(hub_server, tmp_path: Path, monke
 # ----------------------------------------------------------------------------------- failover
 
 
+@pytest.mark.slow
 def test_fails_over_from_a_dead_endpoint(hub_server, tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     result = download("tiny/nested", endpoints=[dead, hub_server.url], cache_dir=tmp_path, progress=False)
@@ -261,6 +263,13 @@ def test_target_that_cannot_be_written(hub_server, tmp_path: Path) -> None:
         (["tiny/nested", "missing.txt"], 3, "missing.txt"),
         (["tiny/nested", "--revision", "../../etc"], 2, "malformed revision"),
         (["tiny/nested", "--endpoint", "ftp://x"], 2, "not an http(s) endpoint"),
+        # A selection that matches nothing is a mistake to point out, not an empty success.
+        (
+            ["tiny/nested", "--include", "*.gguf"],
+            3,
+            "none of the 5 files in the repository matches --include '*.gguf'",
+        ),
+        (["tiny/nested", "--include", "*.txt", "--exclude", "a/"], 3, "--include '*.txt' --exclude 'a/'"),
     ],
 )
 def test_cli_bad_input_gives_one_line_and_an_exit_code(hub_server, tmp_path, args, code, message) -> None:
@@ -441,6 +450,7 @@ def test_model_download_py_with_a_qwen_stand_in(hub_server, tmp_path: Path) -> N
     assert bad.returncode == 3 and "Traceback" not in bad.stderr and "not found" in bad.stderr
 
 
+@pytest.mark.slow
 def test_offline_falls_back_to_the_cached_snapshot(hub_server, tmp_path: Path) -> None:
     first = download("tiny/nested", endpoints=[hub_server.url], cache_dir=tmp_path, progress=False)
     dead = f"http://127.0.0.1:{free_port()}"
@@ -452,6 +462,19 @@ def test_offline_falls_back_to_the_cached_snapshot(hub_server, tmp_path: Path) -
     # A revision the cache has never seen is still an error, offline.
     with pytest.raises(NetworkError):
         download("tiny/nested", revision="other", endpoints=[dead], cache_dir=tmp_path, progress=False)
+
+
+def test_offline_a_named_file_the_cache_lacks_is_an_error(hub_server, tmp_path: Path, monkeypatch) -> None:
+    """The cached snapshot answers offline only if it holds what was asked for (hf_hub_download too
+    raises when the file is not cached): success without the file would be a lie."""
+    download(
+        "tiny/nested", include=["*.json"], endpoints=[hub_server.url], cache_dir=tmp_path, progress=False
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    present = download("tiny/nested", filenames=["config.json"], cache_dir=tmp_path, progress=False)
+    assert [f.path for f in present.files if f.path == "config.json"] == ["config.json"]
+    with pytest.raises(NetworkError):
+        download("tiny/nested", filenames=["config.json", "a/top.txt"], cache_dir=tmp_path, progress=False)
 
 
 def test_dry_run_writes_nothing(hub_server, tmp_path: Path) -> None:

@@ -67,6 +67,7 @@ def wait_until_saved(process: subprocess.Popen, state: Path, at_least: int, blob
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_kill_9_twice_then_resume_fetches_each_byte_about_once(
     fault_server, faults, slow_repo, tmp_path
 ) -> None:
@@ -99,6 +100,7 @@ def test_kill_9_twice_then_resume_fetches_each_byte_about_once(
     assert all(r.headers.get("if-range") == f'"{oid}"' for r in resumed)
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_partial_data_and_says_how_to_resume(fault_server, faults, slow_repo, tmp_path) -> None:
     repo_id, folder, oid = slow_repo
     good = (folder / WEIGHTS).read_bytes()
@@ -147,6 +149,7 @@ def test_a_changed_remote_file_restarts_that_file(fault_server, faults, slow_rep
     assert faults.bytes_sent(f"*/{WEIGHTS}") == SIZE
 
 
+@pytest.mark.slow
 def test_two_processes_on_the_same_repo_both_succeed_with_one_copy(fault_server, faults, slow_repo, tmp_path):
     repo_id, folder, oid = slow_repo
     first = start_download(fault_server.url, repo_id, tmp_path)

@@ -183,6 +183,7 @@ def test_a_mirror_cannot_plant_a_git_repository(tmp_path: Path, planted: str) ->
 # ======================================================================== security: credentials
 
 
+@pytest.mark.slow
 def test_endpoint_credentials_are_never_shown(hub_server, tmp_path: Path) -> None:
     secret = "pa55w0rd-never-shown"
     with_password = hub_server.url.replace("http://", f"http://user:{secret}@")
@@ -392,6 +393,7 @@ def test_a_401_without_a_hub_error_code_means_the_same_to_the_listing_and_a_tran
 # ======================================================================== waits, said and bounded
 
 
+@pytest.mark.slow
 def test_a_hanging_endpoint_is_left_and_the_wait_is_said(hub_server, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(constants, "LISTING_TIMEOUT", 1.0)
     monkeypatch.setattr(constants, "SILENCE_NOTICE_SECONDS", 0.3)
@@ -406,6 +408,7 @@ def test_a_hanging_endpoint_is_left_and_the_wait_is_said(hub_server, tmp_path: P
     assert "waiting" not in quiet.stderr and "switching" not in quiet.stderr
 
 
+@pytest.mark.slow
 def test_a_long_wait_is_said_and_a_retry_after_beyond_the_limit_is_not_waited_out(
     hub_server, tmp_path: Path, monkeypatch
 ) -> None:
@@ -468,6 +471,7 @@ def test_a_long_wait_ends_at_once_on_ctrl_c(tmp_path: Path) -> None:
 # ======================================================================== offline: only what was asked
 
 
+@pytest.mark.slow
 def test_offline_answers_only_with_the_files_asked_for(hub_server, tmp_path: Path) -> None:
     download(
         NESTED, filenames=["config.json"], endpoints=[hub_server.url], cache_dir=tmp_path, progress=False
@@ -486,6 +490,26 @@ def test_offline_answers_only_with_the_files_asked_for(hub_server, tmp_path: Pat
     assert [f.path for f in result.files] == ["config.json"]
     with pytest.raises(EntryNotFoundError, match="nope.txt"):  # the recorded listing says it does not exist
         download(NESTED, filenames=["nope.txt"], endpoints=[dead], cache_dir=tmp_path, progress=False)
+
+
+def test_an_offline_dry_run_shows_what_is_here_and_what_is_missing(hub_server, tmp_path: Path) -> None:
+    """A dry run only looks, offline too: it lists the commit's files (from the recorded listing),
+    present or not, instead of failing; it is what `compare REPO_ID` plans its fetches with."""
+    first = download(NESTED, endpoints=[hub_server.url], cache_dir=tmp_path, progress=False)
+    download(
+        NESTED,
+        filenames=["config.json"],
+        endpoints=[hub_server.url],
+        cache_dir=tmp_path / "some",
+        progress=False,
+    )
+    dead = f"http://127.0.0.1:{free_port()}"
+    plan = download(NESTED, endpoints=[dead], cache_dir=tmp_path / "some", dry_run=True, progress=False)
+    statuses = {f.path: f.status for f in plan.files}
+    assert set(statuses) == {f.path for f in first.files}
+    assert statuses.pop("config.json") == "present" and set(statuses.values()) == {"would-download"}
+    with pytest.raises(NetworkError, match="lacks what was asked for"):  # not a dry run: still an error
+        download(NESTED, endpoints=[dead], cache_dir=tmp_path / "some", progress=False)
 
 
 def test_offline_is_honoured_with_a_local_dir_and_by_model_download(

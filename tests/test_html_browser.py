@@ -34,6 +34,9 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from compare.html_report import render_html
 from tests.html_report_data import synthetic_attention, synthetic_report
 
+# A real browser starts for this module (seconds before the first test): not in the fast loop.
+pytestmark = pytest.mark.slow
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 # What this machine's chromium needs to run headless as root in a container, and to stay off the

@@ -108,6 +108,7 @@ def final_content(path: Path) -> bytes | None:
         return None
 
 
+@pytest.mark.slow
 def test_kill_9_at_ten_random_points_then_finish(fault_server, faults, tmp_path: Path) -> None:
     repo_id = "reliability/kill-nine"
     folder = make_repo(fault_server.root, repo_id, {WEIGHTS: KILL_SIZE, "config.json": b'{"kills": 10}\n'})
@@ -291,7 +292,9 @@ def test_fault_matrix_ends_byte_identical(
         endpoints=[fault_server.url],
         cache_dir=tmp_path,
         connections=4,
-        stall_timeout=0.5,
+        # Short only where a stall is injected: elsewhere a busy machine's pause of half a second
+        # would drop a healthy connection and re-send bytes that the xet case counts exactly.
+        stall_timeout=0.5 if "stall" in kind else 10.0,
         progress=False,
     )
     elapsed = time.monotonic() - started
@@ -299,7 +302,8 @@ def test_fault_matrix_ends_byte_identical(
     assert (result.path / name).read_bytes() == good
     blobs = sorted(p.name for p in (repo_dir(tmp_path, MATRIX_REPO) / "blobs").iterdir())
     assert blobs == [hub_etag(name, good)], blobs  # no partial or state file left behind
-    assert elapsed < 10, f"{kind} on {name} took {elapsed:.1f}s"
+    # A hang guard, not a speed check: the faults ask for at most 4 s of waiting in all.
+    assert elapsed < 60, f"{kind} on {name} took {elapsed:.1f}s"
     if good:  # an empty file needs no request, so no fault can reach it
         assert all(fault.applied >= 1 for fault in applied), [(f.kind, f.seen, f.applied) for f in applied]
         if "corrupt" in kind:
@@ -484,6 +488,7 @@ def hostile_targets(draw, canary_paths: list[str]) -> str:
     return target or "/"
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzzed_paths_never_5xx_and_never_leak_the_canary(canary_server: dict[str, Any], data) -> None:
@@ -735,6 +740,7 @@ _example_counter = iter(range(10**9))
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
+@pytest.mark.slow
 @given(data=st.data())
 def test_hostile_listings_raise_only_our_errors_and_write_only_inside_the_target(
     hostile_hub: tuple[HostileHub, str], listing_sandbox: Path, data
@@ -778,6 +784,7 @@ CONCURRENT_SIZE = 6 * 1024 * 1024 + 4321
 CONCURRENT_RATE = 2_000_000  # the big file takes about 3 s, so the four processes overlap
 
 
+@pytest.mark.slow
 def test_four_processes_on_one_repo_and_cache_leave_one_intact_copy(
     fault_server, faults, tmp_path: Path
 ) -> None:
@@ -833,6 +840,7 @@ LOAD_FILES = [
 ]
 
 
+@pytest.mark.slow
 def test_server_under_load_serves_every_range_exactly(hub_server) -> None:
     contents = {(repo, name): (hub_server.root / repo / name).read_bytes() for repo, name in LOAD_FILES}
     commits = {repo: commit_of(hub_server.url, repo) for repo, _ in LOAD_FILES}
