@@ -120,6 +120,7 @@ def test_a_cancelled_wait_takes_no_slot_and_leaves_the_line() -> None:
 # ------------------------------------------------------------------------------------ end to end
 
 
+@pytest.mark.slow
 def test_many_small_files_use_an_announced_quota_without_tripping_it(fault_server, faults, tmp_path) -> None:
     files = {f"part_{i:03d}.bin": 2000 + i for i in range(40)}
     source = make_repo(fault_server.root, "pacing/many-small", files)
