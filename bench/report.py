@@ -20,6 +20,8 @@ ORDER = (
     "compare-stream",
     "startup",
     "serve_scale",
+    "quota",
+    "sharded",
     "mirror_warm",
     "mirror_cold",
 )
@@ -145,6 +147,46 @@ def _scenario_lines(name: str, s: dict[str, Any]) -> list[str]:
                     _f(v["min"], 3),
                     ", ".join(v["heavy_imports"]) or "none",
                     ", ".join(f"{m} {us / 1000:.0f}" for m, us in v["slowest_imports_us"]),
+                ]
+                for t, v in tools.items()
+            ],
+        )
+    elif name == "quota":
+        lines += _table(
+            ["tool", "median s", "x the quota's bound", "worst s", "429s provoked", "requests", "ok runs"],
+            [
+                [
+                    t,
+                    _f(v["seconds"]),
+                    _f(v["bound_ratio"], 2, "x"),
+                    _f(v["worst_seconds"]),
+                    _f(v["429"], 0),
+                    _f(v["requests"], 0),
+                    f"{v['ok_runs']}/{v['runs']}",
+                ]
+                for t, v in tools.items()
+            ],
+        )
+    elif name == "sharded":
+        lines += _table(
+            [
+                "tool",
+                "median s",
+                "x the link's bound",
+                "worst s",
+                "connections at once",
+                "sockets used",
+                "ok runs",
+            ],
+            [
+                [
+                    t,
+                    _f(v["seconds"]),
+                    _f(v["bound_ratio"], 2, "x"),
+                    _f(v["worst_seconds"]),
+                    _f(v["most_connections"], 0),
+                    _f(v["sockets_used"], 0),
+                    f"{v['ok_runs']}/{v['runs']}",
                 ]
                 for t, v in tools.items()
             ],

@@ -252,6 +252,14 @@ _cache_dir_option = click.option(
     help="Most connections at once within one large file (more than one only if one is slow).",
 )
 @click.option(
+    "--max-connections",
+    type=click.IntRange(1, 256),
+    default=16,
+    show_default=True,
+    help="Most connections at once to one mirror, shared by all files (--max-workers and "
+    "--connections count within it).",
+)
+@click.option(
     "--stall-timeout",
     type=click.FloatRange(0.1, 3600),
     default=30.0,
@@ -275,6 +283,7 @@ def download(
     token: str | None,
     max_workers: int,
     connections: int,
+    max_connections: int,
     stall_timeout: float,
     dry_run: bool,
     quiet: bool,
@@ -307,6 +316,7 @@ def download(
             token=token,
             max_workers=max_workers,
             connections=connections,
+            max_connections=max_connections,
             stall_timeout=stall_timeout,
             dry_run=dry_run,
             progress=not (quiet or as_json),

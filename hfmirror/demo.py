@@ -15,7 +15,6 @@ the demo with a line saying ``FAILED`` and what went wrong, never with a claim i
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -102,13 +101,6 @@ def _tail(text: str, lines: int = 5) -> str:
     return "\n".join("   | " + line for line in text.strip().splitlines()[-lines:]) or "   | (nothing)"
 
 
-def _saved_bytes(state_file: Path) -> int:
-    try:
-        return sum(pos - start for start, pos, _ in json.loads(state_file.read_text())["segments"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 def run_demo(
     workdir: str | Path | None = None, *, keep: bool = False, echo: Callable[[str], None] = print
 ) -> bool:
@@ -118,6 +110,7 @@ def run_demo(
 
     from .download import download
     from .hashing import sha256_of_file
+    from .resume import ResumeState
     from .server.app import ServerThread, create_app
     from .server.faults import FaultInjector, FaultPlan
 
@@ -155,14 +148,14 @@ def run_demo(
                 env=_same_code_environment(),
             )
             deadline = time.monotonic() + 60
-            while _saved_bytes(state_file) < KILL_AT * size and process.poll() is None:
+            while ResumeState.saved_bytes(state_file) < KILL_AT * size and process.poll() is None:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.02)
             ended_by_itself = process.poll() is not None
             process.kill()
             _, errors = process.communicate()
-            kept = _saved_bytes(state_file)
+            kept = ResumeState.saved_bytes(state_file)
             sent_before = plan.bytes_sent(f"*/{WEIGHTS}")
             if ended_by_itself:
                 echo(f"FAILED: the download ended (exit {process.returncode}) before it could be killed:")
