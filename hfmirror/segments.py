@@ -185,6 +185,21 @@ class SegmentTable:
                     return segment.pos
             return self.size
 
+    def written_from(self, pos: int) -> int:
+        """End of the run of written bytes that starts at ``pos`` (``pos`` itself if none is written
+        there): what a reader of the partial file may hand out, in order, from ``pos`` on."""
+        with self._cond:
+            end = pos
+            for segment in sorted(self._segments, key=lambda s: s.start):
+                if segment.end <= end:
+                    continue
+                if segment.start > end or segment.pos <= end:
+                    break
+                end = segment.pos
+                if segment.pos < segment.end:
+                    break
+            return end
+
     def unfinished(self) -> bool:
         with self._cond:
             return any(s.remaining > 0 for s in self._segments)

@@ -96,6 +96,18 @@ def test_a_slow_first_connection_opens_the_others_and_cuts_the_rest_into_pieces(
     assert table.connections_worth_opening(4) == 4 and table.connections_worth_opening(8) > 4
 
 
+def test_the_written_run_from_an_offset_stops_at_the_first_gap() -> None:
+    """What a reader of the partial file (the team mirror streaming a cold file) may hand out."""
+    rows = [[0, 10, 10], [10, 25, 30], [30, 30, 40], [40, 50, 50]]
+    table = SegmentTable.from_rows(rows, 50)
+    assert table.written_from(0) == 25  # through the first segment into the unfinished second
+    assert table.written_from(12) == 25
+    assert table.written_from(25) == 25  # nothing written at 25 yet
+    assert table.written_from(40) == 50
+    full = SegmentTable.from_rows([[0, 20, 20], [20, 40, 40]], 40)
+    assert full.written_from(5) == 40  # finished segments join up
+
+
 def test_waiting_for_news_returns_when_notified_and_not_at_all_when_not_idle() -> None:
     table = SegmentTable([Segment(0, 0, 10)], 10)
     table.wait_while(lambda: False, timeout=3600)  # not idle: returns at once

@@ -116,19 +116,10 @@ class FillReader:
         """End of the run of written bytes that starts at ``pos`` (``pos`` itself if none is known)."""
         if self.state() is FillState.VERIFIED:
             return self.file.size
-        table = ResumeState.load(self.state_path, self.file)
-        if table is None or self.state() is not FillState.FILLING:  # the table must be of our file
+        saved = ResumeState.load(self.state_path, self.file)
+        if saved is None or self.state() is not FillState.FILLING:  # the table must be of our file
             return pos
-        end = pos
-        for segment in sorted(table.segments, key=lambda s: s.start):
-            if segment.end <= end:
-                continue
-            if segment.start > end or segment.pos <= end:
-                break
-            end = segment.pos
-            if segment.pos < segment.end:
-                break
-        return end
+        return saved.table.written_from(pos)
 
     def read(self, pos: int, count: int) -> bytes:
         assert self.fd is not None

@@ -40,7 +40,7 @@ def filling(tmp_path: Path) -> Fill:
 
 def write_table(fill: Fill, segments: list[Segment]) -> None:
     state = ResumeState(fill.state, fill.file, segments)
-    ResumeState.write(fill.state, state.snapshot(state.table()))
+    state.save(state.table.rows(), synced=True)
 
 
 @pytest.fixture
