@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="Most connections per large file (more than one only if one is slow).",
     )
+    parser.add_argument(
+        "--max_connections",
+        type=int,
+        default=16,
+        help="Most connections at once to one mirror, shared by all files.",
+    )
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     parser.add_argument("--debug", action="store_true", help="Full tracebacks on errors.")
     return parser
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 token=args.token,
                 max_workers=args.max_workers,
                 connections=args.connections,
+                max_connections=args.max_connections,
                 progress=not args.quiet,
             )
     except KeyboardInterrupt:

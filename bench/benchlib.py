@@ -372,10 +372,25 @@ class BenchServer:
         """GET /_faults/stats: totals and per-path requests, bytes and statuses since the last reset."""
         return self._call("GET", "/_faults/stats")
 
-    def plan(self, *, rate: float | None = None, max_rps: float | None = None) -> None:
-        """Reset the records and apply a per-connection bandwidth cap and/or a request-rate limit."""
+    def plan(
+        self,
+        *,
+        rate: float | None = None,
+        max_rps: float | None = None,
+        quota: tuple[int, float] | None = None,
+        link_rate: float | None = None,
+    ) -> None:
+        """Reset the records and apply a per-connection bandwidth cap, a request-rate limit, a
+        fixed-window quota of file requests announced in RateLimit headers (limit, window seconds),
+        and/or a cap on the whole link, as asked."""
         faults = [{"kind": "bandwidth", "rate": rate, "path": "*"}] if rate else []
-        self._call("POST", "/_faults/plan", {"reset": True, "faults": faults, "max_rps": max_rps})
+        plan: dict[str, Any] = {"reset": True, "faults": faults, "max_rps": max_rps, "link_rate": link_rate}
+        plan["quota"] = {"limit": quota[0], "window": quota[1]} if quota else None
+        self._call("POST", "/_faults/plan", plan)
+
+    def records(self) -> list[dict[str, Any]]:
+        """GET /_faults/requests: every request since the last reset (method, path, client, timing...)."""
+        return self._call("GET", "/_faults/requests")
 
     def warm(self, repo_id: str, timeout: float = 600.0) -> None:
         """Ask for the repo once, so the server hashes its files before anything is timed."""
@@ -386,6 +401,47 @@ class BenchServer:
         assert self.proc is not None
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class SocketSampler:
+    """The most TCP connections open at once to a local port, sampled from /proc/net/tcp (Linux).
+
+    Counts the server's end of each ESTABLISHED connection (local port == ``port``), idle keep-alive
+    ones included: what a mirror sees. Use as a context manager around a run; read ``most`` after.
+    """
+
+    def __init__(self, port: int, interval: float = 0.01) -> None:
+        self.port = port
+        self.interval = interval
+        self.most = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="socket-sampler")
+
+    def open_now(self) -> int:
+        hex_port = f"{self.port:04X}"
+        count = 0
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                lines = Path(table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                fields = line.split()
+                if len(fields) > 3 and fields[1].endswith(":" + hex_port) and fields[3] == "01":
+                    count += 1
+        return count
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.most = max(self.most, self.open_now())
+
+    def __enter__(self) -> SocketSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def bytes_for(stats: dict[str, Any], path_suffix: str) -> int:

@@ -20,6 +20,10 @@ ORDER = (
     "compare-stream",
     "startup",
     "serve_scale",
+    "quota",
+    "sharded",
+    "mirror_warm",
+    "mirror_cold",
 )
 
 
@@ -147,6 +151,46 @@ def _scenario_lines(name: str, s: dict[str, Any]) -> list[str]:
                 for t, v in tools.items()
             ],
         )
+    elif name == "quota":
+        lines += _table(
+            ["tool", "median s", "x the quota's bound", "worst s", "429s provoked", "requests", "ok runs"],
+            [
+                [
+                    t,
+                    _f(v["seconds"]),
+                    _f(v["bound_ratio"], 2, "x"),
+                    _f(v["worst_seconds"]),
+                    _f(v["429"], 0),
+                    _f(v["requests"], 0),
+                    f"{v['ok_runs']}/{v['runs']}",
+                ]
+                for t, v in tools.items()
+            ],
+        )
+    elif name == "sharded":
+        lines += _table(
+            [
+                "tool",
+                "median s",
+                "x the link's bound",
+                "worst s",
+                "connections at once",
+                "sockets used",
+                "ok runs",
+            ],
+            [
+                [
+                    t,
+                    _f(v["seconds"]),
+                    _f(v["bound_ratio"], 2, "x"),
+                    _f(v["worst_seconds"]),
+                    _f(v["most_connections"], 0),
+                    _f(v["sockets_used"], 0),
+                    f"{v['ok_runs']}/{v['runs']}",
+                ]
+                for t, v in tools.items()
+            ],
+        )
     elif name == "serve_scale":
         lines += _table(
             ["repo", "median GET ms", "p90 ms", "÷ smallest repo", "first listing s", "ok GETs"],
@@ -159,6 +203,14 @@ def _scenario_lines(name: str, s: dict[str, Any]) -> list[str]:
                     _f(v["first_listing_s"]),
                     f"{v['ok_runs']}/{v['runs']}",
                 ]
+                for t, v in tools.items()
+            ],
+        )
+    elif name in ("mirror_warm", "mirror_cold"):
+        lines += _table(
+            ["server / client", "median s", "MiB/s in all", "ok runs"],
+            [
+                [t, _f(v["seconds"]), _f(v.get("mib_per_s"), 1), f"{v['ok_runs']}/{v['runs']}"]
                 for t, v in tools.items()
             ],
         )

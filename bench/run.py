@@ -13,7 +13,9 @@ random model; ``--quick``: tiny versions of both), ``compare-stream`` (a Llama-s
 with 8 GiB of float32 weights, stored as bfloat16: peak memory and time of the layer-by-layer
 comparison, and what they predict for Qwen/Qwen-7B), ``startup`` (``--help`` start-up time and heavy
 imports), ``serve_scale`` (``hfmirror serve``: one GET's latency at 10 to 20,000 files in the repo;
-see server_bench.py).
+see server_bench.py), ``quota`` (300 small files behind a fixed window of 100 requests per 2 s,
+announced in RateLimit headers), ``sharded`` (3 x 40 MiB shards and small files over a 32 MB/s link
+capped at 4 MB/s per connection).
 
 Writes results.json (raw numbers; scenarios not re-run keep their previous results) and RESULTS.md
 (tables with Goal / Measured / Met?) into bench/, the results of record; a ``--quick`` run writes
@@ -38,10 +40,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's hfmirror
 
 import benchlib as bl  # noqa: E402
 import report  # noqa: E402
 import server_bench  # noqa: E402
+
+from hfmirror.resume import ResumeState  # noqa: E402
 
 SCENARIOS = (
     "large",
@@ -53,6 +58,10 @@ SCENARIOS = (
     "compare-stream",
     "startup",
     "serve_scale",
+    "quota",
+    "sharded",
+    "mirror_warm",
+    "mirror_cold",
 )
 MB = 1_000_000  # bandwidth caps are in MB/s (10^6), as the issue states them
 
@@ -180,6 +189,10 @@ class Context:
     small_repo: str
     small_count: int
     small_size: int
+    quota_repo: str
+    quota_count: int
+    sharded_repo: str
+    sharded_shard_size: int
     tools: dict[str, str | None]
     notes: list[str] = field(default_factory=list)
 
@@ -559,19 +572,193 @@ def scenario_small(ctx: Context, max_rps: float = 50) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------------ quota, sharded
+
+QUOTA = (100, 2.0)  # requests per window, window seconds: the Hub's kind of limit, scaled down
+QUOTA_FILE_SIZE = 10_000
+LINK_RATE = 32 * MB  # the whole link
+LINK_PER_CONNECTION = 4 * MB  # what the mirror allows one connection
+SHARDED_SMALL_FILES = {"config.json": 700, "tokenizer.json": 2_000_000, "tokenizer_config.json": 1_200}
+
+
+def _timed_repo_download(
+    ctx: Context, tool: str, repo: str, *, count_sockets: bool = False, **plan: Any
+) -> tuple[bl.ProcResult, dict[str, Any], int | None, Path]:
+    """One download of ``repo`` by ``tool`` with a fresh cache, under the server plan ``plan``.
+    Returns the process result, the server's stats, the most sockets open at once (if counted) and
+    the destination folder (deleted by the caller)."""
+    ctx.server.plan(**plan)
+    dest = bl.fresh_dir(bl.WORK_DIR / "runs" / tool)
+    env = bl.clean_env(HF_ENDPOINT=ctx.server.url, HF_HOME=str(dest / "hf_home"))
+    argv = _download_argv(ctx, tool, dest, repo=repo)
+    if count_sockets:
+        with bl.SocketSampler(ctx.server.port) as sampler:
+            result = bl.run(argv, env=env, server=ctx.server, timeout=900)
+        most: int | None = sampler.most
+    else:
+        result, most = bl.run(argv, env=env, server=ctx.server, timeout=900), None
+    return result, ctx.server.stats(), most, dest
+
+
+def _median_summary(items: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    good = [r for r in items if r["ok"]] or items
+    summary: dict[str, Any] = {"runs": len(items), "ok_runs": sum(r["ok"] for r in items)}
+    for key in keys:
+        summary[key] = bl.median([r[key] for r in good if r[key] is not None])
+    summary["worst_seconds"] = max((r["seconds"] for r in good), default=None)
+    summary["errors"] = [r["error"] for r in items if not r["ok"]]
+    return summary
+
+
+def scenario_quota(ctx: Context) -> dict[str, Any]:
+    """Many small files behind a fixed-window quota that the server announces on every answer."""
+    limit, window = QUOTA
+    # The least time the quota allows: the first window opens with the first file request, and the
+    # last file can go at the start of window ceil(N / limit).
+    bound = (-(-ctx.quota_count // limit) - 1) * window
+    runs: dict[str, list[dict]] = {"hfmirror": [], "huggingface_hub": []}
+    for i in range(ctx.runs):
+        for tool in runs:
+            result, stats, _, dest = _timed_repo_download(ctx, tool, ctx.quota_repo, quota=QUOTA)
+            files = _count_files(dest / "cache")
+            ok = result.ok and files == ctx.quota_count
+            runs[tool].append(
+                {
+                    "ok": ok,
+                    "seconds": result.wall,
+                    "bound_ratio": result.wall / bound if bound else None,
+                    "429": bl.status_count(stats, "429"),
+                    "requests": stats["requests"],
+                    "client_cpu": result.cpu,
+                    "error": None if ok else (result.stderr.strip()[-400:] or f"exit {result.returncode}"),
+                }
+            )
+            bl.shutil.rmtree(dest, ignore_errors=True)
+            r = runs[tool][-1]
+            print(
+                f"  run {i + 1}/{ctx.runs} {tool:<16} {r['seconds']:7.2f}s  {r['bound_ratio']:.2f}x bound  "
+                f"429s {r['429']}  requests {r['requests']}  {'ok' if ok else 'FAILED'}",
+                flush=True,
+            )
+    ctx.server.plan()
+    keys = ("seconds", "bound_ratio", "429", "requests", "client_cpu")
+    summary = {tool: _median_summary(items, keys) for tool, items in runs.items()}
+    hfm, hf = summary["hfmirror"], summary["huggingface_hub"]
+    worst = max((r["bound_ratio"] for r in runs["hfmirror"] if r["ok"]), default=None)
+    most_429 = max((r["429"] for r in runs["hfmirror"] if r["ok"]), default=None)
+    goals = [
+        {
+            "goal": f"hfmirror within 1.5x the quota's bound ({bound:g} s for {ctx.quota_count} files)",
+            "measured": f"{bl.fmt(hfm['bound_ratio'])}x median, {bl.fmt(worst)}x worst run",
+            "met": hfm["ok_runs"] == hfm["runs"] and worst is not None and worst <= 1.5,
+        },
+        {
+            "goal": "hfmirror provokes at most 3 429s",
+            "measured": f"{bl.fmt(hfm['429'], 0)} median, {most_429} worst run",
+            "met": hfm["ok_runs"] == hfm["runs"] and most_429 is not None and most_429 <= 3,
+        },
+        {
+            "goal": "(info) huggingface_hub: x the bound, 429s",
+            "measured": f"{bl.fmt(hf['bound_ratio'])}x, {bl.fmt(hf['429'], 0)} 429s"
+            f"{'' if hf['ok_runs'] == hf['runs'] else ' (failed some runs)'}",
+            "met": None,
+        },
+    ]
+    return {
+        "title": f"{ctx.quota_count} files of {QUOTA_FILE_SIZE // 1000} KB behind a fixed window of {limit} "
+        f"file requests per {window:g} s, announced in RateLimit / RateLimit-Policy headers",
+        "tools": summary,
+        "goals": goals,
+        "notes": [
+            'The quota counts file requests (resolve URLs), as the Hub\'s "resolvers" quota does; every '
+            "answer to one says what is left (RateLimit r, t) and the policy (RateLimit-Policy q, w), and "
+            "a 429 beyond it carries Retry-After.",
+            "Bound: the first window opens with the first file request; the last file can go no earlier "
+            "than the start of window ceil(N / quota), (ceil(N / quota) - 1) x window seconds later.",
+        ],
+        "bound_seconds": bound,
+    }
+
+
+def scenario_sharded(ctx: Context) -> dict[str, Any]:
+    """A sharded repo over a fast link whose mirror caps each connection."""
+    names = [path for path in (ctx.server.root / ctx.sharded_repo).iterdir() if path.is_file()]
+    total = sum(path.stat().st_size for path in names)
+    bound = total / LINK_RATE
+    runs: dict[str, list[dict]] = {"hfmirror": [], "huggingface_hub": []}
+    for i in range(ctx.runs):
+        for tool in runs:
+            result, stats, most, dest = _timed_repo_download(
+                ctx, tool, ctx.sharded_repo, count_sockets=True, rate=LINK_PER_CONNECTION, link_rate=LINK_RATE
+            )
+            records = ctx.server.records()
+            fetched = sum(1 for p in (dest / "cache").rglob("*") if p.is_file() and "snapshots" in p.parts)
+            ok = result.ok and fetched == len(names)
+            runs[tool].append(
+                {
+                    "ok": ok,
+                    "seconds": result.wall,
+                    "bound_ratio": result.wall / bound,
+                    "most_connections": most,
+                    "sockets_used": len({r["client"] for r in records}),
+                    "requests": stats["requests"],
+                    "client_cpu": result.cpu,
+                    "error": None if ok else (result.stderr.strip()[-400:] or f"exit {result.returncode}"),
+                }
+            )
+            bl.shutil.rmtree(dest, ignore_errors=True)
+            r = runs[tool][-1]
+            print(
+                f"  run {i + 1}/{ctx.runs} {tool:<16} {r['seconds']:7.2f}s  {r['bound_ratio']:.2f}x bound  "
+                f"connections at once {most}  sockets {r['sockets_used']}  {'ok' if ok else 'FAILED'}",
+                flush=True,
+            )
+    ctx.server.plan()
+    keys = ("seconds", "bound_ratio", "most_connections", "sockets_used", "requests", "client_cpu")
+    summary = {tool: _median_summary(items, keys) for tool, items in runs.items()}
+    hfm, hf = summary["hfmirror"], summary["huggingface_hub"]
+    worst = max((r["bound_ratio"] for r in runs["hfmirror"] if r["ok"]), default=None)
+    most = max((r["most_connections"] or 0 for r in runs["hfmirror"]), default=None)
+    shard_mib = ctx.sharded_shard_size // bl.MIB
+    goals = [
+        {
+            "goal": f"hfmirror within 1.15x the link's bound ({bound:.2f} s for {total / MB:.0f} MB)",
+            "measured": f"{bl.fmt(hfm['bound_ratio'])}x median, {bl.fmt(worst)}x worst run",
+            "met": hfm["ok_runs"] == hfm["runs"] and worst is not None and worst <= 1.15,
+        },
+        {
+            "goal": "hfmirror never has more than 16 connections open at once",
+            "measured": f"{most} at most (sampled every 10 ms)",
+            "met": most is not None and most <= 16,
+        },
+        {
+            "goal": "(info) huggingface_hub: x the bound, connections at once",
+            "measured": f"{bl.fmt(hf['bound_ratio'])}x, {bl.fmt(hf['most_connections'], 0)} connections",
+            "met": None,
+        },
+    ]
+    return {
+        "title": f"A sharded repo (3 x {shard_mib} MiB + small files) over a {LINK_RATE / MB:g} MB/s link, "
+        f"{LINK_PER_CONNECTION / MB:g} MB/s per connection",
+        "tools": summary,
+        "goals": goals,
+        "notes": [
+            "The server paces every response to 4 MB/s and all of them together to 32 MB/s (fault plan "
+            "`bandwidth` + `link_rate`). Bound: every byte of the repo at the link's rate.",
+            "Connections at once: the server's ESTABLISHED sockets (idle keep-alive ones too), sampled "
+            "from /proc/net/tcp every 10 ms; sockets used: distinct client ports over the run.",
+        ],
+        "bound_seconds": bound,
+    }
+
+
 # ------------------------------------------------------------------------------------ scenario 4
 
 
 def _state_fraction(cache: Path, size: int) -> float | None:
     """Fraction of the file hfmirror's resume state records as done (None if there is no state)."""
     found = glob.glob(str(cache / "**" / "*.hfmirror.incomplete.hfmirror.json"), recursive=True)
-    if not found:
-        return None
-    try:
-        segments = json.loads(Path(found[0]).read_text()).get("segments", [])
-        return sum(pos - start for start, pos, _end in segments) / size
-    except (OSError, ValueError, TypeError):
-        return None
+    return ResumeState.saved_bytes(Path(found[0])) / size if found else None
 
 
 def _kill_at(ctx: Context, proc: bl.subprocess.Popen, fraction: float, timeout: float = 300) -> float:
@@ -1153,9 +1340,13 @@ SCENARIO_FUNCS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "compare-decoders": scenario_compare_decoders,
     "compare-stream": scenario_compare_stream,
     "startup": scenario_startup,
+    "quota": scenario_quota,
+    "sharded": scenario_sharded,
     "serve_scale": server_bench.scenario_serve_scale,
+    "mirror_warm": server_bench.scenario_mirror_warm,
+    "mirror_cold": server_bench.scenario_mirror_cold,
 }
-NEEDS_SERVER = {"large", "capped", "small", "resume"}
+NEEDS_SERVER = {"large", "capped", "small", "resume", "quota", "sharded", "mirror_cold"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1227,9 +1418,19 @@ def build_context(args: argparse.Namespace, server: bl.BenchServer, tools: dict,
     large_repo, large_file = f"bench/large-{size_mib}mib", "weights.bin"
     small_count, small_size = (100 if args.quick else 500), 100_000
     small_repo = f"bench/small-{small_count}x100kb"
+    quota_count = 120 if args.quick else 300
+    quota_repo = f"bench/quota-{quota_count}x{QUOTA_FILE_SIZE // 1000}kb"
+    shard_size = (20 if args.quick else 40) * bl.MIB  # above MULTI_CONNECTION_THRESHOLD either way
+    sharded_repo = f"bench/sharded-3x{shard_size // bl.MIB}mib"
     print(f"test data in {server.root} (generated once, reused)", flush=True)
     bl.make_random_file(server.root / large_repo / large_file, size_mib * bl.MIB)
     bl.make_small_files(server.root / small_repo, small_count, small_size)
+    bl.make_small_files(server.root / quota_repo, quota_count, QUOTA_FILE_SIZE)
+    for index in range(3):
+        shard = f"model-{index + 1:05d}-of-00003.safetensors"
+        bl.make_random_file(server.root / sharded_repo / shard, shard_size)
+    for name, size in SHARDED_SMALL_FILES.items():
+        bl.make_random_file(server.root / sharded_repo / name, size)
     return Context(
         runs=args.runs or (1 if args.quick else 3),
         quick=args.quick,
@@ -1240,6 +1441,10 @@ def build_context(args: argparse.Namespace, server: bl.BenchServer, tools: dict,
         small_repo=small_repo,
         small_count=small_count,
         small_size=small_size,
+        quota_repo=quota_repo,
+        quota_count=quota_count,
+        sharded_repo=sharded_repo,
+        sharded_shard_size=shard_size,
         tools=tools,
         notes=notes,
     )
@@ -1266,6 +1471,8 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([sys.executable, "-m", "compileall", "-q", package], check=False)
             server.warm(ctx.large_repo)
             server.warm(ctx.small_repo)
+            server.warm(ctx.quota_repo)
+            server.warm(ctx.sharded_repo)
         for name in chosen:
             print(f"== {name}", flush=True)
             results[name] = SCENARIO_FUNCS[name](ctx)

@@ -34,6 +34,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -238,6 +239,14 @@ _cache_dir_option = click.option(
     help="Most connections at once within one large file (more than one only if one is slow).",
 )
 @click.option(
+    "--max-connections",
+    type=click.IntRange(1, 256),
+    default=16,
+    show_default=True,
+    help="Most connections at once to one mirror, shared by all files (--max-workers and "
+    "--connections count within it).",
+)
+@click.option(
     "--stall-timeout",
     type=click.FloatRange(0.1, 3600),
     default=30.0,
@@ -261,6 +270,7 @@ def download(
     token: str | None,
     max_workers: int,
     connections: int,
+    max_connections: int,
     stall_timeout: float,
     dry_run: bool,
     quiet: bool,
@@ -293,6 +303,7 @@ def download(
             token=token,
             max_workers=max_workers,
             connections=connections,
+            max_connections=max_connections,
             stall_timeout=stall_timeout,
             dry_run=dry_run,
             progress=not (quiet or as_json),
@@ -392,7 +403,7 @@ def verify(
 
 
 @cli.command()
-@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.argument("root", type=click.Path(file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option(
     "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free)."
@@ -409,9 +420,53 @@ def verify(
     show_default=True,
     help="Most connections at once (lowered to fit the open-file limit); the longest-stalled go first.",
 )
+@click.option(
+    "--upstream",
+    "upstreams",
+    multiple=True,
+    metavar="URL",
+    help="Fill ROOT (a Hugging Face cache, made if missing) from this mirror; repeat for failover order.",
+)
+@click.option(
+    "--revision-ttl",
+    type=click.FloatRange(0, 86400 * 365),
+    default=300.0,
+    show_default=True,
+    help="Seconds a branch stays pinned to a commit before the upstream is asked again.",
+)
+@click.option(
+    "--upstream-timeout",
+    type=click.FloatRange(0.1, 3600),
+    default=10.0,
+    show_default=True,
+    help="Seconds a client waits on the upstream before a cached answer, or a 504.",
+)
+@click.option("--allow", multiple=True, metavar="GLOB", help="Serve only repos matching GLOB (repeatable).")
+@click.option("--deny", multiple=True, metavar="GLOB", help="Never serve repos matching GLOB (repeatable).")
+@click.option("--max-size", metavar="SIZE", help="Keep the cache under SIZE (e.g. 500G), evicting LRU files.")
+@click.option(
+    "--connections",
+    type=click.IntRange(1, 64),
+    default=8,
+    show_default=True,
+    help="Most upstream connections within one file being fetched.",
+)
 @_handle_errors
 @_needs_extras("serve")
-def serve(root: str, host: str, port: int, state_dir: str | None, max_connections: int) -> None:
+def serve(
+    root: str,
+    host: str,
+    port: int,
+    state_dir: str | None,
+    max_connections: int,
+    upstreams: tuple[str, ...],
+    revision_ttl: float,
+    upstream_timeout: float,
+    allow: tuple[str, ...],
+    deny: tuple[str, ...],
+    max_size: str | None,
+    connections: int,
+) -> None:
     """Serve the models under ROOT with the Hugging Face Hub's HTTP API.
 
     ROOT is a plain tree (ROOT/org/name/..., ROOT/datasets/org/name/..., ROOT/name/...) or a
@@ -419,24 +474,59 @@ def serve(root: str, host: str, port: int, state_dir: str | None, max_connection
     ROOT/datasets) is a repo without an org when a file sits directly in it, else an org whose
     sub-folders are repos. Point clients at it with HF_ENDPOINT=http://HOST:PORT.
 
+    With --upstream, ROOT is a Hugging Face cache that fills itself: what is not cached is fetched
+    from the upstream once, streamed to the clients asking for it, and kept.
+
     \b
     Examples:
       hfmirror serve ./models
       hfmirror serve ~/.cache/huggingface/hub --host 0.0.0.0 --port 8080
+      hfmirror serve /data/hf-cache --upstream https://hf-mirror.com --host 0.0.0.0 --max-size 2T
     """
-    from .server.app import create_app
     from .server.runner import prepare_server
 
-    server = prepare_server(
-        create_app(root, state_dir=state_dir), host=host, port=port, max_connections=max_connections
-    )
-    _announce_repos(root, server.app.state.store.discover())
+    mirror_only = {"--allow": allow, "--deny": deny, "--max-size": max_size}
+    if not upstreams:
+        given = [name for name, value in mirror_only.items() if value]
+        if given:
+            raise BadInputError(f"{', '.join(given)} only apply with --upstream")
+        if not Path(root).is_dir():
+            raise BadInputError(f"not a folder: {root}")
+        from .server.app import create_app
+
+        app = create_app(root, state_dir=state_dir)
+    else:
+        from .server.eviction import parse_size
+        from .server.mirror import create_mirror_app
+
+        try:
+            limit = parse_size(max_size) if max_size else None
+        except ValueError as error:
+            raise BadInputError(f"--max-size: {error}") from None
+        app = create_mirror_app(
+            root,
+            list(upstreams),
+            state_dir=state_dir,
+            revision_ttl=revision_ttl,
+            upstream_timeout=upstream_timeout,
+            allow=list(allow),
+            deny=list(deny),
+            max_size=limit,
+            connections=connections,
+        )
+    server = prepare_server(app, host=host, port=port, max_connections=max_connections)
+    _announce_repos(root, server.app.state.store.discover(), filling=bool(upstreams))
+    if upstreams:
+        click.echo(f"hfmirror: filling from {', '.join(upstreams)}", err=True)
     click.echo(f"hfmirror: serving on {server.url} (clients: HF_ENDPOINT={server.url})", err=True)
     server.run()
 
 
-def _announce_repos(root: str, repos: list[Any], shown: int = 20) -> None:
+def _announce_repos(root: str, repos: list[Any], *, filling: bool, shown: int = 20) -> None:
     """Say which repos ``serve`` found, so a wrong layout shows at once rather than as 404s."""
+    if not repos and filling:
+        click.echo(f"hfmirror: the cache {root} is empty so far", err=True)
+        return
     if not repos:
         click.echo(
             f"hfmirror: warning: no repos found under {root}. Expected ROOT/org/name/<files>, "
@@ -496,7 +586,7 @@ def demo(workdir: str | None, keep: bool, html_path: str | None) -> None:
     """
     from .demo import run_demo
 
-    if not run_demo(workdir, keep=keep, echo=click.echo, html=html_path):
+    if not run_demo(workdir, keep=keep, echo=click.echo, report_path=html_path):
         sys.exit(EXIT_MISMATCH)
 
 

@@ -64,6 +64,10 @@ CHECKPOINT_BYTES = 4 * 1024 * 1024
 CHECKPOINT_MIN_GAP = 0.02
 SYNC_INTERVAL = 5.0
 
+# Connections (requests in flight) to one endpoint at once, shared by every file of a run: enough to
+# fill a fast link behind a per-connection cap (16 x 4 MB/s), few enough not to look like an attack.
+CONNECTION_BUDGET = 16
+
 CONNECT_TIMEOUT = 10.0
 # No byte for this long on an open connection means it has stalled: drop it and resume.
 DEFAULT_STALL_TIMEOUT = 30.0

@@ -18,7 +18,6 @@ and what went wrong, never with a claim it did not check.
 from __future__ import annotations
 
 import html
-import json
 import os
 import shutil
 import subprocess
@@ -107,13 +106,6 @@ def _tail(text: str, lines: int = 5) -> str:
     return "\n".join("   | " + line for line in text.strip().splitlines()[-lines:]) or "   | (nothing)"
 
 
-def _saved_bytes(state_file: Path) -> int:
-    try:
-        return sum(pos - start for start, pos, _ in json.loads(state_file.read_text())["segments"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 def _write_page(page: Path, report: Any) -> str | None:
     """Write the report's page and read it back; what went wrong, or None if the page is there and
     says the verdict."""
@@ -136,16 +128,17 @@ def run_demo(
     *,
     keep: bool = False,
     echo: Callable[[str], None] = print,
-    html: str | Path | None = None,
+    report_path: str | Path | None = None,
 ) -> bool:
     """Run the demo; True if every step did what it says (the comparison and its page included).
-    ``echo`` receives each line of the story; ``html`` is where the page goes (default:
+    ``echo`` receives each line of the story; ``report_path`` is where the page goes (default:
     ``REPORT_NAME`` in the current folder, which outlives the demo's temporary folder)."""
     from compare.html_attention import MAX_DRAWN_CELLS
     from compare.runner import compare_model_dir
 
     from .download import download
     from .hashing import sha256_of_file
+    from .resume import ResumeState
     from .server.app import ServerThread, create_app
     from .server.faults import FaultInjector, FaultPlan
 
@@ -183,14 +176,14 @@ def run_demo(
                 env=_same_code_environment(),
             )
             deadline = time.monotonic() + 60
-            while _saved_bytes(state_file) < KILL_AT * size and process.poll() is None:
+            while ResumeState.saved_bytes(state_file) < KILL_AT * size and process.poll() is None:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.02)
             ended_by_itself = process.poll() is not None
             process.kill()
             _, errors = process.communicate()
-            kept = _saved_bytes(state_file)
+            kept = ResumeState.saved_bytes(state_file)
             sent_before = plan.bytes_sent(f"*/{WEIGHTS}")
             if ended_by_itself:
                 echo(f"FAILED: the download ended (exit {process.returncode}) before it could be killed:")
@@ -229,7 +222,7 @@ def run_demo(
             echo("FAILED: our BERT does not match transformers (see the first failing stage above)")
             return False
 
-        page = Path(html) if html is not None else Path.cwd() / REPORT_NAME
+        page = Path(report_path) if report_path is not None else Path.cwd() / REPORT_NAME
         echo(f"6. Writing the comparison as a page (hfmirror compare --html): {page.absolute()}")
         problem = _write_page(page, report)
         if problem:

@@ -178,6 +178,7 @@ def download(
     token: str | None = None,
     max_workers: int = 8,
     connections: int = 8,
+    max_connections: int = constants.CONNECTION_BUDGET,
     stall_timeout: float = constants.DEFAULT_STALL_TIMEOUT,
     dry_run: bool = False,
     progress: bool = True,
@@ -197,6 +198,8 @@ def download(
             only to the endpoints (and dropped by ``requests`` on a redirect to another host).
         max_workers: files fetched at once.
         connections: connections at once within one large file.
+        max_connections: connections (requests in flight) at once to one endpoint, shared by every
+            file of the run: ``max_workers`` and ``connections`` are honoured within it.
         stall_timeout: seconds without a byte before a connection is dropped and resumed.
         dry_run: list what would be fetched; fetch nothing.
         progress: show progress bars on a terminal.
@@ -213,16 +216,16 @@ def download(
     validate_revision(revision)
     if repo_type not in ("model", "dataset"):
         raise BadInputError(f"repo type must be 'model' or 'dataset', not {repo_type!r}")
-    if max_workers < 1 or connections < 1:
-        raise BadInputError("max_workers and connections must be at least 1")
+    if max_workers < 1 or connections < 1 or max_connections < 1:
+        raise BadInputError("max_workers, connections and max_connections must be at least 1")
     token = _resolve_token(token)
     pool = EndpointPool.from_urls(
         endpoints or constants.default_endpoints(),
-        max_concurrency=max(max_workers, connections) * 2,
+        max_concurrency=max_connections,
         failover_after=constants.FAILOVER_AFTER,
     )
 
-    sessions = _SessionFactory(pool_size=connections * 2)
+    sessions = _SessionFactory(pool_size=max_connections)
     cache_base = (
         Path(cache_dir).expanduser() if cache_dir is not None else constants.default_cache_dir()
     ).absolute()
@@ -321,7 +324,8 @@ def download(
 
     _ensure_writable(layout.storage_root())
     present = {f.path for f in files if _complete_without_lock(layout, f)}
-    todo = [f for f in files if f.path not in present]
+    # Largest first: the longest job starts first, which finishes a set of jobs soonest.
+    todo = sorted((f for f in files if f.path not in present), key=lambda f: -f.size)
     resumable = {f.path: transfer_for(f).resumable_bytes() for f in todo}
     _ensure_space(layout.storage_root(), sum(f.size - resumable[f.path] for f in todo))
 
@@ -497,23 +501,28 @@ def _ensure_space(folder: Path, needed: int) -> None:
 
 
 class _SessionFactory:
-    """One requests.Session per thread: sessions share connection pools but are not thread-safe."""
+    """One requests.Session per thread (sessions are not thread-safe), all over one connection pool.
+
+    The pool (urllib3's, behind one shared adapter) is thread-safe and keeps at most ``pool_size``
+    connections per host: idle keep-alive connections are reused by whichever thread asks next, so the
+    sockets open to an endpoint stay within its connection budget instead of piling up, one set per
+    thread, as threads come and go with the files.
+    """
 
     def __init__(self, pool_size: int) -> None:
         self._local = threading.local()
-        self._pool_size = pool_size
+        self._adapter = requests.adapters.HTTPAdapter(
+            pool_connections=8,  # hosts kept: the endpoints, and the CDNs they redirect to
+            pool_maxsize=pool_size,
+            max_retries=0,
+        )
 
     def get(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
-            adapter = requests.adapters.HTTPAdapter(
-                pool_connections=4,
-                pool_maxsize=self._pool_size,
-                max_retries=0,
-            )
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
+            session.mount("http://", self._adapter)
+            session.mount("https://", self._adapter)
             # identity: a compressed body would break byte ranges and lengths.
             session.headers.update({"User-Agent": constants.USER_AGENT, "Accept-Encoding": "identity"})
             self._local.session = session

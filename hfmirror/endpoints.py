@@ -24,17 +24,23 @@ never shown; :func:`redact_url` is what every message, summary and log line prin
 
 from __future__ import annotations
 
+import bisect
+import collections
+import heapq
+import itertools
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from . import constants
 from .errors import BadInputError
+from .retry import RateLimitInfo, parse_ratelimit
 
-__all__ = ["Endpoint", "EndpointPool", "RateGovernor", "normalize_endpoint", "redact_url"]
+__all__ = ["Endpoint", "EndpointPool", "QuotaPacer", "RateGovernor", "normalize_endpoint", "redact_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,38 +71,163 @@ def normalize_endpoint(url: str) -> str:
     return url
 
 
-class RateGovernor:
-    """A concurrency limit that backs off when the server says it is overloaded."""
+class QuotaPacer:
+    """Spends the request quota a server announces without going over it.
 
-    def __init__(self, max_concurrency: int) -> None:
+    A server that counts requests per window says, on its answers, how many are left (``r``) and in
+    how many seconds the window resets (``t``), perhaps also the quota of each window (``q`` per
+    ``w`` seconds): ``retry.parse_ratelimit``. From those, requests go out at full speed while the
+    quota has room (it is meant to be used), and once it is spent none goes out until the window
+    resets, at the earliest moment the answers allow: each one bounds the reset, which comes no later
+    than the answer's arrival plus ``t`` (``t`` is rounded up), and the smallest bound is kept. A new
+    window starts with ``q`` requests where the policy said so, else unknown until an answer tells.
+
+    The count is ours: an answer's ``r`` less the requests sent after the one it answers (they may not
+    have been counted when it was written), so requests in flight never overdraw the quota, and an
+    answer saying fewer are left than we think (others share the quota: the Hub counts per IP) is
+    believed. Without those headers the pacer never holds a request back.
+    """
+
+    def __init__(self) -> None:
+        self.remaining: int | None = None  # requests we may still send in this window; None: unknown
+        self.reset_at: float | None = None  # when this window ends, at the latest
+        self.quota: int | None = None
+        self.window: float | None = None
+        self._window_start = float("-inf")
+        self._sends: collections.deque[float] = collections.deque()  # our requests in this window
+        self.announced = False  # the wait for this window's reset has been announced
+
+    def delay(self, now: float) -> float:
+        """Seconds until the quota lets a request go (0: now)."""
+        self._roll(now)
+        if self.remaining is None or self.remaining > 0 or self.reset_at is None:
+            return 0.0
+        return max(0.0, self.reset_at - now)
+
+    def sent(self, now: float) -> None:
+        """Count a request about to go out."""
+        self._roll(now)
+        self._sends.append(now)
+        if self.remaining is not None:
+            self.remaining -= 1
+
+    def observe(self, info: RateLimitInfo, sent_at: float, now: float) -> None:
+        """Take in what the answer to a request sent at ``sent_at`` said, arriving at ``now``."""
+        self._roll(now)
+        if sent_at < self._window_start:
+            return  # it answers a request of a window that is over: nothing it says is news
+        if info.quota is not None:
+            self.quota, self.window = info.quota, info.window
+        if info.reset is not None:
+            latest = now + info.reset
+            self.reset_at = latest if self.reset_at is None else min(self.reset_at, latest)
+        if info.remaining is not None:
+            sent_after = len(self._sends) - bisect.bisect_right(self._sends, sent_at)
+            estimate = info.remaining - sent_after
+            self.remaining = estimate if self.quota is None else min(estimate, self.quota - len(self._sends))
+
+    def _roll(self, now: float) -> None:
+        """Begin the next window once this one is over."""
+        if self.reset_at is None or now < self.reset_at:
+            return
+        self._window_start = self.reset_at
+        self._sends.clear()
+        self.remaining = self.quota
+        self.announced = False
+        if self.window:  # fixed windows follow one another: the next one ends a window later
+            self.reset_at += self.window * (1 + int((now - self.reset_at) // self.window))
+        else:
+            self.reset_at = None
+
+
+class RateGovernor:
+    """How many requests may be in flight to one endpoint, and in what order waiting ones go.
+
+    * A connection budget: at most ``max_concurrency`` requests at once, shared by every file of the
+      run. A 429/503 halves the limit, successes grow it back (additive increase, multiplicative
+      decrease, as TCP does), and a ``Retry-After`` stops every request until it has passed.
+    * A request quota, where the server announces one (:class:`QuotaPacer`).
+    * Order: when a slot frees, the waiting request with the highest ``priority`` takes it (ties: first
+      come, first served). Transfers ask with the seconds of work their file has left, so the budget
+      goes where it helps most: a large file crawling behind a per-connection cap before a small one.
+    """
+
+    def __init__(self, max_concurrency: int, *, name: str = "") -> None:
         self.max_concurrency = max(1, max_concurrency)
+        self.name = name  # the endpoint as shown, for notices
+        self.pacer = QuotaPacer()
         self._limit = float(self.max_concurrency)
         self._in_flight = 0
         self._not_before = 0.0
+        self._waiting: list[tuple[float, int]] = []  # heap of (-priority, arrival): who goes next
+        self._arrivals = itertools.count()
         self._cond = threading.Condition()
+        self.connection_rate: float | None = None  # bytes/s one connection delivers, lately (see note_rate)
 
     @property
     def limit(self) -> int:
         """How many requests may be in flight right now."""
         return max(1, int(self._limit))
 
-    def acquire(self, cancel: threading.Event | None = None) -> bool:
-        """Wait for a slot (and for any Retry-After pause to pass). False if ``cancel`` was set first:
-        then no slot was taken, and none must be released."""
+    @property
+    def in_flight(self) -> int:
         with self._cond:
-            while True:
-                if cancel is not None and cancel.is_set():
-                    return False
-                wait = self._not_before - time.monotonic()
-                if wait <= 0 and self._in_flight < self.limit:
-                    self._in_flight += 1
-                    return True
-                self._cond.wait(timeout=min(max(wait, 0.05), 0.5))
+            return self._in_flight
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot now."""
+        with self._cond:
+            return len(self._waiting)
+
+    def acquire(self, cancel: threading.Event | None = None, *, priority: float = 0.0) -> bool:
+        """Wait for a slot (and for any Retry-After pause, and the quota, to allow). False if ``cancel``
+        was set first: then no slot was taken, and none must be released."""
+        with self._cond:
+            ticket = (-priority, next(self._arrivals))
+            heapq.heappush(self._waiting, ticket)
+            try:
+                while True:
+                    if cancel is not None and cancel.is_set():
+                        return False
+                    now = time.monotonic()
+                    quota_wait = self.pacer.delay(now)
+                    wait = max(self._not_before - now, quota_wait)
+                    if wait <= 0 and self._in_flight < self.limit and self._waiting[0] == ticket:
+                        heapq.heappop(self._waiting)
+                        self._in_flight += 1
+                        self.pacer.sent(now)
+                        self._cond.notify_all()  # the next in line may go too, if there is room
+                        return True
+                    self._announce(quota_wait)
+                    self._cond.wait(timeout=min(max(wait, 0.05), 0.5))
+            finally:
+                if ticket in self._waiting:  # cancelled while waiting
+                    self._waiting.remove(ticket)
+                    heapq.heapify(self._waiting)
+                    self._cond.notify_all()
 
     def release(self) -> None:
         with self._cond:
             self._in_flight = max(0, self._in_flight - 1)
             self._cond.notify_all()
+
+    def observe(self, headers: Mapping[str, str], sent_at: float) -> None:
+        """Read the rate limit an answer announces (to a request sent at ``sent_at``), if any."""
+        info = parse_ratelimit(headers)
+        if info is None:
+            return
+        with self._cond:
+            self.pacer.observe(info, sent_at, time.monotonic())
+            self._cond.notify_all()
+
+    def note_rate(self, rate: float) -> None:
+        """Fold in a file's measured bytes/s per connection: the rate files not yet measured assume, so
+        that every file's priority is in the same unit."""
+        with self._cond:
+            self.connection_rate = (
+                rate if self.connection_rate is None else 0.8 * self.connection_rate + 0.2 * rate
+            )
 
     def on_success(self) -> None:
         """Additive increase: one more slot per ``limit`` successes."""
@@ -117,6 +248,18 @@ class RateGovernor:
                 self._limit = max(1.0, self._limit / 2)
             self._not_before = max(self._not_before, now + delay)
             return new_pause
+
+    def _announce(self, quota_wait: float) -> None:
+        """Say once per window that the quota is spent, if waiting for it is long enough to notice."""
+        if quota_wait >= constants.NOTICE_WAIT_SECONDS and not self.pacer.announced:
+            self.pacer.announced = True
+            per = f" ({self.pacer.quota} requests per {self.pacer.window:g} s)" if self.pacer.window else ""
+            logger.warning(
+                "%s: its request quota%s is used up; waiting %.0f s for it to reset",
+                self.name,
+                per,
+                quota_wait,
+            )
 
 
 @dataclass(eq=False)  # each endpoint is itself: compared by identity
@@ -177,7 +320,7 @@ class EndpointPool:
         if not unique:
             raise BadInputError("no endpoint given")
         return cls(
-            endpoints=[Endpoint(url, RateGovernor(max_concurrency)) for url in unique],
+            endpoints=[Endpoint(url, RateGovernor(max_concurrency, name=redact_url(url))) for url in unique],
             failover_after=failover_after,
         )
 

@@ -52,6 +52,7 @@ __all__ = [
     "LocalDirLayout",
     "fitting_name",
     "local_dir_bookkeeping",
+    "recorded_path",
     "repo_folder_name",
     "snapshot_origin",
     "tree_listing_path",
@@ -110,6 +111,25 @@ def local_dir_bookkeeping(local_dir: Path, path: str, suffix: str, *, room: str 
     if folder:
         fitted = f"{folder}/{fitted}"
     return safe_join(local_dir / ".cache" / "huggingface" / "download", fitted, follow_last=False)
+
+
+def recorded_path(download_records: Path, metadata: Path) -> str:
+    """The repo path a local dir's ``<path>.metadata`` is the record of (``download_records`` being
+    ``{dir}/.cache/huggingface/download``): its own name, or, for a hashed name, the path written on
+    its fourth line."""
+    name = metadata.relative_to(download_records).as_posix().removesuffix(".metadata")
+    try:
+        lines = metadata.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return name
+    if len(lines) >= 4:
+        folder, _, _ = name.rpartition("/")
+        written = lines[3].strip()
+        if written.rpartition("/")[0] == folder and fitting_name(written.rpartition("/")[2], ".metadata") == (
+            metadata.name
+        ):
+            return written
+    return name
 
 
 def _temporary_beside(path: Path) -> Path:
@@ -377,11 +397,16 @@ class LocalDirLayout(Layout):
             self._write_metadata(file)
 
     def _write_metadata(self, file: RemoteFile) -> None:
+        """huggingface_hub's three lines (commit, etag, time); under a hashed name, also the file's path,
+        which the name no longer says (see :func:`recorded_path`)."""
         path = self.metadata_path(file)
+        record = f"{self.listing.commit}\n{file.oid}\n{time.time()}\n"
+        if path.name != file.path.rpartition("/")[2] + ".metadata":
+            record += f"{file.path}\n"
         with storage_errors(f"record the metadata of {file.path}"):
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = _temporary_beside(path)
-            temporary.write_text(f"{self.listing.commit}\n{file.oid}\n{time.time()}\n")
+            temporary.write_text(record)
             os.replace(temporary, path)
 
     def finish_revision(self) -> None:

@@ -432,6 +432,8 @@ def read_body(response: requests.Response, *, limit: int, seconds: float) -> byt
                 sock.settimeout(normal_timeout)
             except OSError:
                 pass
+    if reader.length == 0 and not reader.isclosed():
+        reader.read()  # read1 never marks a body complete at its end (read and readinto do): mark it
     if reader.isclosed():
         response.raw.release_conn()
     return b"".join(chunks)

@@ -32,7 +32,7 @@ from filelock import FileLock
 from . import constants
 from .errors import BadInputError, RepoNotFoundError, RevisionNotFoundError, UnsafePathError
 from .hashing import ContentHasher, is_git_sha1, is_sha256
-from .layout import CacheLayout, LocalDirLayout, repo_folder_name
+from .layout import CacheLayout, LocalDirLayout, recorded_path, repo_folder_name
 from .listing import RemoteFile, RepoListing, validate_repo_id, validate_revision
 from .paths import safe_join
 from .progress import Progress
@@ -277,7 +277,7 @@ def _verify_local_dir(
         )
     recorded: dict[str, Path] = {}
     for metadata in sorted(records.rglob("*.metadata")):
-        name = metadata.relative_to(records).as_posix().removesuffix(".metadata")
+        name = recorded_path(records, metadata)  # a record under a hashed name says whose it is
         if only is None or name in only:
             recorded[name] = metadata
     plans = {name: _read_record(local_dir, name, metadata) for name, metadata in recorded.items()}

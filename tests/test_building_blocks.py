@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from hfmirror.listing import RemoteFile, filter_files, validate_repo_id
 from hfmirror.pagecache import PageRecycler
 from hfmirror.paths import safe_join, validate_relative_path
 from hfmirror.retry import backoff_delay, server_requested_delay
-from hfmirror.transfer import ConnectionRamp, ResumeState, Segment, boot_id, cut_into_pieces
+from hfmirror.segments import ConnectionRamp, cut_into_pieces
 
 # ------------------------------------------------------------------------------------------ paths
 
@@ -256,26 +255,6 @@ def test_filter_files_by_name_and_globs() -> None:
 # ---------------------------------------------------------------------------------- resume state
 
 
-def test_resume_state_round_trip_and_rejects_damage(tmp_path: Path) -> None:
-    file = RemoteFile("w.bin", 100 << 20, "a" * 64)
-    path = tmp_path / "w.json"
-    state = ResumeState.fresh(path, file)
-    assert [(s.start, s.pos, s.end) for s in state.segments] == [(0, 0, file.size)]
-    assert ResumeState.fresh(path, RemoteFile("empty", 0, "a" * 64)).segments == []
-    state.segments[0].pos += 1000
-    ResumeState.write(path, state.snapshot(state.table()))
-    loaded = ResumeState.load(path, file)
-    assert loaded is not None and loaded.done_bytes == 1000 and loaded.prefix_end() == 1000
-    # Another file's state, a hole in the table, or garbage: all mean "start over".
-    assert ResumeState.load(path, RemoteFile("w.bin", file.size, "b" * 64)) is None
-    state.segments = cut_into_pieces(0, file.size, connections=4)
-    snapshot = state.snapshot(state.table()[1:])
-    path.write_text(json.dumps(snapshot))
-    assert ResumeState.load(path, file) is None
-    path.write_text("{not json")
-    assert ResumeState.load(path, file) is None
-
-
 def test_pieces_cover_the_range_in_order_within_bounds() -> None:
     pieces = cut_into_pieces(5, 5 + (100 << 20), connections=4)
     assert len(pieces) >= 4
@@ -283,34 +262,6 @@ def test_pieces_cover_the_range_in_order_within_bounds() -> None:
     assert all(a.end == b.start for a, b in zip(pieces, pieces[1:], strict=False))
     assert all(constants.MIN_SEGMENT <= p.end - p.start <= constants.MAX_PIECE for p in pieces)
     assert len(cut_into_pieces(0, 1000, connections=4)) == 1
-
-
-def _saved(path: Path, file: RemoteFile, *, boot: str | None, version: int = 2) -> None:
-    """A state whose written table is ahead of its durable one (as between two syncs)."""
-    written = [[0, 700, 1000], [1000, 1500, file.size]]
-    durable = [[0, 300, 1000], [1000, 1000, file.size]]
-    data = {"version": version, "oid": file.oid, "size": file.size, "boot_id": boot}
-    data.update({"segments": written, "durable": durable} if version == 2 else {"segments": written})
-    path.write_text(json.dumps(data))
-
-
-def test_a_state_from_this_boot_trusts_what_was_written_one_from_another_only_what_was_synced(
-    tmp_path: Path,
-) -> None:
-    file = RemoteFile("w.bin", 4000, "a" * 64)
-    path = tmp_path / "w.json"
-    assert boot_id()  # Linux: the kernel names each boot
-    _saved(path, file, boot=boot_id())
-    same_boot = ResumeState.load(path, file)
-    assert same_boot is not None and same_boot.done_bytes == 700 + 500
-    # After a reboot (a power cut), bytes written but never synced may be lost: only the synced count.
-    _saved(path, file, boot="another-boot")
-    rebooted = ResumeState.load(path, file)
-    assert rebooted is not None and rebooted.done_bytes == 300
-    # Version 1 files synced before every save: their one table is durable.
-    _saved(path, file, boot=None, version=1)
-    old = ResumeState.load(path, file)
-    assert old is not None and old.done_bytes == 1200
 
 
 def test_the_ramp_opens_every_connection_when_the_first_is_slow(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -384,15 +335,6 @@ def test_the_page_recycler_drops_only_hashed_bytes_flushes_once_and_stops_before
     assert (next_out, next_drop) == (3000, 2000), asked
     assert (recycler.kicked, recycler.dropped) == (3000, 2000)
     assert synced == [fd] and recycler.flushed
-
-
-def test_prefix_end_stops_at_the_first_unfinished_segment(tmp_path: Path) -> None:
-    file = RemoteFile("w.bin", 300, "a" * 64)
-    state = ResumeState(
-        tmp_path / "s", file, [Segment(0, 100, 100), Segment(100, 150, 200), Segment(200, 300, 300)]
-    )
-    assert state.prefix_end() == 150
-    assert state.done_bytes == 250
 
 
 # ------------------------------------------------------------------------------------------- cli

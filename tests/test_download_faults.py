@@ -373,9 +373,12 @@ def test_pieces_reuse_their_connections(fault_server, faults, faulty_repo, tmp_p
     result = fetch(fault_server, tmp_path, connections=2)
     assert_identical(result, faulty_repo)
     gets = weights_gets(faults)
-    sockets = {r.client for r in gets}
-    assert len(gets) >= 4 and all(sockets), [(r.range, r.client) for r in gets]
-    assert len(sockets) <= 2, f"{len(gets)} pieces came over {len(sockets)} connections"
+    assert len(gets) >= 4 and all(r.client for r in gets), [(r.range, r.client) for r in gets]
+    # The run's sockets are shared by its files (a piece may come over one another file opened): at
+    # most one per request that was ever in flight at once (two pieces, two small files), however
+    # many pieces there are. A handshake per piece would make one socket per request.
+    sockets = {r.client for r in faults.records}
+    assert len(sockets) <= 4, f"{len(faults.records)} requests came over {len(sockets)} sockets"
 
 
 def test_a_capped_connection_brings_in_the_others(fault_server, faults, faulty_repo, tmp_path, monkeypatch):

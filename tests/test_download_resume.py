@@ -12,27 +12,13 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from hfmirror import constants
-from hfmirror.endpoints import EndpointPool
-from hfmirror.hashing import ContentHasher
-from hfmirror.listing import RemoteFile, RepoListing
-from hfmirror.transfer import (
-    ConnectionRamp,
-    FileTransfer,
-    ResumeState,
-    Segment,
-    TransferOptions,
-    TransferStats,
-    _Attempt,
-    _seconds_to_checkpoint,
-)
+from hfmirror.resume import ResumeState
 from tests.support import download_command, make_repo
 
 SIZE = 12 * 1024 * 1024
@@ -67,10 +53,7 @@ def paths_for(cache: Path, repo_id: str, oid: str) -> tuple[Path, Path, Path]:
 
 
 def saved_bytes(state: Path) -> int:
-    try:
-        return sum(pos - start for start, pos, _ in json.loads(state.read_text())["segments"])
-    except (OSError, ValueError, KeyError):
-        return 0
+    return ResumeState.saved_bytes(state)
 
 
 def wait_until_saved(process: subprocess.Popen, state: Path, at_least: int, blob: Path, good: bytes) -> None:
@@ -181,82 +164,3 @@ def test_two_processes_on_the_same_repo_both_succeed_with_one_copy(fault_server,
     # One process waited for the other's lock instead of fetching the file a second time.
     assert faults.bytes_sent(f"*/{WEIGHTS}") <= SIZE + constants.READ_BLOCK
     os.stat(snapshot / WEIGHTS)
-
-
-def _hashing_setup(tmp_path: Path, content: bytes) -> tuple[FileTransfer, _Attempt, ContentHasher, int]:
-    """A transfer whose file has fully arrived but is not hashed yet; the caller closes the fd."""
-    partial = tmp_path / "w.bin.incomplete"
-    partial.write_bytes(content)
-    file = RemoteFile("w.bin", len(content), hashlib.sha256(content).hexdigest())
-    listing = RepoListing("a/b", "model", "main", "0" * 40, (file,), "http://127.0.0.1:1")
-    transfer = FileTransfer(
-        file,
-        listing,
-        partial_path=partial,
-        state_path=tmp_path / "state.json",
-        pool=EndpointPool([listing.endpoint]),
-        session_for=requests.Session,
-        options=TransferOptions(),
-        stats=TransferStats(),
-        cancel=threading.Event(),
-    )
-    state = ResumeState(tmp_path / "state.json", file, [Segment(0, len(content), len(content))])
-    fd = os.open(partial, os.O_RDONLY)
-    return transfer, _Attempt(state, fd, ConnectionRamp(1, now=0.0)), ContentHasher(file.oid, file.size), fd
-
-
-def test_the_hash_advances_in_bounded_steps_so_checkpoints_are_not_held_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A wave of pieces finishing together leaves a long run to hash. Hashing it in one go kept the
-    coordinator from saving checkpoints meanwhile (a kill at 50% lost 2% of a 1 GiB file, not 0.5%),
-    so one call hashes at most HASH_STEP and the coordinator's loop gets its turn in between."""
-    monkeypatch.setattr(constants, "HASH_STEP", 1 << 20)
-    content = os.urandom(3 * (1 << 20) + 5)
-    transfer, attempt, hasher, fd = _hashing_setup(tmp_path, content)
-    try:
-        steps = []
-        while attempt.hashed < len(content):
-            transfer._hash_arrived(attempt, hasher)
-            steps.append(attempt.hashed)
-    finally:
-        os.close(fd)
-    assert steps == [1 << 20, 2 << 20, 3 << 20, len(content)]
-    assert hasher.hexdigest() == hashlib.sha256(content).hexdigest()
-
-
-def test_a_hash_step_ends_early_when_a_save_falls_due(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A save must not wait for a whole hash step: 8 MiB of sha256 takes 20-30 ms on a busy machine,
-    in which eight fast connections bring several MiB that a kill -9 would lose. So the step stops
-    at the first block after which a save is due (the coordinator saves before it hashes on)."""
-    monkeypatch.setattr(constants, "CHECKPOINT_INTERVAL", 3600.0)  # no save falls due by time alone
-    content = os.urandom(3 * (1 << 20) + 5)
-    transfer, attempt, hasher, fd = _hashing_setup(tmp_path, content)
-    try:
-        attempt.unsaved = constants.CHECKPOINT_BYTES  # a save's worth of bytes has come in ...
-        attempt.saved_at = time.monotonic() - constants.CHECKPOINT_MIN_GAP  # ... and the gap has passed
-        transfer._hash_arrived(attempt, hasher)
-        assert attempt.hashed == 1 << 20  # one block, not the whole step
-        attempt.unsaved, attempt.saved_at = 0, time.monotonic()  # saved: the next step runs in full
-        transfer._hash_arrived(attempt, hasher)
-        assert attempt.hashed == len(content)
-    finally:
-        os.close(fd)
-    assert hasher.hexdigest() == hashlib.sha256(content).hexdigest()
-
-
-def test_saves_come_every_4_mib_but_no_closer_together_than_the_minimum_gap() -> None:
-    """On a slow link the state is saved every CHECKPOINT_BYTES; on a fast one, where those bytes
-    arrive in a few milliseconds, at most once per CHECKPOINT_MIN_GAP (a save per 4 MiB at 1 GB/s
-    was CPU taken from the hash); and at least every CHECKPOINT_INTERVAL whatever arrives."""
-    many, gap, interval = (
-        constants.CHECKPOINT_BYTES,
-        constants.CHECKPOINT_MIN_GAP,
-        constants.CHECKPOINT_INTERVAL,
-    )
-    assert _seconds_to_checkpoint(many, since_last=0.001) == pytest.approx(gap - 0.001)  # fast: wait
-    assert _seconds_to_checkpoint(many, since_last=gap) <= 0  # enough bytes and time: save now
-    assert _seconds_to_checkpoint(many - 1, since_last=gap) > 0  # not enough bytes yet
-    assert _seconds_to_checkpoint(0, since_last=interval) <= 0  # nothing new, but time to save anyway

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from email.utils import formatdate
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import requests
 from huggingface_hub.errors import HfHubHTTPError
 
-from hfmirror.server.faults import Fault, FaultPlan
+from hfmirror.server.faults import Fault, FaultPlan, Quota
 from tests.conftest import RunningServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -201,6 +202,60 @@ def test_request_rate_limit(fault_server: RunningServer, faults: FaultPlan) -> N
     codes = [a.status_code for a in answers]
     assert codes.count(200) >= 5 and codes.count(429) >= 1
     assert all(a.headers["Retry-After"] == "1" for a in answers if a.status_code == 429)
+
+
+def test_a_fixed_window_quota_announces_itself_and_refuses_beyond_it() -> None:
+    quota = Quota(limit=3, window=2.0)
+    answers = [quota.take(now) for now in (10.0, 10.5, 11.0, 11.5)]
+    assert answers[:3] == [(True, 2, 2.0), (True, 1, 1.5), (True, 0, 1.0)]
+    assert answers[3] == (False, 0, 0.5)  # a refused request does not count
+    assert quota.take(12.0) == (True, 2, 2.0)  # the next window, from where the first one began
+    assert quota.take(17.9)[:2] == (True, 2)  # windows follow one another, whether used or not
+    assert quota.headers(1, 0.2) == {
+        "RateLimit": '"resolvers";r=1;t=1',  # rounded up: never earlier than the reset
+        "RateLimit-Policy": '"fixed window";"resolvers";q=3;w=2',
+    }
+
+
+def test_the_quota_over_http(fault_server: RunningServer, faults: FaultPlan) -> None:
+    faults.request_quota(3, 60)
+    with requests.Session() as session:
+        answers = [session.get(fault_server.url + README, timeout=10) for _ in range(4)]
+        listing = session.get(f"{fault_server.url}/api/models/tiny/nested", timeout=10)
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert [a.headers["RateLimit"].split(";")[1] for a in answers] == ["r=2", "r=1", "r=0", "r=0"]
+    assert answers[0].headers["RateLimit-Policy"] == '"fixed window";"resolvers";q=3;w=60'
+    assert 1 <= int(answers[3].headers["Retry-After"]) <= 60
+    assert listing.status_code == 200 and "RateLimit" not in listing.headers  # only file requests count
+    assert faults.requests(README)[-1].faults == ["quota"]
+    plan = {"quota": {"limit": 1, "window": 60}}
+    assert requests.post(f"{fault_server.url}/_faults/plan", json=plan, timeout=10).status_code == 200
+    assert requests.get(fault_server.url + README, timeout=10).status_code == 200
+    assert requests.get(fault_server.url + README, timeout=10).status_code == 429
+    bad = requests.post(f"{fault_server.url}/_faults/plan", json={"quota": {"limit": 0}}, timeout=10)
+    assert bad.status_code == 400
+
+
+def test_a_link_cap_is_shared_by_every_connection(fault_server: RunningServer, faults: FaultPlan) -> None:
+    rate, size = 1_000_000, 600_000
+    faults.limit_link(rate)
+    data = big_bytes(fault_server)
+    got: list[bytes] = []
+
+    def fetch(start: int) -> None:
+        headers = {"Range": f"bytes={start}-{start + size - 1}"}
+        got.append(requests.get(fault_server.url + BIG, headers=headers, timeout=60).content)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=fetch, args=(offset,)) for offset in (0, size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    elapsed = time.monotonic() - started
+    assert sorted(got) == sorted([data[:size], data[size : 2 * size]])
+    # Two connections, each free to go as fast as it likes, share one link: together no faster than it.
+    assert elapsed >= 2 * size / rate * 0.8
 
 
 def test_control_endpoints(fault_server: RunningServer, faults: FaultPlan) -> None:

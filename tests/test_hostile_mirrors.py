@@ -33,6 +33,7 @@ from hfmirror.errors import (
 )
 from hfmirror.paths import validate_relative_path
 from hfmirror.policy import Asked, error_for_answer
+from hfmirror.verify import verify
 from tests.hostile import (
     HostileServer,
     close,
@@ -553,6 +554,9 @@ def test_names_up_to_the_hubs_limit_work_in_both_layouts(hub_server, tmp_path: P
     assert files_of(result.path) == LONG_NAMES
     again = download("limits/long-names", endpoints=[hub_server.url], progress=False, **where)
     assert {f.status for f in again.files} == {"present"}
+    # verify finds each of them by its record, hashed name or not, and finds them right.
+    checked = verify("limits/long-names", progress=False, **where)
+    assert {f.path: f.status for f in checked.files} == dict.fromkeys(LONG_NAMES, "ok")
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,7 @@ from hfmirror import constants
 from hfmirror.download import download
 from hfmirror.errors import HfMirrorError
 from hfmirror.hashing import git_blob_sha1
+from hfmirror.resume import ResumeState
 from hfmirror.server.app import ServerThread, create_app
 from hfmirror.server.repos import is_lfs_file
 from tests.support import download_command, make_repo
@@ -90,16 +91,13 @@ KILL_CONNECTIONS = "1"
 KILL_RATE = 1_500_000  # bytes per second on that connection: the transfer alone takes about 10 s
 KILLS = 10
 KILL_SEED = 20240611
-# The transfer coordinator sleeps at most this long between looks at the clock (transfer._fetch).
+# The transfer coordinator sleeps at most this long between looks at the clock (transfer._Pass.run).
 COORDINATOR_WAKE = 0.2
 
 
 def saved_bytes(state: Path) -> int:
     """Bytes the resume state vouches for (0 if there is none, or it is being replaced)."""
-    try:
-        return sum(pos - start for start, pos, _ in json.loads(state.read_text())["segments"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
+    return ResumeState.saved_bytes(state)
 
 
 def final_content(path: Path) -> bytes | None:

@@ -11,7 +11,6 @@ import os
 import re
 import resource
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from hfmirror.server.logs import (
     BoundedLogHandler,
     printable,
 )
+from tests.servers import Process, start_process
 from tests.support import make_repo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -204,14 +204,14 @@ def test_the_log_handler_spends_a_byte_budget_and_reports_what_it_dropped() -> N
 def test_serve_logs_one_bounded_line_per_request_and_cannot_be_flooded(tmp_path: Path) -> None:
     make_repo(tmp_path / "root", "org/m", {"a.txt": b"hello\n"})
     started = time.monotonic()
-    with ServeProcess(tmp_path / "root", tmp_path) as serve:
+    with serve_command(tmp_path / "root", tmp_path) as serve:
         session = requests.Session()
         assert session.get(f"{serve.url}/org/m/resolve/main/a.txt", timeout=10).status_code == 200
         long_path = "/org/m/resolve/main/" + "x" * 4000
         for _ in range(1000):  # ~4 MB of access log if each path were written out whole
             assert session.get(serve.url + long_path, timeout=10).status_code in (400, 404)
     lifetime = time.monotonic() - started
-    log = serve.output()
+    log = serve.log()
     assert re.search(r'"GET /org/m/resolve/main/a\.txt" 200 6 ', log)
     assert len(log) <= LOG_BURST_BYTES + LOG_BYTES_PER_SECOND * lifetime + 8192
     assert max(len(line) for line in log.splitlines()) <= MAX_RECORD_CHARS
@@ -220,51 +220,16 @@ def test_serve_logs_one_bounded_line_per_request_and_cannot_be_flooded(tmp_path:
 # ------------------------------------------------------------------------------ the command
 
 
-class ServeProcess:
-    """``hfmirror serve ROOT --port 0`` in a subprocess (optionally under a shell ``ulimit``)."""
-
-    def __init__(self, root: Path, workdir: Path, *, ulimit: str | None = None, extra: tuple[str, ...] = ()):
-        self.log_path = workdir / f"serve-{time.monotonic_ns()}.log"
-        argv = [sys.executable, "-m", "hfmirror", "serve", str(root), "--port", "0"]
-        argv += ["--state-dir", str(workdir / "serve-state"), *extra]
-        if ulimit is not None:
-            argv = ["bash", "-c", f'ulimit {ulimit} && exec "$@"', "bash", *argv]
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-        self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=self._log, stderr=self._log)
-        self.url = ""
-
-    def __enter__(self) -> ServeProcess:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and self.process.poll() is None:
-            match = re.search(r"serving on (http://127\.0\.0\.1:\d+)", self.output())
-            if match:
-                self.url = match.group(1)
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise AssertionError(f"hfmirror serve did not start:\n{self.output()[-3000:]}")
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+def serve_command(
+    root: Path, workdir: Path, *, ulimit: str | None = None, extra: tuple[str, ...] = ()
+) -> Process:
+    """``hfmirror serve ROOT --port 0`` in a subprocess (optionally under a shell ``ulimit``), started."""
+    argv = [sys.executable, "-m", "hfmirror", "serve", str(root), "--port", "0"]
+    argv += ["--state-dir", str(workdir / "serve-state"), *extra]
+    if ulimit is not None:
+        argv = ["bash", "-c", f'ulimit {ulimit} && exec "$@"', "bash", *argv]
+    log_path = workdir / f"serve-{time.monotonic_ns()}.log"
+    return start_process(argv, log_path, r"serving on (http://127\.0\.0\.1:\d+)")
 
 
 def open_file_limits(pid: int) -> tuple[int, int]:
@@ -292,7 +257,7 @@ def test_slowloris_under_ulimit_1024_does_not_stop_other_clients(tmp_path: Path,
     server_limit = min(1024, many_sockets - 300)
     attackers = server_limit + 76
     make_repo(tmp_path / "root", "org/m", {"a.txt": b"hello\n"})
-    with ServeProcess(tmp_path / "root", tmp_path, ulimit=f"-n {server_limit}") as serve:
+    with serve_command(tmp_path / "root", tmp_path, ulimit=f"-n {server_limit}") as serve:
         assert open_file_limits(serve.process.pid) == (server_limit, server_limit)
         stalled = []
         try:
@@ -310,7 +275,7 @@ def test_slowloris_under_ulimit_1024_does_not_stop_other_clients(tmp_path: Path,
         finally:
             for sock in stalled:
                 sock.close()
-    log = serve.output()
+    log = serve.log()
     assert len(log) < 64 * 1024, log[-2000:]  # before: 61 MB of accept() errors in 10 s
     assert "Traceback" not in log
 
@@ -324,11 +289,11 @@ def test_serve_announces_its_repos_and_raises_the_open_file_limit(tmp_path: Path
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_bytes(b"{}")
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with ServeProcess(root, tmp_path, ulimit="-S -n 1024") as serve:
+    with serve_command(root, tmp_path, ulimit="-S -n 1024") as serve:
         soft_now, hard_now = open_file_limits(serve.process.pid)
         requests.get(f"{serve.url}/api/models/solo", timeout=10).raise_for_status()
     assert soft_now == hard_now == hard
-    out = serve.output()
+    out = serve.log()
     assert "4 repos under" in out
     for kind, name in (
         ("model", "org/model-a"),
@@ -343,9 +308,9 @@ def test_serve_announces_its_repos_and_raises_the_open_file_limit(tmp_path: Path
 
 def test_serve_warns_when_it_finds_no_repos(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with ServeProcess(tmp_path / "empty", tmp_path) as serve:
+    with serve_command(tmp_path / "empty", tmp_path) as serve:
         pass
-    assert "no repos found under" in serve.output() and "ROOT/org/name" in serve.output()
+    assert "no repos found under" in serve.log() and "ROOT/org/name" in serve.log()
 
 
 def test_serve_refuses_a_port_in_use_in_one_line(tmp_path: Path) -> None:

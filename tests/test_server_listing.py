@@ -306,3 +306,31 @@ def test_a_cached_snapshot_is_read_once_and_notices_new_files(
     # huggingface_hub adds a file of the same commit later: the snapshot folder changes, and it shows.
     make_cache_repo(root, "org/x", {"late.txt": b"late\n"})
     assert requests.get(f"{url}/org/x/resolve/main/late.txt", timeout=10).content == b"late\n"
+
+
+# ------------------------------------------------------------------------------ HTTP caching
+
+
+def test_commit_addressed_answers_are_immutable_and_branch_ones_revalidate(
+    tmp_path: Path, serve: Callable[..., str]
+) -> None:
+    make_repo(tmp_path / "root", "org/m", {"a.txt": b"hello\n", "w.safetensors": 1000})
+    url = serve(tmp_path / "root")
+    commit = requests.get(f"{url}/api/models/org/m", timeout=10).json()["sha"]
+    immutable = "public, max-age=31536000, immutable"
+    for path in (f"/org/m/resolve/{commit}/a.txt", f"/api/models/org/m/revision/{commit}"):
+        assert requests.get(url + path, timeout=10).headers["Cache-Control"] == immutable, path
+    for path in ("/org/m/resolve/main/a.txt", "/api/models/org/m", "/api/models/org/m/tree/main"):
+        assert requests.get(url + path, timeout=10).headers["Cache-Control"] == "no-cache", path
+    # A cache revalidating what it holds gets a 304 without the body.
+    first = requests.get(f"{url}/org/m/resolve/main/w.safetensors", timeout=10)
+    again = requests.get(
+        f"{url}/org/m/resolve/main/w.safetensors",
+        headers={"If-None-Match": first.headers["ETag"]},
+        timeout=10,
+    )
+    assert (
+        again.status_code == 304 and again.content == b"" and again.headers["ETag"] == first.headers["ETag"]
+    )
+    other = requests.get(f"{url}/org/m/resolve/main/a.txt", headers={"If-None-Match": '"0000"'}, timeout=10)
+    assert other.status_code == 200 and other.content == b"hello\n"

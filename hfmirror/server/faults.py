@@ -16,15 +16,26 @@ and then applies to ``times`` of them (or to every one). Kinds of fault:
 ``bandwidth``       pace each response to ``rate`` bytes per second
 ``xet``             add Xet headers (``X-Xet-Hash``, ``Link: <...>; rel="xet-auth"``) to resolve answers
 ``redirect``        answer resolve requests with 302 to the same path on ``url`` (another host name)
+``require_token``   a gated repo: answer 401 (no token) or 403 (another token) with ``X-Error-Code:
+                    GatedRepo`` unless the request carries ``Authorization: Bearer <token>``
 ==================  =================================================================================
 
-Besides the rules, ``plan.limit_requests(R)`` answers 429 to requests beyond R per second.
+Besides the rules, the plan has three limits of its own, each off until set:
+
+* ``plan.limit_requests(R)`` answers 429 to requests beyond R per second (sliding, unannounced).
+* ``plan.request_quota(Q, W)`` is a fixed-window quota as the Hub runs one: Q matching requests per
+  window of W seconds (windows follow one another from the first request), announced on every
+  matching answer with ``RateLimit: "<name>";r=<left>;t=<seconds to reset>`` and
+  ``RateLimit-Policy: "fixed window";"<name>";q=Q;w=W``; beyond it, 429 with ``Retry-After``.
+* ``plan.limit_link(R)`` paces all response bodies together to R bytes per second: a link shared by
+  every connection (a ``bandwidth`` rule caps each connection on its own, and both may apply).
 
 Every request is recorded (method, path, headers such as ``Authorization``, ``Range``, status, body
 bytes sent, faults applied): ``plan.records`` and the per-path summary ``plan.stats``. A server in
 another process is controlled over HTTP: ``GET /_faults/stats``, ``GET /_faults/requests``,
-``POST /_faults/plan`` (JSON ``{"reset": true, "faults": [{"kind": "drop", ...}], "max_rps": R}``) and
-``POST /_faults/reset``. Run one with ``python -m hfmirror.server.faults ROOT --port P``.
+``POST /_faults/plan`` (JSON ``{"reset": true, "faults": [{"kind": "drop", ...}], "max_rps": R,
+"quota": {"limit": Q, "window": W}, "link_rate": R}``) and ``POST /_faults/reset``. Run one with
+``python -m hfmirror.server.faults ROOT --port P``.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import collections
 import fnmatch
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterable
@@ -58,6 +70,7 @@ FAULT_KINDS = (
     "bandwidth",
     "xet",
     "redirect",
+    "require_token",
 )
 # Faults that change the body only make sense for GET; the others also hit HEAD by default.
 _BODY_KINDS = {"drop", "corrupt", "ignore_range", "bandwidth"}
@@ -81,6 +94,7 @@ class Fault:
     seconds: float = 0.0  # stall
     rate: float = 0.0  # bandwidth, bytes per second
     url: str = ""  # redirect target base, e.g. "http://localhost:8001"
+    token: str = ""  # require_token: the one token let through
     seen: int = 0
     applied: int = 0
 
@@ -97,6 +111,8 @@ class Fault:
             raise ValueError("a bandwidth fault needs rate > 0 (bytes per second)")
         if self.kind == "redirect" and not self.url:
             raise ValueError("a redirect fault needs url")
+        if self.kind == "require_token" and not self.token:
+            raise ValueError("a require_token fault needs token")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Fault:
@@ -137,6 +153,43 @@ class RequestRecord:
     client: str = ""  # "host:port" of the connection it came over (a new port means a new connection)
 
 
+@dataclass
+class Quota:
+    """A fixed-window request quota: ``limit`` matching requests per ``window`` seconds.
+
+    The first counted request starts window 0; window k covers ``[origin + k*window, origin + (k+1)*window)``.
+    Refused requests do not count.
+    """
+
+    limit: int
+    window: float
+    path: str = "*/resolve/*"  # what it counts (the Hub's "resolvers" quota counts file downloads)
+    name: str = "resolvers"
+    origin: float | None = None
+    current: int = -1  # the window the count is for
+    count: int = 0
+
+    def take(self, now: float) -> tuple[bool, int, float]:
+        """Count a request at ``now`` if the window has room: (admitted, requests left, seconds to reset)."""
+        if self.origin is None:
+            self.origin = now
+        index = int((now - self.origin) // self.window)
+        if index != self.current:
+            self.current, self.count = index, 0
+        reset_in = self.origin + (index + 1) * self.window - now
+        if self.count >= self.limit:
+            return False, 0, reset_in
+        self.count += 1
+        return True, self.limit - self.count, reset_in
+
+    def headers(self, left: int, reset_in: float) -> dict[str, str]:
+        """The Hub's announcement of the quota (``t`` rounded up: never earlier than the reset)."""
+        return {
+            "RateLimit": f'"{self.name}";r={left};t={max(1, math.ceil(reset_in))}',
+            "RateLimit-Policy": f'"fixed window";"{self.name}";q={self.limit};w={self.window:g}',
+        }
+
+
 class FaultPlan:
     """A thread-safe, runtime-changeable list of faults, plus the record of every request served."""
 
@@ -144,6 +197,9 @@ class FaultPlan:
         self._lock = threading.Lock()
         self.faults: list[Fault] = []
         self.max_rps: float | None = None
+        self.quota: Quota | None = None
+        self.link_rate: float | None = None
+        self._link_free_at = 0.0  # when the shared link has sent everything handed to it so far
         self._records: list[RequestRecord] = []
         self._recent: collections.deque[float] = collections.deque()  # admitted request times
 
@@ -194,29 +250,63 @@ class FaultPlan:
         """Answer resolve requests with 302 to the same path on ``url`` (unless already on that host)."""
         return self.add(Fault("redirect", url=url.rstrip("/"), **match))
 
+    def require_token(self, token: str, **match: Any) -> Fault:
+        """Let matching requests through only with ``Authorization: Bearer <token>`` (a gated repo)."""
+        return self.add(Fault("require_token", token=token, **match))
+
     def limit_requests(self, max_rps: float | None) -> None:
         """Answer 429 (``Retry-After: 1``) to requests beyond ``max_rps`` per second; None: no limit."""
         with self._lock:
             self.max_rps = max_rps
             self._recent.clear()
 
+    def request_quota(
+        self, limit: int | None, window: float = 1.0, *, path: str = "*/resolve/*", name: str = "resolvers"
+    ) -> Quota | None:
+        """Allow ``limit`` requests matching ``path`` per fixed window of ``window`` seconds, announced
+        in RateLimit headers, 429 beyond; None: no quota."""
+        if limit is not None and (limit < 1 or window <= 0):
+            raise ValueError("a quota needs limit >= 1 and window > 0")
+        quota = Quota(int(limit), float(window), path=path, name=name) if limit is not None else None
+        with self._lock:
+            self.quota = quota
+        return quota
+
+    def limit_link(self, rate: float | None) -> None:
+        """Pace every response body together to ``rate`` bytes per second (a shared link); None: no cap."""
+        if rate is not None and rate <= 0:
+            raise ValueError("a link rate must be > 0 bytes per second")
+        with self._lock:
+            self.link_rate = rate
+            self._link_free_at = 0.0
+
     def reset(self) -> None:
-        """Remove every fault and the request limit, and forget the records."""
+        """Remove every fault and limit, and forget the records."""
         with self._lock:
             self.faults.clear()
             self.max_rps = None
+            self.quota = None
+            self.link_rate = None
             self._records.clear()
             self._recent.clear()
 
     def configure(self, data: dict[str, Any]) -> None:
-        """Apply a JSON plan: ``{"reset": bool, "faults": [{...}], "max_rps": R}``."""
+        """Apply a JSON plan: ``{"reset": bool, "faults": [{...}], "max_rps": R, "quota": {"limit": Q,
+        "window": W, "path": glob, "name": str} or null, "link_rate": R or null}``."""
         new_faults = [Fault.from_dict(item) for item in data.get("faults", [])]
+        quota = data.get("quota")
+        if quota is not None and not isinstance(quota, dict):
+            raise ValueError("quota must be an object or null")
         if data.get("reset"):
             self.reset()
         for fault in new_faults:
             self.add(fault)
         if "max_rps" in data:
             self.limit_requests(data["max_rps"])
+        if "quota" in data:
+            self.request_quota(**quota) if quota is not None else self.request_quota(None)
+        if "link_rate" in data:
+            self.limit_link(data["link_rate"])
 
     # -- reading what happened
 
@@ -264,6 +354,24 @@ class FaultPlan:
         }
 
     # -- used by the injector
+
+    def _take_quota(self, path: str, now: float) -> tuple[bool, dict[str, str]]:
+        """(admitted, headers announcing the quota) for a request; (True, {}) where no quota applies."""
+        with self._lock:
+            quota = self.quota
+            if quota is None or not fnmatch.fnmatchcase(path, quota.path):
+                return True, {}
+            admitted, left, reset_in = quota.take(now)
+            return admitted, quota.headers(left, reset_in)
+
+    def _link_delay(self, count: int, now: float) -> float:
+        """Reserve the shared link for ``count`` bytes, after whatever it carries already; how long to
+        wait until they have gone through it (then they are sent, as a paced connection sends)."""
+        with self._lock:
+            if self.link_rate is None:
+                return 0.0
+            self._link_free_at = max(now, self._link_free_at) + count / self.link_rate
+            return self._link_free_at - now
 
     def _admit(self, now: float) -> bool:
         with self._lock:
@@ -326,6 +434,13 @@ class FaultInjector:
             record.faults.append("max_rps")
             await _send_simple(send, record, 429, {"Retry-After": "1"}, b"rate limited")
             return
+        admitted, announced = self.plan._take_quota(record.path, time.monotonic())
+        if not admitted:
+            record.faults.append("quota")
+            retry_after = announced["RateLimit"].rpartition("t=")[2]
+            headers = {**announced, "Retry-After": retry_after}
+            await _send_simple(send, record, 429, headers, b'{"error": "rate limit reached"}')
+            return
         faults = self.plan._match(record.method, record.path)
         record.faults.extend(f.kind for f in faults)
         is_resolve = "/resolve/" in record.path
@@ -344,9 +459,17 @@ class FaultInjector:
                 return
             if fault.kind == "redirect" and is_resolve and await self._redirect(scope, send, record, fault):
                 return
+            if (
+                fault.kind == "require_token"
+                and record.headers.get("authorization") != f"Bearer {fault.token}"
+            ):
+                status = 403 if "authorization" in record.headers else 401
+                extra = {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to this repo is restricted"}
+                await _send_simple(send, record, status, extra, b'{"error": "gated repo"}')
+                return
         if any(f.kind == "ignore_range" for f in faults):
             scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"range"])
-        shaper = _ResponseShaper(send, record, faults, scope, xet=is_resolve)
+        shaper = _ResponseShaper(send, record, faults, scope, xet=is_resolve, plan=self.plan, extra=announced)
         try:
             await self.app(scope, receive, shaper.send)
         except Exception:
@@ -412,9 +535,22 @@ class FaultInjector:
 class _ResponseShaper:
     """Wraps ``send`` for one response: counts, paces, corrupts, stalls or drops the body."""
 
-    def __init__(self, send: Send, record: RequestRecord, faults: list[Fault], scope: Scope, *, xet: bool):
+    def __init__(
+        self,
+        send: Send,
+        record: RequestRecord,
+        faults: list[Fault],
+        scope: Scope,
+        *,
+        xet: bool,
+        plan: FaultPlan | None = None,
+        extra: dict[str, str] | None = None,
+    ):
         self._send = send
         self.record = record
+        self.plan = plan
+        self.link = plan is not None and plan.link_rate is not None  # decided per response
+        self.extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (extra or {}).items()]
         drops = [f.after_bytes for f in faults if f.kind == "drop" and f.after_bytes is not None]
         self.drop_at = min(drops) if drops else None
         # (offset, seconds) of the stalls still to come in this response, in order.
@@ -428,17 +564,22 @@ class _ResponseShaper:
         self.host = dict(scope["headers"]).get(b"host", b"localhost").decode("latin-1")
         self.dropped = False
         self._paced_start: float | None = None
-        # Pacing sends small pieces (about 20 per second) so the rate is smooth, not bursty.
+        # Pacing sends small pieces (about 20 per second) so the rate is smooth, not bursty; a shared
+        # link, pieces short enough that connections take turns on it.
         self._piece = int(min(64 * 1024, max(1024, self.rate / 20))) if self.rate else 1 << 30
+        if self.link:
+            self._piece = min(self._piece, 64 * 1024)
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.record.status = message["status"]
+            extra = list(self.extra)
             if self.xet:
-                extra = [
+                extra += [
                     (b"x-xet-hash", _FAKE_XET_HASH.encode()),
                     (b"link", f'<http://{self.host}/api/xet-read-token>; rel="xet-auth"'.encode("latin-1")),
                 ]
+            if extra:
                 message = dict(message, headers=list(message["headers"]) + extra)
             await self._send(message)
             return
@@ -449,7 +590,7 @@ class _ResponseShaper:
         more: bool = message.get("more_body", False)
         if self.corrupt and body:
             body = bytes([body[0] ^ 0xFF]) + body[1:]
-        if self.rate is None and not self.stalls and self.drop_at is None:
+        if self.rate is None and not self.link and not self.stalls and self.drop_at is None:
             self.record.bytes_sent += len(body)
             await self._send(dict(message, body=body))
             return
@@ -485,6 +626,10 @@ class _ResponseShaper:
                 self._paced_start = time.monotonic()
             due = self._paced_start + (self.record.bytes_sent + len(chunk)) / self.rate
             delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        if self.link and self.plan is not None and chunk:
+            delay = self.plan._link_delay(len(chunk), time.monotonic())
             if delay > 0:
                 await asyncio.sleep(delay)
         self.record.bytes_sent += len(chunk)
@@ -528,6 +673,10 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--page-size", type=int, default=1000, help="tree entries per page")
     parser.add_argument("--rate-per-conn", type=float, help="pace every response to this many bytes/s")
     parser.add_argument("--max-rps", type=float, help="answer 429 beyond this many requests per second")
+    parser.add_argument(
+        "--quota", metavar="Q/W", help="a fixed-window quota of Q file requests per W seconds, announced"
+    )
+    parser.add_argument("--link-rate", type=float, help="pace all responses together to this many bytes/s")
     parser.add_argument("--xet", action="store_true", help="add Xet headers to resolve answers")
     parser.add_argument("--plan", help="a JSON plan file, as accepted by POST /_faults/plan")
     return parser.parse_args(list(argv) if argv is not None else None)
@@ -545,6 +694,11 @@ def main(argv: Iterable[str] | None = None) -> None:
         plan.limit_bandwidth(args.rate_per_conn)
     if args.max_rps:
         plan.limit_requests(args.max_rps)
+    if args.quota:
+        limit, _, window = args.quota.partition("/")
+        plan.request_quota(int(limit), float(window or 1))
+    if args.link_rate:
+        plan.limit_link(args.link_rate)
     if args.xet:
         plan.xet_headers()
     if args.plan:

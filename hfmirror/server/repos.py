@@ -48,6 +48,7 @@ __all__ = [
     "is_lfs_file",
     "is_valid_repo_id",
     "lfs_pointer",
+    "snapshot_of",
 ]
 
 # Files at least this large are stored in LFS by the Hub (its upload threshold is 10 MiB).
@@ -354,11 +355,16 @@ def _has_regular_file(folder: Path) -> bool:
 def _make_snapshot(
     location: RepoLocation, commit: str, files: dict[str, FileInfo], scanned: list[ScannedFile]
 ) -> Snapshot:
+    last_modified = max((entry.mtime_ns for entry in scanned), default=0) / 1e9
+    return snapshot_of(location.repo_type, location.repo_id, commit, files, last_modified)
+
+
+def snapshot_of(
+    repo_type: str, repo_id: str, commit: str, files: dict[str, FileInfo], last_modified: float
+) -> Snapshot:
+    """A snapshot of ``files`` (by path, sorted), with every folder they imply."""
     directories = {path.rsplit("/", 1)[0] for path in files if "/" in path}
     for directory in list(directories):  # add every ancestor: a/b/c.txt gives a and a/b
         parts = directory.split("/")
         directories.update("/".join(parts[:i]) for i in range(1, len(parts)))
-    last_modified = max((entry.mtime_ns for entry in scanned), default=0) / 1e9
-    return Snapshot(
-        location.repo_type, location.repo_id, commit, files, last_modified, frozenset(directories)
-    )
+    return Snapshot(repo_type, repo_id, commit, files, last_modified, frozenset(directories))
