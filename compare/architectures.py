@@ -2,10 +2,11 @@
 
 One :class:`Architecture` entry owns everything about a kind of model: how its config.json is parsed,
 our model class, the weight map from our parameters to the checkpoint's tensors, how checkpoint
-names vary (task-head prefixes, old names, buffers to ignore), and the reference side: which
-transformers class loads it, where each stage is computed (a compare.reference_layout
-ReferenceLayout), and, when transformers cannot load the checkpoint as it is, the conversion that
-makes it loadable (Qwen v1). Adding an architecture is its module plus one entry here.
+names vary (task-head prefixes, old names, buffers to ignore), which of our functions computes each
+stage (the HTML report names them), and the reference side: which transformers class loads it,
+where it computes each stage (a compare.reference_layout ReferenceLayout), and, when transformers
+cannot load the checkpoint as it is, the conversion that makes it loadable (Qwen v1). Adding an
+architecture is its module plus one entry here.
 
 Only torch is imported; never transformers.
 """
@@ -13,7 +14,7 @@ Only torch is imported; never transformers.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,14 @@ import torch
 
 from hfmirror.errors import UnsupportedModelError
 
-from .bert import BERT_REFERENCE, BertModel, bert_weight_map
+from .bert import BERT_REFERENCE, BERT_STAGE_FUNCTIONS, BertModel, bert_weight_map
 from .config import BertConfig, read_config_json
-from .gpt2 import GPT2_REFERENCE, GPT2Config, GPT2Model, gpt2_weight_map
-from .llama import LLAMA_REFERENCE, LlamaConfig, LlamaModel, llama_weight_map
+from .gpt2 import GPT2_REFERENCE, GPT2_STAGE_FUNCTIONS, GPT2Config, GPT2Model, gpt2_weight_map
+from .llama import LLAMA_REFERENCE, LLAMA_STAGE_FUNCTIONS, LlamaConfig, LlamaModel, llama_weight_map
 from .model import TransformerModel
 from .qwen import (
     QWEN_REFERENCE,
+    QWEN_STAGE_FUNCTIONS,
     QwenConfig,
     QwenModel,
     qwen2_reference_config,
@@ -37,7 +39,15 @@ from .qwen import (
 )
 from .reference_layout import ReferenceConversion, ReferenceLayout
 from .roberta import RobertaConfig, RobertaModel
-from .weights import CheckpointReader, TensorCache, WeightMap, checkpoint_files, load_piece, plan_weights
+from .weights import (
+    CheckpointReader,
+    TensorCache,
+    WeightMap,
+    checkpoint_files,
+    load_piece,
+    plan_weights,
+    tie_like_transformers,
+)
 
 __all__ = [
     "REGISTRY",
@@ -50,6 +60,7 @@ __all__ = [
 ]
 
 _PLAIN_REFERENCE = "transformers {model_class}, eager attention, eval, no_grad"
+_OUR_LM_HEAD = "lm_head.weight"  # compare.model.CausalLanguageModel.lm_head
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,9 @@ class Architecture:
     model_class: Callable[..., TransformerModel]  # (config, **options) -> our model
     weight_map: Callable[..., WeightMap]  # (config, **options) -> {our name: checkpoint tensor}
     reference: ReferenceLayout  # where transformers computes each stage
+    # Where our code computes each stage (stage name, "{i}" for every layer -> the function), shown
+    # in the HTML report's stage table.
+    stage_functions: Mapping[str, Callable[..., Any]]
     base_prefix: str = ""  # prefix of the base model's tensors in task checkpoints ("bert.")
     head_prefixes: tuple[str, ...] = ()  # task heads outside what we compare: ignored
     ignored: tuple[str, ...] = ()  # regular expressions: non-learned buffers some checkpoints carry
@@ -73,6 +87,9 @@ class Architecture:
     conversion: ReferenceConversion | None = None
     uses_token_types: bool = False  # the input carries segment ids (encoders)
     has_lm_head: bool = False  # the final stage is next-token logits
+    # The checkpoint name of the LM head's weight (after canonical_name): a checkpoint may store it
+    # even when config.json ties it to the embeddings (see compare.weights.tie_like_transformers).
+    lm_head: str | None = None
 
     def canonical_name(self, name: str) -> str | None:
         """A checkpoint tensor name as the weight map spells it, or None for a tensor to ignore."""
@@ -112,6 +129,7 @@ def _encoder(
         model_class=model_class,
         weight_map=bert_weight_map,
         reference=BERT_REFERENCE,
+        stage_functions=BERT_STAGE_FUNCTIONS,
         base_prefix=base_prefix,
         head_prefixes=heads,
         ignored=(r"(.*\.)?position_ids", r"(.*\.)?token_type_ids"),
@@ -130,10 +148,12 @@ def _llama_family(model_type: str) -> Architecture:
         model_class=LlamaModel,
         weight_map=llama_weight_map,
         reference=LLAMA_REFERENCE,
+        stage_functions=LLAMA_STAGE_FUNCTIONS,
         base_prefix="model.",
         head_prefixes=("score.",),
         ignored=(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),  # old checkpoints saved it
         has_lm_head=True,
+        lm_head="lm_head.weight",
     )
 
 
@@ -163,11 +183,13 @@ REGISTRY: dict[str, Architecture] = {
         model_class=GPT2Model,
         weight_map=gpt2_weight_map,
         reference=GPT2_REFERENCE,
+        stage_functions=GPT2_STAGE_FUNCTIONS,
         base_prefix="transformer.",
         head_prefixes=("score.", "multiple_choice_head."),
         # The causal mask, saved as a buffer by old versions of transformers (the hub's gpt2 has it).
         ignored=(r"h\.\d+\.attn\.(bias|masked_bias)",),
         has_lm_head=True,
+        lm_head="lm_head.weight",
     ),
     **{model_type: _llama_family(model_type) for model_type in ("llama", "mistral", "qwen2", "qwen3")},
     "qwen": Architecture(
@@ -176,10 +198,12 @@ REGISTRY: dict[str, Architecture] = {
         model_class=QwenModel,
         weight_map=qwen_weight_map,
         reference=QWEN_REFERENCE,
+        stage_functions=QWEN_STAGE_FUNCTIONS,
         base_prefix="transformer.",
         ignored=(r"h\.\d+\.attn\.(masked_bias|rotary_emb\.inv_freq)",),
         conversion=QWEN_CONVERSION,
         has_lm_head=True,
+        lm_head="lm_head.weight",
     ),
 }
 
@@ -235,13 +259,17 @@ def prepare_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32) 
     config = architecture.parse_config(raw_config)
     files = checkpoint_files(model_dir)
     reader = CheckpointReader(files)
-    names = {architecture.canonical_name(name) for name in reader.names()}
-    options = architecture.detect_options({name for name in names if name is not None})
+    names = {name for name in map(architecture.canonical_name, reader.names()) if name is not None}
+    options = architecture.detect_options(names)
 
     with torch.device("meta"):  # shapes only: the checkpoint's tensors become the parameters
         model = architecture.model_class(config, **options).to(dtype)
     model.requires_grad_(False)
     weight_map = architecture.weight_map(config, **options)
+    if architecture.lm_head is not None:
+        weight_map = tie_like_transformers(
+            weight_map, names, parameter=_OUR_LM_HEAD, name=architecture.lm_head
+        )
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     plan = plan_weights(reader, weight_map, shapes, rename=architecture.canonical_name)
     return LoadedModel(

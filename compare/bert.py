@@ -22,6 +22,7 @@ from .reference_layout import ReferenceLayout, StagePoint
 
 __all__ = [
     "BERT_REFERENCE",
+    "BERT_STAGE_FUNCTIONS",
     "BertEmbeddings",
     "BertEncoderLayer",
     "BertModel",
@@ -167,6 +168,17 @@ def bert_weight_map(config: BertConfig, *, with_pooler: bool = True) -> dict[str
         mapping |= {"pooler.dense.weight": "pooler.dense.weight", "pooler.dense.bias": "pooler.dense.bias"}
     return mapping
 
+
+# Where our code computes each stage ("{i}": every layer), for the HTML report's stage table.
+BERT_STAGE_FUNCTIONS = {
+    "embeddings": BertEmbeddings.forward,
+    "layer.{i}.attention": MultiHeadSelfAttention.forward,
+    "layer.{i}.attention_add_norm": add_and_norm,
+    "layer.{i}.feed_forward": FeedForward.forward,
+    "layer.{i}.output": add_and_norm,
+    "last_hidden_state": BertModel.finish,
+    "pooler": BertPooler.forward,
+}
 
 # Where transformers' BertModel (and RobertaModel, laid out the same) computes each of our stages.
 BERT_REFERENCE = ReferenceLayout(

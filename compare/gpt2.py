@@ -34,7 +34,7 @@ from .model import CausalLanguageModel, Context, Recorder
 from .reference_layout import ReferenceLayout, StagePoint
 from .weights import Transposed
 
-__all__ = ["GPT2_REFERENCE", "GPT2Config", "GPT2Model", "gpt2_weight_map"]
+__all__ = ["GPT2_REFERENCE", "GPT2_STAGE_FUNCTIONS", "GPT2Config", "GPT2Model", "gpt2_weight_map"]
 
 
 @dataclass(frozen=True)
@@ -181,6 +181,17 @@ def gpt2_weight_map(config: GPT2Config) -> dict[str, str | Transposed]:
         }
     return mapping
 
+
+# Where our code computes each stage ("{i}": every layer), for the HTML report's stage table.
+GPT2_STAGE_FUNCTIONS = {
+    "embeddings": GPT2Embeddings.forward,
+    "layer.{i}.attention": FusedQKVAttention.forward,
+    "layer.{i}.attention_residual": PreNormDecoderLayer.forward,
+    "layer.{i}.mlp": FeedForward.forward,
+    "layer.{i}.output": PreNormDecoderLayer.forward,
+    "final_norm": LayerNorm.forward,
+    "logits": CausalLanguageModel.finish,
+}
 
 # Where transformers' GPT2LMHeadModel computes each stage. No module returns the embedding sum, but
 # the (inactive) dropout right after it does.

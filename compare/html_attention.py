@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -24,7 +25,18 @@ import numpy as np
 
 from hfmirror.errors import CompareError
 
-__all__ = ["AttentionMaps", "attention_section"]
+__all__ = ["MAX_DRAWN_CELLS", "AttentionMaps", "attention_section", "drawn_token_limit"]
+
+# The most (query, key) cells drawn per kind of picture (ours, reference, difference), over all layers
+# and heads, so that a page stays under 5 MB: random attention (the worst case for PNG) costs up to
+# ~0.9 bytes per cell over the three kinds, base64 included, and the rest of a 28-layer page ~0.2 MB.
+# A 28-layer, 16-head model draws up to 53 tokens.
+MAX_DRAWN_CELLS = 1_300_000
+
+
+def drawn_token_limit(layers: int, heads: int, cells: int = MAX_DRAWN_CELLS) -> int:
+    """The most tokens whose maps fit ``cells``: layers x heads x n^2 <= cells (at least 1)."""
+    return max(1, math.isqrt(cells // max(1, layers * heads)))
 
 
 def _e(value: Any) -> str:
@@ -61,6 +73,8 @@ class AttentionMaps:
     reference: Sequence[np.ndarray]
     causal: bool
     text: str | None = None  # the input text itself, shown above the tokens
+    notes: tuple[str, ...] = ()  # said under the tokens (e.g. that only the first tokens are drawn)
+    first_layer: int = 0  # the model's number of ours[0] (a comparison of layers 20-23 starts at 20)
 
     def __post_init__(self) -> None:
         # Frozen, so the normalised copies are set through object.__setattr__.
@@ -155,10 +169,16 @@ def attention_section(
         "differences": differences,
         "focus": list(focus),
         "focusCell": _focus_cell_px(attention.seq_len),
+        "firstLayer": attention.first_layer,
     }
     layers = "\n".join(
         _layer_section(
-            layer, differences[layer], atol=atol, is_open=focus[0] == layer, link=stage_links.get(layer)
+            layer,
+            differences[layer],
+            atol=atol,
+            is_open=focus[0] == layer,
+            number=attention.first_layer + layer,
+            link=stage_links.get(attention.first_layer + layer),
         )
         for layer in range(attention.num_layers)
     )
@@ -187,8 +207,9 @@ def _text_and_tokens(attention: AttentionMaps) -> str:
         f'<li><span class="tok" lang="und">{_e(token)}</span><sub>{index}</sub></li>'
         for index, token in enumerate(attention.tokens)
     )
-    return f"""{text}<p>It became {attention.seq_len} tokens (the rows and columns of every map):</p>
-<ol class="tokens" id="tokens">{items}</ol>"""
+    notes = "".join(f'<p class="note">{_e(note)}</p>' for note in attention.notes)
+    return f"""{text}<p>The rows and columns of every map are these {attention.seq_len} tokens:</p>
+<ol class="tokens" id="tokens">{items}</ol>{notes}"""
 
 
 def _legends(probability: Any, difference: Any, causal: bool, figures: ModuleType) -> str:
@@ -228,16 +249,18 @@ def _strip_styles(attention: AttentionMaps, probability: Any, difference: Any, f
 
 
 def _layer_section(
-    layer: int, differences: list[float], *, atol: float, is_open: bool, link: str | None
+    layer: int, differences: list[float], *, atol: float, is_open: bool, number: int, link: str | None
 ) -> str:
     """One layer's heads, each as three thumbnails (ours, reference, difference); closed unless
     ``is_open``, so a large model's page opens without drawing hundreds of maps. A layer whose maps
     differ by more than atol is flagged in its summary line (a hint where to look, not a verdict:
-    the pass rule applies to the stages)."""
-    heads = "\n".join(_head_button(layer, head, difference) for head, difference in enumerate(differences))
+    the pass rule applies to the stages). ``layer`` is its place on the page, ``number`` the model's."""
+    heads = "\n".join(
+        _head_button(layer, head, difference, number=number) for head, difference in enumerate(differences)
+    )
     largest = max(differences)
     flag = " (more than atol)" if largest > atol else ""
-    summary = f"layer {layer}: {len(differences)} heads, largest |ours − reference| {largest:.2e}{flag}"
+    summary = f"layer {number}: {len(differences)} heads, largest |ours − reference| {largest:.2e}{flag}"
     stage = f' <a href="#{_e(link)}">Its attention stage in the table.</a>' if link else ""
     classes = "layer differs" if flag else "layer"
     return f"""<details class="{classes}" id="attention-layer-{layer}" style="--heads:{len(differences)}"\
@@ -250,10 +273,10 @@ def _layer_section(
 </details>"""
 
 
-def _head_button(layer: int, head: int, difference: float) -> str:
+def _head_button(layer: int, head: int, difference: float, *, number: int) -> str:
     maps = "".join(f'<span class="map s{layer}{kind}"></span>' for kind in "ord")
     return (
         f'<button type="button" class="head" data-layer="{layer}" data-head="{head}" style="--h:{head}" '
-        f'title="layer {layer}, head {head}: max |ours − reference| {difference:.2e}">'
+        f'title="layer {number}, head {head}: max |ours − reference| {difference:.2e}">'
         f'{maps}<span class="head-label">head {head}</span></button>'
     )

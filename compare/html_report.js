@@ -54,12 +54,12 @@
     focus.replaceChildren();
     const title = element("p", "focus-title");
     title.append(
-      element("b", "", `Layer ${layer}, head ${head}`),
+      element("b", "", `Layer ${data.firstLayer + layer}, head ${head}`),
       `: max |ours − reference| ${sci(largest)}`,
       isDefault ? " (the head where ours and the reference differ most). " : ". ",
       "Click any head below to show it here. ",
     );
-    const back = element("a", "", `Back to layer ${layer}.`);
+    const back = element("a", "", `Back to layer ${data.firstLayer + layer}.`);
     back.href = `#attention-layer-${layer}`;
     title.append(back);
     const maps = element("div", "focus-maps");

@@ -16,11 +16,14 @@ What the page is made from (the integration builds these; nothing here runs a mo
 - ``sources``: stage name -> where it is computed, as ``"compare/layers.py:123"`` text (see
   :func:`source_location`). A key may use ``{i}`` for the layer number (``"layer.{i}.attention"``).
 
-Typical use::
+Typical use, on a finished comparison (``compare_model_dir(..., keep_attention=True,
+attention_cells=MAX_DRAWN_CELLS)`` for the maps, as ``hfmirror compare --html`` runs it)::
 
-    from compare.html_report import AttentionMaps, write_html
+    from compare.html_report import write_report
 
-    write_html("report.html", report.to_dict(), attention=maps, sources=sources)
+    write_report("report.html", report)
+
+or, from the parts: ``write_html("report.html", report.to_dict(), attention=maps, sources=sources)``.
 """
 
 from __future__ import annotations
@@ -34,11 +37,14 @@ from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hfmirror.errors import CompareError
+from hfmirror.errors import CompareError, StorageError
 
 from .html_attention import AttentionMaps, attention_section
+
+if TYPE_CHECKING:
+    from .report import ComparisonReport
 
 __all__ = [
     "AttentionMaps",
@@ -47,6 +53,7 @@ __all__ = [
     "stage_anchor",
     "verdict_sentence",
     "write_html",
+    "write_report",
 ]
 
 # Top-level keys of ComparisonReport.to_dict() that have a place of their own on the page.
@@ -102,10 +109,26 @@ def write_html(
     attention: AttentionMaps | None = None,
     sources: Mapping[str, str] | None = None,
 ) -> Path:
-    """Render the page and write it to ``path`` (UTF-8). Returns the path written."""
+    """Render the page and write it to ``path`` (UTF-8). Returns the path written.
+
+    Raises:
+        StorageError: the file could not be written.
+    """
     target = Path(path)
-    target.write_text(render_html(report, attention=attention, sources=sources), encoding="utf-8")
+    page = render_html(report, attention=attention, sources=sources)
+    try:
+        target.write_text(page, encoding="utf-8")
+    except OSError as error:
+        raise StorageError(f"cannot write the HTML report to {target}: {error.strerror or error}") from error
     return target
+
+
+def write_report(path: str | Path, report: ComparisonReport) -> Path:
+    """The page of a finished comparison: its JSON, its attention maps (when it kept them) and, for
+    each stage, where our code computes it (the architecture's ``stage_functions``). Returns the path."""
+    sources = {stage: source_location(function) for stage, function in report.stage_functions.items()}
+    attention = report.attention.maps() if report.attention is not None else None
+    return write_html(path, report.to_dict(), attention=attention, sources=sources)
 
 
 def verdict_sentence(report: Mapping[str, Any]) -> str:

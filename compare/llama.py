@@ -50,6 +50,7 @@ from .reference_layout import ReferenceLayout, StagePoint
 __all__ = [
     "FAMILIES",
     "LLAMA_REFERENCE",
+    "LLAMA_STAGE_FUNCTIONS",
     "LlamaConfig",
     "LlamaModel",
     "TokenEmbeddings",
@@ -287,6 +288,17 @@ def llama_weight_map(config: LlamaConfig) -> dict[str, str]:
                 mapping[f"{ours}.mlp.{our_name}.bias"] = f"{theirs}.mlp.{their_name}.bias"
     return mapping
 
+
+# Where our code computes each stage ("{i}": every layer), for the HTML report's stage table.
+LLAMA_STAGE_FUNCTIONS = {
+    "embeddings": TokenEmbeddings.forward,
+    "layer.{i}.attention": GroupedQueryAttention.forward,
+    "layer.{i}.attention_residual": PreNormDecoderLayer.forward,
+    "layer.{i}.mlp": GatedFeedForward.forward,
+    "layer.{i}.output": PreNormDecoderLayer.forward,
+    "final_norm": RMSNorm.forward,
+    "logits": CausalLanguageModel.finish,
+}
 
 # Where transformers' LlamaForCausalLM (and Mistral's, Qwen2's, Qwen3's, laid out the same) computes
 # each stage.

@@ -49,11 +49,12 @@ from .layers import (
     RMSNorm,
     rotary_inverse_frequencies,
 )
-from .llama import LLAMA_REFERENCE, TokenEmbeddings, decoder_context
+from .llama import LLAMA_REFERENCE, LLAMA_STAGE_FUNCTIONS, TokenEmbeddings, decoder_context
 from .model import CausalLanguageModel, Context
 
 __all__ = [
     "QWEN_REFERENCE",
+    "QWEN_STAGE_FUNCTIONS",
     "QwenConfig",
     "QwenModel",
     "qwen2_reference_config",
@@ -257,6 +258,9 @@ def qwen2_reference_tensors(
         else:
             raise CompareError(f"no Qwen2 counterpart for tensor {name!r}")
 
+
+# Where our code computes each stage ("{i}": every layer): Llama's, but for the fused attention.
+QWEN_STAGE_FUNCTIONS = LLAMA_STAGE_FUNCTIONS | {"layer.{i}.attention": FusedQKVAttention.forward}
 
 # Qwen2ForCausalLM is laid out like Llama.
 QWEN_REFERENCE = LLAMA_REFERENCE

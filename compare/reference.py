@@ -35,11 +35,15 @@ if TYPE_CHECKING:
     from .architectures import Architecture
 
 __all__ = [
+    "LABELS_DECODED",
+    "LABELS_FROM_OFFSETS",
     "ReferenceRun",
+    "Tokenized",
     "has_tokenizer",
     "load_reference",
     "load_tokenizer",
     "reference_stages",
+    "token_labels",
     "tokenize",
     "versions",
 ]
@@ -159,16 +163,25 @@ def load_tokenizer(source: str | Path) -> Any:
         ) from error
 
 
-def tokenize(
-    tokenizer: Any, texts: list[str], *, max_length: int, vocab_size: int
-) -> dict[str, torch.Tensor]:
+@dataclass
+class Tokenized:
+    """Texts as the models' input, and each token as a person reads it."""
+
+    tensors: dict[str, torch.Tensor]  # input_ids, attention_mask, token_type_ids: each (B, T)
+    labels: list[list[str]]  # (B, T) like the ids: see token_labels
+    labels_from: str  # how the labels were made, said in the report
+
+
+LABELS_FROM_OFFSETS = "the text at the fast tokenizer's offsets; special tokens by name"
+LABELS_DECODED = "each token id decoded alone; special tokens by name"
+
+
+def tokenize(tokenizer: Any, texts: list[str], *, max_length: int, vocab_size: int) -> Tokenized:
     """Tokenise ``texts`` as one batch, padded on the right.
 
     Right padding keeps every real token at the position it has without padding (decoders number
     positions 0 .. T-1 along the row). Decoder tokenizers often have no padding token; the
     end-of-text token stands in (padded positions are masked out of attention).
-
-    Returns input_ids, attention_mask and token_type_ids, each (B, T).
 
     Raises:
         CompareError: several texts and no token to pad with, or ids outside the model's vocabulary.
@@ -178,18 +191,84 @@ def tokenize(
         if tokenizer.eos_token is None and len(texts) > 1:
             raise CompareError("the tokenizer has no padding (or end-of-text) token; pass a single --text")
         tokenizer.pad_token = tokenizer.eos_token
-    encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    encoded = tokenizer(
+        texts,
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+        return_offsets_mapping=tokenizer.is_fast,  # slow tokenizers have no offsets
+        return_special_tokens_mask=True,
+    )
     input_ids = encoded["input_ids"]
     if int(input_ids.max()) >= vocab_size:
         raise CompareError(
             f"the tokenizer produced token id {int(input_ids.max())}, outside the model's vocabulary "
             f"({vocab_size}): is it the checkpoint's tokenizer?"
         )
-    return {
+    tensors = {
         "input_ids": input_ids,
         "attention_mask": encoded.get("attention_mask", torch.ones_like(input_ids)),
         "token_type_ids": encoded.get("token_type_ids", torch.zeros_like(input_ids)),
     }
+    if "offset_mapping" not in encoded:
+        return Tokenized(tensors, token_labels(tokenizer, input_ids.tolist()), LABELS_DECODED)
+    offsets, special = encoded["offset_mapping"].tolist(), encoded["special_tokens_mask"].tolist()
+    rows = zip(texts, input_ids.tolist(), offsets, special, strict=True)
+    labels = [_labels_at_offsets(tokenizer, *row) for row in rows]
+    return Tokenized(tensors, labels, LABELS_FROM_OFFSETS)
+
+
+# A label of whitespace only would be invisible: its characters are drawn as these symbols.
+_VISIBLE_WHITESPACE = str.maketrans({" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"})
+
+
+def _shown(label: str | None, token_id: int) -> str:
+    if not label:
+        return str(token_id)
+    return label.translate(_VISIBLE_WHITESPACE) if not label.strip() else label
+
+
+def _labels_at_offsets(
+    tokenizer: Any, text: str, ids: list[int], offsets: list[list[int]], special: list[int]
+) -> list[str]:
+    """Each token's own span of ``text``: what a person reads, whatever the tokenizer's pieces look
+    like (``Ġworld`` in byte-level BPE, ``##s`` in WordPiece, lowercased BERT pieces). A byte-level
+    token holding part of a character (Chinese characters are three UTF-8 bytes) shows the whole
+    character, so two neighbours may show the same one. Special tokens (and padding) have no span:
+    they are shown by name; a token with an empty span (a lone space, trimmed) is decoded."""
+    labels = []
+    for token_id, (start, end), is_special in zip(ids, offsets, special, strict=True):
+        if is_special:
+            label = tokenizer.convert_ids_to_tokens(token_id)
+        elif end > start:
+            label = text[start:end]
+        else:
+            label = tokenizer.decode([token_id])
+        labels.append(_shown(label, token_id))
+    return labels
+
+
+def token_labels(tokenizer: Any | None, ids: list[list[int]]) -> list[list[str]]:
+    """Each token id as a person reads it, without a text to point into (random ids): decoded alone
+    (special tokens by name), or the id itself where there is no tokenizer or the id is not in it."""
+    if tokenizer is None:
+        return [[str(token_id) for token_id in row] for row in ids]
+    specials, known = set(tokenizer.all_special_ids), len(tokenizer)
+    return [
+        [
+            str(token_id)
+            if token_id >= known
+            else _shown(
+                tokenizer.convert_ids_to_tokens(token_id)
+                if token_id in specials
+                else tokenizer.decode([token_id]),
+                token_id,
+            )
+            for token_id in row
+        ]
+        for row in ids
+    ]
 
 
 # ----------------------------------------------------------------------------------------- running

@@ -14,7 +14,8 @@ The checkpoint is read with transformers' own ``load_state_dict`` (memory-mapped
 only the tensors of the piece kept), not with our compare.weights, so that a mistake in our reading
 cannot be shared by both sides; each side also makes its own float32 copy. A parameter of the
 transformers model reads the checkpoint tensor whose canonical name (compare.architectures, e.g.
-without the ``bert.`` prefix) is its own; a tied LM head reads the embedding matrix; for a converted
+without the ``bert.`` prefix) is its own; a tied LM head reads the embedding matrix, unless the
+checkpoint stores the head as well (then, as in from_pretrained, the stored head); for a converted
 checkpoint (Qwen v1) the architecture's documented conversion gives the names. Stages are captured
 with the same hooks and the same ReferenceLayout as the whole-model reference (compare.reference).
 """
@@ -244,9 +245,16 @@ class StreamedReference:
                 raw = by_canonical.get(architecture.canonical_name(name))
                 if raw is not None:
                     found[name] = (raw, lambda t: t)
+        # Tied parameters (an LM head and the token embeddings), as from_pretrained ties them: only
+        # what the checkpoint does not store is filled in from the other. A head stored beside the
+        # embeddings was found above and is used as stored (transformers unties a stored head that
+        # differs, and ties an equal one: the same numbers); a checkpoint storing the head alone
+        # gives the embeddings the head's tensor (transformers' "swap").
         for tied, source in getattr(self.model, "all_tied_weights_keys", {}).items():
             if tied not in found and source in found:
                 found[tied] = found[source]
+            elif source not in found and tied in found:
+                found[source] = found[tied]
         missing = [
             name for name, _ in self.model.named_parameters(remove_duplicate=False) if name not in found
         ]

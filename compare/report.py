@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,15 @@ from .metrics import NextTokenMetrics, StageResult
 __all__ = ["AttentionWeights", "ComparisonReport"]
 
 # Input fields too long for the table's one-line summary (they are in the JSON).
-_LONG_INPUT_FIELDS = ("texts", "input_ids", "attention_mask", "tokens", "compared_positions")
+_LONG_INPUT_FIELDS = (
+    "texts",
+    "input_ids",
+    "attention_mask",
+    "tokens",
+    "token_labels",
+    "token_labels_from",
+    "compared_positions",
+)
 
 
 def _sci(value: float | None) -> str:
@@ -26,29 +35,52 @@ def _cosine_gap(value: float | None) -> str:
 
 @dataclass
 class AttentionWeights:
-    """Every layer's attention weights, ours and the reference's: "layer.i" -> (B, nh, T, T).
+    """The attention weights of the first input row, ours and the reference's, for every compared
+    layer: "layer.i" -> (nh, n, n), the first n of the row's real tokens as queries and as keys.
 
-    Row q of head h is the query at position q's weighted look at the keys (it sums to 1).
+    Row q of head h is the query at position q's weighted look at the keys (it sums to 1 over all
+    the keys). ``tokens`` are all the row's real tokens as a person reads them (padding left out);
+    n is ``len(tokens)`` or fewer, when the page's size budget capped it (``cells``: the budget,
+    the most (query, key) cells drawn per picture kind over all layers and heads).
     ``causal``: a decoder's, where no query looks at a later key.
     """
 
     ours: dict[str, torch.Tensor]
     reference: dict[str, torch.Tensor]
     causal: bool
+    tokens: list[str]
+    text: str | None = None  # the row's text, when the input was text
+    cells: int | None = None
 
-    def for_row(self, row: int, tokens: list[str], *, text: str | None = None) -> Any:
-        """One input row's maps as the HTML report takes them (compare.html_attention.AttentionMaps),
-        cut to the row's ``len(tokens)`` real tokens (right padding dropped)."""
+    @property
+    def drawn(self) -> int:
+        """n, the number of tokens kept (as queries and as keys)."""
+        return next(iter(self.ours.values())).shape[-1] if self.ours else 0
+
+    def maps(self) -> Any:
+        """The maps as the HTML report takes them (compare.html_attention.AttentionMaps)."""
         from .html_attention import AttentionMaps
 
-        length = len(tokens)
         layers = sorted(self.ours, key=lambda name: int(name.split(".")[1]))
-
-        def cut(maps: dict[str, torch.Tensor]) -> list[Any]:
-            return [maps[name][row, :, :length, :length].double().numpy() for name in layers]  # (nh, T, T)
-
+        notes = []
+        if self.drawn < len(self.tokens):
+            heads = next(iter(self.ours.values())).shape[0]
+            note = (
+                f"The first input has {len(self.tokens)} tokens; the maps show the first {self.drawn}, as "
+                f"queries and as keys, so that {len(layers)} layers x {heads} heads keep the page small "
+                f"(at most {self.cells:,} cells per kind of picture)."
+            )
+            if not self.causal:  # a decoder's first n queries see only the first n keys: nothing cut
+                note += " A row's drawn weights add up to less than 1: the later keys are not drawn."
+            notes.append(note)
         return AttentionMaps(
-            tokens=tokens, ours=cut(self.ours), reference=cut(self.reference), causal=self.causal, text=text
+            tokens=self.tokens[: self.drawn],
+            ours=[self.ours[name].double().numpy() for name in layers],  # (nh, n, n) each
+            reference=[self.reference[name].double().numpy() for name in layers],
+            causal=self.causal,
+            text=self.text,
+            notes=tuple(notes),
+            first_layer=int(layers[0].split(".")[1]) if layers else 0,
         )
 
 
@@ -78,6 +110,10 @@ class ComparisonReport:
     attention: AttentionWeights | None = None  # only when asked for (not part of the JSON)
     timing: dict[str, Any] | None = None  # seconds per piece, parameters per piece (streamed runs)
     layers: str | None = None  # the range of layers compared ("3-7"), when not all of them
+    repo_id: str | None = None  # where the checkpoint came from, when it is a snapshot of a cache
+    commit: str | None = None
+    # Where our code computes each stage ("{i}": every layer), from the architecture (not in the JSON).
+    stage_functions: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
 
     @classmethod
     def from_stages(cls, stages: list[StageResult], **fields: Any) -> ComparisonReport:
@@ -105,6 +141,8 @@ class ComparisonReport:
         """A JSON-serialisable dict (no NaN or infinity: unmeasurable values are None)."""
         return {
             "model": self.model,
+            **({"repo_id": self.repo_id} if self.repo_id is not None else {}),
+            **({"commit": self.commit} if self.commit is not None else {}),
             "passed": self.passed,
             "max_abs_diff": self.max_abs_diff,
             "first_failing_stage": self.first_failing_stage,
@@ -197,8 +235,9 @@ class ComparisonReport:
             f"{key}={value}" for key, value in self.inputs.items() if key not in _LONG_INPUT_FIELDS
         )
         versions = ", ".join(f"{key} {value}" for key, value in self.versions.items())
+        origin = f" (repo {self.repo_id} at commit {self.commit})" if self.repo_id and self.commit else ""
         out = [
-            f"model:     {self.model}",
+            f"model:     {self.model}{origin}",
             f"reference: {self.reference} ({versions})",
             f"dtype:     {self.dtype}  atol={self.atol:g}  rtol={self.rtol:g}  "
             "(a stage passes when |ours - ref| <= atol + rtol * |ref| everywhere;",

@@ -12,6 +12,9 @@ Order of work:
    with only one piece's weights in memory at a time;
 5. for models with an LM head, compare the next-token predictions (carried logits: what a user of
    our model would get).
+
+With ``keep_attention`` (the HTML report) the attention weights of the first input row are kept too,
+cut to the tokens the page draws, so an ordinary run neither keeps nor costs anything for them.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from typing import Any
 import torch
 
 from hfmirror.errors import CompareError, RemoteCodeError
+from hfmirror.layout import snapshot_origin
 
 from .architectures import Architecture, prepare_model
 from .metrics import next_token_metrics
 from .report import AttentionWeights, ComparisonReport
-from .streaming import compare_pieces
+from .streaming import AttentionCut, compare_pieces
 from .weights import TensorCache
 
 __all__ = [
@@ -83,25 +87,44 @@ class _Input:
     tensors: dict[str, torch.Tensor]  # input_ids, attention_mask, token_type_ids: (B, T)
     description: dict[str, Any]
     note: str | None = None  # said to the user (e.g. why texts were not used)
+    labels: list[list[str]] | None = None  # each token as a person reads it, (B, T)
 
 
-def _tokenized(
-    model_dir: Path, tokenizer: str | Path | None, texts: list[str], config: Any
-) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any], str | None]:
-    """(inputs, description, note); inputs None when the tokenizer is custom code."""
+def _tokenized(source: Path, texts: list[str], config: Any) -> tuple[Any, dict[str, Any], str | None]:
+    """(compare.reference.Tokenized, description, note); the first None when the tokenizer is custom
+    code."""
     from . import reference
 
-    source = Path(tokenizer) if tokenizer is not None else model_dir
     try:
         loaded_tokenizer = reference.load_tokenizer(source)
     except RemoteCodeError as error:
         note = f"{error}: comparing on random token ids instead (pass --tokenizer DIR_OR_REPO to use another)"
         return None, {"texts_not_used": list(texts)}, note
     limit, _ = config.sequence_limit()
-    tensors = reference.tokenize(loaded_tokenizer, texts, max_length=limit, vocab_size=config.vocab_size)
-    tokens = [loaded_tokenizer.convert_ids_to_tokens(row) for row in tensors["input_ids"].tolist()]
-    description = {"source": "text", "texts": list(texts), "tokenizer": str(source), "tokens": tokens}
-    return tensors, description, None
+    tokenized = reference.tokenize(loaded_tokenizer, texts, max_length=limit, vocab_size=config.vocab_size)
+    ids = tokenized.tensors["input_ids"].tolist()
+    description = {
+        "source": "text",
+        "texts": list(texts),
+        "tokenizer": str(source),
+        "tokens": [loaded_tokenizer.convert_ids_to_tokens(row) for row in ids],  # the tokenizer's pieces
+        "token_labels": tokenized.labels,  # as the HTML report shows them
+        "token_labels_from": tokenized.labels_from,
+    }
+    return tokenized, description, None
+
+
+def _random_id_labels(source: Path, ids: list[list[int]]) -> tuple[list[list[str]], str]:
+    """Labels for random ids: decoded by the checkpoint's tokenizer where one loads (without remote
+    code), else the ids themselves."""
+    from . import reference
+
+    if reference.has_tokenizer(source):
+        try:
+            return reference.token_labels(reference.load_tokenizer(source), ids), reference.LABELS_DECODED
+        except (CompareError, RemoteCodeError):
+            pass  # no usable tokenizer: the ids will do
+    return reference.token_labels(None, ids), "token ids (no tokenizer to decode them)"
 
 
 def _make_input(
@@ -114,11 +137,17 @@ def _make_input(
     seq_len: int,
     batch: int,
     seed: int,
+    labels: bool,
 ) -> _Input:
-    tensors, description, note = None, {}, None
+    """The batch: ``texts`` tokenised, or random ids. ``labels``: label random ids too (the HTML
+    report shows them; text is always labelled, at no cost)."""
+    source = Path(tokenizer) if tokenizer is not None else model_dir
+    tokenized, description, note = None, {}, None
     if texts:
-        tensors, description, note = _tokenized(model_dir, tokenizer, texts, config)
-    if tensors is None:
+        tokenized, description, note = _tokenized(source, texts, config)
+    if tokenized is not None:
+        tensors, token_labels = tokenized.tensors, tokenized.labels
+    else:
         limit, why = config.sequence_limit()
         if seq_len > limit:
             raise CompareError(f"seq_len {seq_len} is longer than the model takes: {limit} ({why})")
@@ -131,6 +160,10 @@ def _make_input(
             pad_token_id=config.pad_token_id,
         )
         description |= {"source": "random token ids", "seed": seed}
+        token_labels = None
+        if labels:
+            token_labels, labels_from = _random_id_labels(source, tensors["input_ids"].tolist())
+            description |= {"token_labels": token_labels, "token_labels_from": labels_from}
     mask = tensors["attention_mask"]
     description |= {
         "batch": mask.shape[0],
@@ -142,7 +175,7 @@ def _make_input(
     }
     if note:
         description["note"] = note
-    return _Input(tensors=tensors, description=description, note=note)
+    return _Input(tensors=tensors, description=description, note=note, labels=token_labels)
 
 
 def parse_layers(text: str, num_layers: int) -> tuple[int, int]:
@@ -174,6 +207,7 @@ def compare_model_dir(
     model_name: str | None = None,
     tokenizer: str | Path | None = None,
     keep_attention: bool = False,
+    attention_cells: int | None = None,
     on_note: Any = None,
     layers: str | None = None,
 ) -> ComparisonReport:
@@ -187,8 +221,12 @@ def compare_model_dir(
         atol, rtol: tolerances (default: ``DEFAULT_TOLERANCES[dtype]``).
         model_name: how to name the model in the report (default: ``model_dir``).
         tokenizer: a folder whose tokenizer to use instead of the checkpoint's.
-        keep_attention: also keep every layer's attention weights, ours and the reference's
-            (``report.attention``).
+        keep_attention: also keep every compared layer's attention weights, ours and the
+            reference's, for the first input row and its real tokens only (``report.attention``,
+            what the HTML report draws), and label the tokens of random ids.
+        attention_cells: with ``keep_attention``, keep only as many of the row's first tokens as fit
+            this many (query, key) cells over all layers and heads (the HTML page's size budget,
+            compare.html_attention.MAX_DRAWN_CELLS); None keeps them all.
         on_note: called with a one-line note the user should see (e.g. texts not used), if given.
         layers: "A-B" to compare layers A to B only (the reference's output of layer A - 1 feeds
             layer A, carried and isolated alike).
@@ -212,6 +250,7 @@ def compare_model_dir(
         raise CompareError("atol and rtol must not be negative")
     torch_dtype = DTYPES[dtype]
     model_dir = Path(model_dir)
+    origin = snapshot_origin(model_dir)  # (repo id, commit) of a snapshot of a cache, else None
     began = time.perf_counter()
 
     from . import reference  # imports transformers lazily, only when a comparison actually runs
@@ -233,6 +272,7 @@ def compare_model_dir(
         seq_len=seq_len,
         batch=batch,
         seed=seed,
+        labels=keep_attention,
     )
     if batch_input.note and on_note is not None:
         on_note(batch_input.note)
@@ -261,7 +301,9 @@ def compare_model_dir(
         atol=atol,
         rtol=rtol,
         layers=bounds,
-        keep_attention=keep_attention,
+        attention=_attention_cut(inputs, config, bounds, len(prepared.model.layers), attention_cells)
+        if keep_attention
+        else None,
     )
 
     # 5. What the two would predict next.
@@ -279,9 +321,7 @@ def compare_model_dir(
         reference=architecture.describe_reference() + ", run one piece at a time",
         next_token=next_token,
         attention=(
-            AttentionWeights(
-                ours=run.attention_ours, reference=run.attention_reference, causal=architecture.has_lm_head
-            )
+            _attention_weights(run, batch_input, causal=architecture.has_lm_head, cells=attention_cells)
             if keep_attention
             else None
         ),
@@ -290,4 +330,41 @@ def compare_model_dir(
             "pieces": [timing.to_dict() for timing in run.timings],
         },
         layers=layers,
+        repo_id=origin[0] if origin else None,
+        commit=origin[1] if origin else None,
+        stage_functions=architecture.stage_functions,
+    )
+
+
+def _attention_cut(
+    inputs: dict[str, torch.Tensor],
+    config: Any,
+    bounds: tuple[int, int] | None,
+    num_layers: int,
+    cells: int | None,
+) -> AttentionCut:
+    """The first row's real tokens (right padding: they come first), at most as many as fit ``cells``."""
+    real = int(inputs["attention_mask"][0].sum())
+    first, last = bounds if bounds is not None else (0, num_layers - 1)
+    if cells is None:
+        return AttentionCut(row=0, tokens=real)
+    from .html_attention import drawn_token_limit  # the page's rule: layers x heads x n^2 <= cells
+
+    most = drawn_token_limit(last - first + 1, config.num_attention_heads, cells)
+    return AttentionCut(row=0, tokens=min(real, most))
+
+
+def _attention_weights(run: Any, batch_input: _Input, *, causal: bool, cells: int | None) -> AttentionWeights:
+    """The kept attention weights with the first row's real tokens as a person reads them."""
+    real = int(batch_input.tensors["attention_mask"][0].sum())
+    ids = batch_input.tensors["input_ids"][0, :real].tolist()
+    labels = batch_input.labels[0][:real] if batch_input.labels else [str(token_id) for token_id in ids]
+    texts = batch_input.description.get("texts")
+    return AttentionWeights(
+        ours=run.attention_ours,
+        reference=run.attention_reference,
+        causal=causal,
+        tokens=labels,
+        text=texts[0] if texts else None,
+        cells=cells,
     )

@@ -13,7 +13,9 @@ For every piece:
 4. both are compared with the reference's stages, and everything the piece held is freed.
 
 So memory does not grow with depth: at any time it holds the runtime, at most one piece's weights
-per side, and the activations of a few stages; the stage results kept are a few numbers each.
+per side, and the activations of a few stages; the stage results kept are a few numbers each. When
+attention weights are asked for (the HTML report draws them), each layer's are cut at once to the
+one input row and the tokens that are drawn (an :class:`AttentionCut`), so they too stay small.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .model import Recorder, TransformerModel
 from .reference_stream import StreamedReference
 from .weights import TensorCache, WeightMap, load_piece
 
-__all__ = ["PieceTiming", "StreamedRun", "compare_pieces"]
+__all__ = ["AttentionCut", "PieceTiming", "StreamedRun", "compare_pieces"]
 
 
 @dataclass
@@ -52,13 +54,28 @@ class PieceTiming:
         }
 
 
+@dataclass(frozen=True)
+class AttentionCut:
+    """Which attention weights a comparison keeps: the first ``tokens`` queries and keys of input row
+    ``row``. A layer's weights are (B, nh, T, T); the report draws one row, so keeping every row of
+    every layer of a deep model would cost B x T^2 / tokens^2 times the memory for nothing."""
+
+    row: int
+    tokens: int
+
+    def __call__(self, weights: torch.Tensor) -> torch.Tensor:
+        """(B, nh, T, T) -> a copy of (nh, tokens, tokens), so the whole tensor can be freed."""
+        return weights[self.row, :, : self.tokens, : self.tokens].clone()
+
+
 @dataclass
 class StreamedRun:
     """What a layer-by-layer comparison produced."""
 
     stages: list[StageResult] = field(default_factory=list)  # carried, each with its isolated result
     logits: tuple[torch.Tensor, torch.Tensor] | None = None  # (ours carried, reference), LM heads only
-    attention_ours: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer.i" -> (B, nh, T, T)
+    # "layer.i" -> (nh, n, n): the attention weights an AttentionCut keeps, when asked for
+    attention_ours: dict[str, torch.Tensor] = field(default_factory=dict)
     attention_reference: dict[str, torch.Tensor] = field(default_factory=dict)
     timings: list[PieceTiming] = field(default_factory=list)
 
@@ -125,13 +142,16 @@ def compare_pieces(
     atol: float,
     rtol: float,
     layers: tuple[int, int] | None = None,
-    keep_attention: bool = False,
+    attention: AttentionCut | None = None,
 ) -> StreamedRun:
     """Compare ``ours`` with ``reference`` piece by piece (see the module docstring).
 
     ``layers``: (first, last) to compare only layers first..last (inclusive); the reference runs the
     layers before them to produce their input, and the embeddings and final stages are compared only
     when the range starts at the first layer, or ends at the last.
+
+    ``attention``: keep that cut of every compared layer's attention weights, ours (carried) and the
+    reference's; None (the default) keeps none, and costs nothing.
     """
     pieces = _OurPieces(ours, plan, weight_map)
     run = StreamedRun()
@@ -160,6 +180,7 @@ def compare_pieces(
     # 2. The layers: the reference's, then ours isolated (on the reference's input) and carried.
     for index in range(last + 1):
         began = time.perf_counter()
+        keep_attention = attention is not None and index >= first
         output, theirs, their_weights = reference.layer(
             index, hidden, reference_context, keep_attention=keep_attention
         )
@@ -173,9 +194,10 @@ def compare_pieces(
                     hidden if carried is None else carried, context, record.scoped(f"layer.{index}")
                 )
             run.stages += _compare(record.stages, isolated.stages, theirs, atol=atol, rtol=rtol)
-            if keep_attention and their_weights is not None:
-                run.attention_ours |= record.attention
-                run.attention_reference[f"layer.{index}"] = their_weights
+            if attention is not None and their_weights is not None:
+                for name, weights in record.attention.items():
+                    run.attention_ours[name] = attention(weights)
+                run.attention_reference[f"layer.{index}"] = attention(their_weights)
             measured(f"layer.{index}", began, middle)
         tensors.clear()
         hidden = output  # the reference's output: the next layer's input, for both runs of ours

@@ -42,6 +42,7 @@ __all__ = [
     "plan_weights",
     "source_name",
     "split_by_piece",
+    "tie_like_transformers",
 ]
 
 
@@ -70,6 +71,38 @@ def split_by_piece(weight_map: WeightMap, pieces: dict[str, tuple[str, ...]]) ->
 def source_name(source: str | Transposed) -> str:
     """The checkpoint tensor name of a weight map entry."""
     return source.name if isinstance(source, Transposed) else source
+
+
+def tie_like_transformers(weight_map: WeightMap, stored: set[str], *, parameter: str, name: str) -> WeightMap:
+    """The weight map of a tied parameter (an LM head tied to the token embeddings) as transformers
+    reads the checkpoint at hand: the tie fills in only what the checkpoint does not store.
+
+    ``parameter`` is our tied parameter ("lm_head.weight"), ``name`` the checkpoint name it has when it
+    is stored ("lm_head.weight" too), ``stored`` the checkpoint's (canonical) tensor names. When
+    config.json ties them, transformers 5 (``PreTrainedModel.tie_weights`` during ``from_pretrained``)
+    does this:
+
+    * the checkpoint stores the embeddings only (the usual tied checkpoint): the head is the embedding
+      matrix;
+    * it stores both (``pytorch_model.bin`` files always hold both, sharing one storage; some
+      safetensors files too): if they are equal it ties them, the same numbers; if not it leaves them
+      untied, each as stored, and warns. Either way the head computes with the stored head;
+    * it stores the head only: the embeddings are tied to the head.
+
+    An untied weight map (``parameter`` reads ``name``), or one without ``parameter``, is returned as
+    it is.
+    """
+    source = weight_map.get(parameter)
+    if source is None or source_name(source) == name or name not in stored:
+        return weight_map
+    tied_to = source_name(source)  # the embedding matrix the map ties the head to
+    mapping = dict(weight_map)
+    mapping[parameter] = name
+    if tied_to not in stored:  # the head only: whatever read the embeddings reads the head
+        for ours, theirs in weight_map.items():
+            if source_name(theirs) == tied_to:
+                mapping[ours] = name
+    return mapping
 
 
 # In order of preference, like transformers: safetensors first, the pickle format as a fallback.

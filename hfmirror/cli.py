@@ -6,7 +6,8 @@ Exit codes (also in the README):
 0     success
 1     ``compare`` found a stage that does not match; or an unexpected bug
 2     bad input: usage errors, malformed repo id, unsafe names, unsupported model or checkpoint, an
-      optional extra (``serve``, ``compare``) that is not installed; ``serve``: a port already in use
+      optional extra (``serve``, ``compare``, ``report``) that is not installed; ``serve``: a port
+      already in use
 3     not found: repository, revision or file, on every endpoint
 4     access denied: gated or private repository (try ``--token``)
 5     network: no endpoint reachable or giving Hub answers, retries ran out, a Retry-After over the
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import json
 import logging
 import sys
@@ -55,6 +55,7 @@ from .errors import (
     UnsupportedModelError,
     WeightLoadError,
 )
+from .extras import require_extras
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
@@ -154,28 +155,14 @@ def _fail(message: str, code: int, debug: bool) -> None:
     sys.exit(code)
 
 
-# The optional extras (pyproject.toml) and the modules a command of each cannot run without.
-_EXTRAS: dict[str, tuple[str, ...]] = {
-    "serve": ("starlette", "uvicorn"),
-    "compare": ("torch", "transformers", "safetensors"),
-}
-
-
 def _needs_extras(*extras: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Before the command runs (and touches the network), check its extras are installed; if not,
-    say which ``pip install`` fixes it. ``find_spec`` only looks: nothing heavy is imported."""
+    say which ``pip install`` fixes it (hfmirror.extras)."""
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            for extra in extras:
-                missing = [name for name in _EXTRAS[extra] if importlib.util.find_spec(name) is None]
-                if missing:
-                    raise MissingExtraError(
-                        f"this command needs {', '.join(missing)} (the '{extra}' extra), which is not "
-                        f"installed: pip install 'hfmirror[{extra}]' (from a source checkout: "
-                        f"pip install -e '.[{extra}]')"
-                    )
+            require_extras(*extras)
             return command(*args, **kwargs)
 
         return wrapper
@@ -579,11 +566,19 @@ _register_compare()
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep the demo's files here.")
 @click.option("--keep", is_flag=True, help="Keep the temporary folder afterwards.")
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False),
+    help="Where to write the comparison's HTML page [default: hfmirror-demo-report.html in the "
+    "current folder].",
+)
 @_handle_errors
-@_needs_extras("serve", "compare")
-def demo(workdir: str | None, keep: bool) -> None:
+@_needs_extras("serve", "compare", "report")
+def demo(workdir: str | None, keep: bool, html_path: str | None) -> None:
     """Run the whole story offline: make a small BERT, serve it, download it (killing the first
-    download half-way and resuming it), and compare our from-scratch BERT with transformers.
+    download half-way and resuming it), compare our from-scratch BERT with transformers, and write
+    that comparison as an HTML page.
 
     \b
     Example:
@@ -591,7 +586,7 @@ def demo(workdir: str | None, keep: bool) -> None:
     """
     from .demo import run_demo
 
-    if not run_demo(workdir, keep=keep, echo=click.echo):
+    if not run_demo(workdir, keep=keep, echo=click.echo, report_path=html_path):
         sys.exit(EXIT_MISMATCH)
 
 

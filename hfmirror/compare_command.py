@@ -1,9 +1,10 @@
 """``hfmirror compare``: check the from-scratch transformer against transformers on a real checkpoint.
 
-Only click and the standard library are imported here; torch, transformers and the ``compare``
-package are imported inside the command, so ``hfmirror --help`` stays instant. Problems are raised
-as ``hfmirror.errors`` exceptions (``hfmirror.cli`` turns them into messages and exit codes); a
-comparison that ran and found a difference exits with status 1.
+Only click, the standard library and hfmirror's light modules are imported here; torch,
+transformers, matplotlib and the ``compare`` package are imported inside the command, so
+``hfmirror --help`` stays instant. Problems are raised as ``hfmirror.errors`` exceptions
+(``hfmirror.cli`` turns them into messages and exit codes); a comparison that ran and found a
+difference exits with status 1.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import sys
 from pathlib import Path
 
 import click
+
+from .errors import BadInputError
+from .extras import require_extras
 
 __all__ = ["compare"]
 
@@ -105,6 +109,16 @@ TOKENIZER_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken")
     "--json", "as_json", is_flag=True, help="Print the report as one JSON object instead of a table."
 )
 @click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    metavar="PATH",
+    help="Also write the report as one self-contained HTML page (opens offline): the verdict, the "
+    "error of every stage down the depth, the stage table, and every layer's and head's attention "
+    "map for the first text, ours beside the reference's and their difference. Needs the 'report' "
+    "extra.",
+)
+@click.option(
     "--revision",
     default="main",
     show_default=True,
@@ -134,6 +148,7 @@ def compare(
     layers: str | None,
     stream: bool,
     as_json: bool,
+    html_path: Path | None,
     revision: str,
     endpoints: tuple[str, ...],
     token: str | None,
@@ -152,7 +167,8 @@ def compare(
     whose isolated error is outside tolerance is named. Encoders: embeddings; per layer attention,
     attention_add_norm, feed_forward, output; last_hidden_state; pooler. Decoders: embeddings; per
     layer attention, attention_residual, mlp, output; final_norm; logits, plus next-token agreement
-    and KL divergence. Exit status: 0 all stages match, 1 a stage differs.
+    and KL divergence. Exit status: 0 all stages match, 1 a stage differs. --html PATH also writes
+    the report as a self-contained page (whatever the verdict).
 
     \b
     Examples:
@@ -161,7 +177,15 @@ def compare(
       hfmirror compare ./gpt2 --text "the cat sat on the mat" --text "hello"
       hfmirror compare ./llama --dtype float64 --json
       hfmirror compare ./llama --layers 20-23
+      hfmirror compare ./gpt2 --text "the cat sat on the mat" --html report.html
     """
+    if html_path is not None:  # before anything is downloaded or compared
+        require_extras("report")
+        if not html_path.absolute().parent.is_dir():
+            raise BadInputError(
+                f"--html {html_path}: the folder {html_path.absolute().parent} does not exist"
+            )
+
     from compare.runner import compare_model_dir
 
     del stream  # nothing to switch on: every comparison runs one layer at a time
@@ -200,11 +224,24 @@ def compare(
         rtol=rtol,
         model_name=model,
         layers=layers,
+        keep_attention=html_path is not None,  # only the page draws them: an ordinary run keeps none
+        attention_cells=_page_budget() if html_path is not None else None,
         on_note=lambda note: click.echo(f"hfmirror: note: {note}", err=True),
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         click.echo(report.render_table())
+    if html_path is not None:
+        from compare.html_report import write_report
+
+        click.echo(f"hfmirror: HTML report written to {write_report(html_path, report)}", err=True)
     if not report.passed:
         sys.exit(EXIT_MISMATCH)
+
+
+def _page_budget() -> int:
+    """The most attention cells the HTML page draws (compare.html_attention.MAX_DRAWN_CELLS)."""
+    from compare.html_attention import MAX_DRAWN_CELLS
+
+    return MAX_DRAWN_CELLS

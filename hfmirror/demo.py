@@ -7,14 +7,17 @@
 4. Download again: it resumes from the saved ranges, and the server's byte count shows that almost
    nothing was fetched twice. Every file is verified before it gets its final name.
 5. Run ``hfmirror compare`` on the result: our from-scratch BERT against transformers, stage by stage.
+6. Write that comparison as an HTML page (``hfmirror compare --html``) and say where it is.
 
 Every step checks what it then reports: a download process that fails (its stderr is shown), a kill
-that came too late, a second run that did not resume, or a comparison that does not pass each end
-the demo with a line saying ``FAILED`` and what went wrong, never with a claim it did not check.
+that came too late, a second run that did not resume, a comparison that does not pass, or a page
+that was not written (or does not hold the verdict) each end the demo with a line saying ``FAILED``
+and what went wrong, never with a claim it did not check.
 """
 
 from __future__ import annotations
 
+import html
 import os
 import shutil
 import subprocess
@@ -23,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from . import constants
 
@@ -32,6 +36,7 @@ REPO_ID = "demo/bert-small"
 WEIGHTS = "model.safetensors"
 PER_CONNECTION_RATE = 6_000_000  # bytes/s: slow enough to interrupt half-way, fast enough to be quick
 KILL_AT = 0.45
+REPORT_NAME = "hfmirror-demo-report.html"  # written in the current folder unless told otherwise
 
 _WORDS = (
     "the a cat dog sat on mat hello world is good bad ran runs quick brown fox jumps over lazy "
@@ -101,11 +106,34 @@ def _tail(text: str, lines: int = 5) -> str:
     return "\n".join("   | " + line for line in text.strip().splitlines()[-lines:]) or "   | (nothing)"
 
 
+def _write_page(page: Path, report: Any) -> str | None:
+    """Write the report's page and read it back; what went wrong, or None if the page is there and
+    says the verdict."""
+    from compare.html_report import verdict_sentence, write_report
+
+    from .errors import HfMirrorError
+
+    try:
+        write_report(page, report)
+        written = page.read_text(encoding="utf-8")
+    except (HfMirrorError, OSError) as error:
+        return str(error)
+    if html.escape(verdict_sentence(report.to_dict()), quote=True) not in written:
+        return f"{page} does not hold the comparison's verdict"
+    return None
+
+
 def run_demo(
-    workdir: str | Path | None = None, *, keep: bool = False, echo: Callable[[str], None] = print
+    workdir: str | Path | None = None,
+    *,
+    keep: bool = False,
+    echo: Callable[[str], None] = print,
+    report_path: str | Path | None = None,
 ) -> bool:
-    """Run the demo; True if every step did what it says (the comparison included). ``echo`` receives each
-    line of the story."""
+    """Run the demo; True if every step did what it says (the comparison and its page included).
+    ``echo`` receives each line of the story; ``report_path`` is where the page goes (default:
+    ``REPORT_NAME`` in the current folder, which outlives the demo's temporary folder)."""
+    from compare.html_attention import MAX_DRAWN_CELLS
     from compare.runner import compare_model_dir
 
     from .download import download
@@ -182,12 +210,29 @@ def run_demo(
             echo(f"   files are in {result.path}")
 
         echo("5. Comparing our from-scratch BERT with transformers on the downloaded checkpoint")
-        report = compare_model_dir(result.path, texts=DEMO_TEXTS, model_name=REPO_ID)
+        report = compare_model_dir(
+            result.path,
+            texts=DEMO_TEXTS,
+            model_name=REPO_ID,
+            keep_attention=True,
+            attention_cells=MAX_DRAWN_CELLS,
+        )
         echo(report.render_table())
         if not report.passed:
             echo("FAILED: our BERT does not match transformers (see the first failing stage above)")
             return False
-        echo(f"Demo finished in {time.monotonic() - started:.1f}s.")
+
+        page = Path(report_path) if report_path is not None else Path.cwd() / REPORT_NAME
+        echo(f"6. Writing the comparison as a page (hfmirror compare --html): {page.absolute()}")
+        problem = _write_page(page, report)
+        if problem:
+            echo(f"FAILED: the HTML report was not written: {problem}")
+            return False
+        echo(
+            f"   {page.stat().st_size / 1e6:.2f} MB, self-contained: open it in any browser, offline "
+            "(the error of every stage, and each head's attention on the first text)"
+        )
+        echo(f"Demo finished in {time.monotonic() - started:.1f}s. Report: {page.absolute()}")
         return True
     finally:
         if workdir is None and not keep:

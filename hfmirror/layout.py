@@ -54,6 +54,7 @@ __all__ = [
     "local_dir_bookkeeping",
     "recorded_path",
     "repo_folder_name",
+    "snapshot_origin",
     "tree_listing_path",
 ]
 
@@ -68,6 +69,22 @@ _LONGEST_SUFFIX = constants.PARTIAL_SUFFIX + constants.STATE_SUFFIX + ".tmp"
 def repo_folder_name(repo_id: str, repo_type: str) -> str:
     """``models--org--name``, as huggingface_hub names a repo's folder in the cache."""
     return f"{repo_type}s--" + repo_id.replace("/", "--")
+
+
+def snapshot_origin(folder: Path) -> tuple[str, str] | None:
+    """(repo id, commit) of a model snapshot folder of a Hugging Face cache,
+    ``{cache}/models--org--name/snapshots/<commit>``; None for any other folder.
+
+    The inverse of :func:`repo_folder_name`: the Hub forbids ``--`` in repo ids, so ``--`` in the
+    folder name can only be the ``/``.
+    """
+    folder = Path(folder).absolute()
+    repo_folder = folder.parent.parent.name
+    if folder.parent.name != "snapshots" or not repo_folder.startswith("models--"):
+        return None
+    if len(folder.name) != 40 or any(c not in "0123456789abcdef" for c in folder.name):
+        return None  # a commit is 40 lowercase hex digits
+    return repo_folder.removeprefix("models--").replace("--", "/"), folder.name
 
 
 def tree_listing_path(folder: Path, commit: str) -> Path:

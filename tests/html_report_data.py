@@ -1,4 +1,5 @@
-"""Synthetic material for the HTML report's tests: comparison reports and attention maps.
+"""Synthetic material for the HTML report's tests (comparison reports and attention maps), and
+helpers that read a page back.
 
 The reports are made by the real code (``compare.metrics.compare_tensors`` on random tensors, then
 ``ComparisonReport.from_stages(...).to_dict()``), so their shape is exactly what the comparison
@@ -8,10 +9,15 @@ are added the way those issues describe them. Attention maps are softmaxes of ra
 
 from __future__ import annotations
 
+import base64
+import io
+import re
 from typing import Any
 
 import numpy as np
 import torch
+from bs4 import BeautifulSoup
+from PIL import Image
 
 from compare.html_report import AttentionMaps
 from compare.metrics import compare_tensors
@@ -132,3 +138,47 @@ def _softmax(scores: np.ndarray, causal: bool) -> np.ndarray:
         scores = np.where(future, -np.inf, scores)
     weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
     return weights / weights.sum(axis=-1, keepdims=True)  # rows sum to 1
+
+
+# ------------------------------------------------------------------------------- reading a page
+
+
+def table_rows(soup: BeautifulSoup) -> dict[str, dict[str, str]]:
+    """stage name -> {column header: cell text}, from the stage table."""
+    table = soup.select_one("table.stages")
+    headers = [th.get_text() for th in table.select("thead th")]
+    rows = {}
+    for tr in table.select("tbody tr"):
+        cells = [cell.get_text() for cell in tr.find_all(["th", "td"])]
+        rows[cells[0]] = dict(zip(headers, cells, strict=True)) | {"id": tr["id"], "class": tr["class"]}
+    return rows
+
+
+def header_facts(soup: BeautifulSoup) -> dict[str, str]:
+    """The header's facts list: label -> text."""
+    labels, values = soup.select("dl.facts dt"), soup.select("dl.facts dd")
+    return {dt.get_text(): dd.get_text() for dt, dd in zip(labels, values, strict=True)}
+
+
+NAMESPACE = re.compile(r'\sxmlns(:\w+)?="http://www\.w3\.org/[^"]*"')
+
+
+def referenced_urls(page: str) -> list[str]:
+    """Every src/href/url() target, also inside the SVG pictures carried as data URIs."""
+    texts = [page] + [
+        base64.b64decode(data).decode("utf-8")
+        for data in re.findall(r"data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)", page)
+    ]
+    urls = []
+    for text in texts:
+        urls += re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)["']""", text)
+        urls += re.findall(r"""url\(\s*["']?([^"')]*)""", text)
+    return urls
+
+
+def page_strips(page: str) -> dict[str, Image.Image]:
+    """CSS class -> the PNG strip its rule holds."""
+    rules = re.findall(
+        r"\.(s\d+[ord])\{background-image:url\(data:image/png;base64,([A-Za-z0-9+/=]+)\)\}", page
+    )
+    return {name: Image.open(io.BytesIO(base64.b64decode(data))) for name, data in rules}

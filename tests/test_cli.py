@@ -58,6 +58,13 @@ def test_debug_shows_the_traceback_and_keeps_the_exit_code(
         (["compare", "org/model", "--endpoint", "{dead}"], ("torch",), "compare"),
         (["compare", "{tmp}"], ("transformers", "safetensors"), "compare"),
         (["demo", "--workdir", "{tmp}/demo"], ("torch",), "compare"),
+        (
+            ["compare", "org/model", "--endpoint", "{dead}", "--html", "{tmp}/r.html"],
+            ("matplotlib",),
+            "report",
+        ),
+        (["compare", "{tmp}", "--html", "{tmp}/r.html"], ("PIL",), "report"),
+        (["demo", "--workdir", "{tmp}/demo"], ("matplotlib",), "report"),
     ],
 )
 def test_a_missing_extra_says_which_pip_install_fixes_it(
@@ -70,7 +77,7 @@ def test_a_missing_extra_says_which_pip_install_fixes_it(
     line = result.stderr.strip()
     assert len(line.splitlines()) == 1 and "Traceback" not in line
     assert f"pip install 'hfmirror[{extra}]'" in line and all(name in line for name in hide)
-    assert not (tmp_path / "demo").exists()  # refused before doing anything
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "r.html").exists()  # refused at once
 
 
 def test_model_download_py_debug_keeps_the_exit_code_too(hub_server, tmp_path: Path) -> None:

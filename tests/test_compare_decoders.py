@@ -466,37 +466,63 @@ def test_top1_disagreement_is_reported(models: dict[str, Path], monkeypatch) -> 
     assert report.to_dict()["top1"]["ours"] != report.to_dict()["top1"]["reference"]
 
 
+def _whole_model_attention(path: Path, inputs: dict) -> dict[str, torch.Tensor]:
+    """transformers' own attention weights, (B, nh, T, T) per layer, from its whole model."""
+    from compare.architectures import prepare_model
+    from compare.reference import load_reference, reference_stages
+
+    prepared = prepare_model(path)
+    architecture = prepared.architecture
+    model = load_reference(
+        path, architecture=architecture, config=prepared.config, dtype=torch.float32, options=prepared.options
+    )
+    if not architecture.uses_token_types:
+        inputs = {key: value for key, value in inputs.items() if key != "token_type_ids"}
+    return reference_stages(model, architecture.reference, inputs, keep_attention=True).attention
+
+
 @pytest.mark.parametrize("name", ["qwen3-head_dim16-bias-gqa4to1", "gpt2-tied", "roberta"])
-def test_attention_weights_ours_and_reference(models: dict[str, Path], name: str) -> None:
+def test_attention_weights_of_the_first_row_ours_and_reference(models: dict[str, Path], name: str) -> None:
     report = compare_model_dir(models[name], seq_len=9, batch=2, keep_attention=True)
     assert report.passed and report.attention is not None
     ours, theirs = report.attention.ours, report.attention.reference
-    layers = 2
-    heads = 4
+    layers, heads = 2, 4
     assert list(ours) == list(theirs) == [f"layer.{i}" for i in range(layers)]
+    ids = torch.tensor(report.inputs["input_ids"])
     mask = torch.tensor(report.inputs["attention_mask"])
+    assert int(mask[0].sum()) == 9  # random ids: the first row is never padded
+    whole = _whole_model_attention(models[name], {"input_ids": ids, "attention_mask": mask})
     for key in ours:
-        assert ours[key].shape == (2, heads, 9, 9)
+        assert ours[key].shape == theirs[key].shape == (heads, 9, 9)  # one row kept, not the batch
+        torch.testing.assert_close(theirs[key], whole[key][0], rtol=0, atol=1e-7)
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ours[key].sum(-1), torch.ones(2, heads, 9))  # each row is a distribution
-        assert (ours[key][:, :, :, :][~mask.bool()[:, None, None, :].expand(2, heads, 9, 9)] == 0).all()
+        torch.testing.assert_close(ours[key].sum(-1), torch.ones(heads, 9))  # each row is a distribution
         if name != "roberta":  # a decoder's triangle: nothing above the diagonal
             assert (ours[key].triu(diagonal=1) == 0).all()
+    assert report.attention.tokens == report.inputs["token_labels"][0]
     assert compare_model_dir(models[name]).attention is None  # only when asked
 
 
 def test_attention_weights_for_the_html_report(models: dict[str, Path]) -> None:
-    report = compare_model_dir(
-        models["gpt2-tied"], texts=["hello world", "the cat sat on"], keep_attention=True
-    )
+    """The first text's real tokens only (padding left out), labelled as they read; capped to the
+    page's budget of cells when asked."""
+    texts = ["hello world", "the cat sat on"]
+    report = compare_model_dir(models["gpt2-tied"], texts=texts, keep_attention=True)
     assert report.attention is not None and report.attention.causal
-    row = 0  # "hello world", padded to 4 tokens
-    maps = report.attention.for_row(row, report.inputs["tokens"][row][:2], text="hello world")
-    assert maps.tokens == ("hello", "world") and maps.num_layers == 2 and maps.causal
-    assert maps.ours[1].shape == (4, 2, 2)
-    torch.testing.assert_close(
-        torch.from_numpy(maps.ours[1]), report.attention.ours["layer.1"][0, :, :2, :2].double()
-    )
+    maps = report.attention.maps()
+    assert maps.tokens == ("hello", "world") and maps.text == "hello world" and not maps.notes
+    assert maps.num_layers == 2 and maps.causal and maps.ours[1].shape == (4, 2, 2)
+    ids, mask = torch.tensor(report.inputs["input_ids"]), torch.tensor(report.inputs["attention_mask"])
+    assert mask[0].tolist() == [1, 1, 0, 0]  # "hello world" is padded to 4 tokens
+    whole = _whole_model_attention(models["gpt2-tied"], {"input_ids": ids, "attention_mask": mask})
+    torch.testing.assert_close(torch.from_numpy(maps.reference[1]), whole["layer.1"][0, :, :2, :2].double())
+
+    # 2 layers x 4 heads x n^2 <= 8 cells: one token is drawn, and the page will say so.
+    capped = compare_model_dir(models["gpt2-tied"], texts=texts, keep_attention=True, attention_cells=8)
+    assert capped.attention is not None and capped.attention.tokens == ["hello", "world"]
+    maps = capped.attention.maps()
+    assert maps.tokens == ("hello",) and maps.ours[0].shape == (4, 1, 1)
+    assert len(maps.notes) == 1 and "has 2 tokens; the maps show the first 1" in maps.notes[0]
 
 
 # ------------------------------------------------------------------------------------ building blocks
@@ -563,6 +589,85 @@ def test_gpt2_hub_layout_loads(models: dict[str, Path], tmp_path: Path) -> None:
 
     rewrite_safetensors(path, hub_layout)
     report = compare_model_dir(path, dtype="float64")
+    assert report.passed, report.render_table()
+
+
+TIED = {"gpt2-tied": "transformer.wte.weight", "qwen2-gqa8to2-tied-theta1e6": "model.embed_tokens.weight"}
+
+
+def _stored_head(case: str, embeddings: str):
+    """How a checkpoint whose config.json ties the LM head to the embeddings may store them."""
+
+    def change(state: dict) -> dict:
+        if case == "both, equal":
+            state["lm_head.weight"] = state[embeddings].clone()
+        elif case == "both, different":
+            state["lm_head.weight"] = 0.5 * state[embeddings] + 0.1
+        else:  # "head only"
+            state["lm_head.weight"] = state.pop(embeddings)
+        return state
+
+    return change
+
+
+@pytest.mark.parametrize("name", list(TIED))
+@pytest.mark.parametrize("case", ["both, equal", "both, different", "head only"])
+def test_a_tied_head_stored_in_the_checkpoint_is_read_as_transformers_reads_it(
+    models: dict[str, Path], tmp_path: Path, name: str, case: str
+) -> None:
+    """config.json ties the head, the checkpoint stores it anyway: transformers uses the stored head
+    (untied if it differs), or ties the embeddings to a head stored alone. Ours and the streamed
+    reference must read it the same way, and the streamed reference must be from_pretrained's."""
+    import shutil
+
+    import transformers
+    from safetensors.torch import load_file
+
+    from compare.architectures import prepare_model
+    from compare.reference import load_reference, reference_stages
+    from compare.reference_stream import StreamedReference
+
+    path = rewrite_safetensors(
+        shutil.copytree(models[name], tmp_path / "tied"), _stored_head(case, TIED[name])
+    )
+    assert json.loads((path / "config.json").read_text()).get("tie_word_embeddings", True)
+    report = compare_model_dir(path, dtype="float64")
+    assert report.passed, report.render_table()
+
+    prepared = prepare_model(path, dtype=torch.float64)
+    inputs = random_inputs(
+        batch=2, seq_len=6, seed=1, vocab_size=len(WORDS), type_vocab_size=1, pad_token_id=2
+    )
+    del inputs["token_type_ids"]
+    options = dict(architecture=prepared.architecture, config=prepared.config, dtype=torch.float64)
+    whole_model = load_reference(path, **options, options=prepared.options)
+    whole = reference_stages(whole_model, prepared.architecture.reference, inputs)
+    streamed = StreamedReference(path, **options, files=prepared.files, options=prepared.options).stages(
+        inputs
+    )
+    torch.testing.assert_close(streamed.stages["logits"], whole.stages["logits"], rtol=0, atol=1e-12)
+    # What from_pretrained did, read off the model it loaded: the stored head is the head.
+    stored = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    head = stored.get_output_embeddings().weight
+    assert torch.equal(head, load_file(path / "model.safetensors")["lm_head.weight"].double())
+    assert (head is stored.get_input_embeddings().weight) == (case != "both, different")
+
+
+def test_a_tied_checkpoint_in_the_pickle_format_holds_both_names(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """``torch.save(model.state_dict())`` of a tied model writes the head and the embeddings, sharing
+    one storage, as old pytorch_model.bin checkpoints do."""
+    import shutil
+
+    import transformers
+
+    path = Path(shutil.copytree(models["gpt2-tied"], tmp_path / "gpt2-bin"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+    assert "lm_head.weight" in torch.load(path / "pytorch_model.bin", weights_only=True)
+    report = compare_model_dir(path)
     assert report.passed, report.render_table()
 
 

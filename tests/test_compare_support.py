@@ -28,6 +28,7 @@ __all__ = [
     "randomise_weights",
     "rewrite_safetensors",
     "save_random_bert",
+    "save_byte_level_tokenizer",
     "save_random_decoder",
     "save_word_tokenizer",
     "write_sharded_bin",
@@ -194,6 +195,26 @@ def save_word_tokenizer(path: str | Path, *, pad: bool = False) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     special = {"unk_token": "[UNK]", "eos_token": "<|endoftext|>"} | ({"pad_token": "<pad>"} if pad else {})
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special).save_pretrained(path)
+    return Path(path)
+
+
+def save_byte_level_tokenizer(path: str | Path, corpus: list[str], *, vocab_size: int = 300) -> Path:
+    """A byte-level BPE tokenizer (the kind GPT-2's and Qwen's are) trained here on ``corpus``, saved
+    with ``save_pretrained``. Few merges: Chinese characters (three UTF-8 bytes each) are split
+    across tokens, and words carry their leading space as ``Ġ``, as in the real ones."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = ByteLevelBPETokenizer(add_prefix_space=False, trim_offsets=True)
+    tokenizer.train_from_iterator(
+        corpus * 5,
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer._tokenizer, eos_token="<|endoftext|>")
+    wrapped.save_pretrained(path)
     return Path(path)
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from bs4 import BeautifulSoup
 
 from hfmirror import demo
 
@@ -41,6 +42,31 @@ def test_demo_runs_offline_and_resumes_and_compares(tmp_path: Path) -> None:
     assert "PASS: all" in text and "first failing" not in text and "FAILED" not in text
     snapshot = next((tmp_path / "work" / "cache").glob("models--demo--bert-small/snapshots/*"))
     assert (snapshot / "model.safetensors").is_symlink()
+    # The page, where it says, in the folder it was started from (not the work folder it may delete).
+    written = re.search(r"Report: (\S+)", text)
+    assert written and Path(written.group(1)) == here / demo.REPORT_NAME, text
+    page = BeautifulSoup(Path(written.group(1)).read_text(encoding="utf-8"), "html.parser")
+    assert page.select_one("#verdict").get_text().startswith("All 27 stages match")
+    assert "demo/bert-small" in page.select_one("dl.facts dd").get_text() and snapshot.name in page.get_text()
+    assert [t.get_text() for t in page.select("#tokens .tok")] == ["[CLS]", "hello", "world", "[SEP]"]
+
+
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory: pytest.TempPathFactory):
+    from compare.runner import compare_model_dir
+
+    model = demo.make_demo_model(tmp_path_factory.mktemp("demo-model") / "bert")
+    return compare_model_dir(model, texts=demo.DEMO_TEXTS, keep_attention=True, attention_cells=10_000)
+
+
+def test_the_page_is_checked_after_it_is_written(demo_report, tmp_path: Path, monkeypatch) -> None:
+    import compare.html_report
+
+    assert demo._write_page(tmp_path / "report.html", demo_report) is None
+    assert "cannot write the HTML report" in demo._write_page(tmp_path / "nowhere" / "r.html", demo_report)
+    # A page that was written but is not this comparison's is no page at all.
+    monkeypatch.setattr(compare.html_report, "write_report", lambda path, report: path.write_text("<p>"))
+    assert "does not hold the comparison's verdict" in demo._write_page(tmp_path / "other.html", demo_report)
 
 
 def test_a_download_step_that_fails_is_reported_as_a_failure(tmp_path: Path, monkeypatch) -> None:

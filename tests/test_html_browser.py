@@ -197,6 +197,20 @@ def test_clicking_a_head_shows_it_large_and_hovering_names_query_and_key(
     assert [label.get_attribute("textContent") for label in highlighted] == [attention.tokens[query]] * 3
 
 
+def test_the_large_view_names_layers_by_the_model_s_numbers(browser: WebDriver, tmp_path: Path) -> None:
+    """A comparison of layers 5-6 only: the page's first map is the model's layer 5."""
+    import dataclasses
+
+    attention = dataclasses.replace(synthetic_attention(2, 3, causal=True, bug_layer=1), first_layer=5)
+    path = tmp_path / "range.html"
+    path.write_text(render_html(synthetic_report(7), attention=attention), encoding="utf-8")
+    visit(browser, path)
+    assert browser.find_element(By.CSS_SELECTOR, "#focus .focus-title").text.startswith("Layer 6, head")
+    browser.find_element(By.CSS_SELECTOR, "#attention-layer-0 > summary").click()
+    browser.find_element(By.CSS_SELECTOR, 'button.head[data-layer="0"][data-head="1"]').click()
+    assert browser.find_element(By.CSS_SELECTOR, "#focus .focus-title").text.startswith("Layer 5, head 1")
+
+
 def test_a_28_layer_16_head_page_opens_without_errors(browser: WebDriver, tmp_path: Path) -> None:
     tokens = [f"tok{i}" for i in range(30)] + ["我", "爱"]
     attention = synthetic_attention(28, 16, tokens, causal=True, bug_layer=20)
@@ -207,6 +221,45 @@ def test_a_28_layer_16_head_page_opens_without_errors(browser: WebDriver, tmp_pa
     assert seen.problems == [] and seen.foreign_requests == []
     assert not is_blank(element_pixels(browser, "#focus .map"))
     assert len(browser.find_elements(By.CSS_SELECTOR, "button.head")) == 28 * 16
+
+
+@pytest.fixture(scope="module")
+def real_page(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A real comparison's page, written by ``hfmirror compare --html``: a tiny random decoder with a
+    byte-level BPE tokenizer trained here, on Chinese and English text."""
+    from click.testing import CliRunner
+
+    from hfmirror.cli import cli
+    from tests.test_compare_html import CORPUS, TEXTS
+    from tests.test_compare_support import save_byte_level_tokenizer, save_random_decoder
+
+    root = tmp_path_factory.mktemp("real-page")
+    model = save_random_decoder(root / "qwen2", "qwen2", tokenizer=False, vocab_size=300)
+    save_byte_level_tokenizer(model, CORPUS, vocab_size=300)
+    page = root / "report.html"
+    texts = [arg for text in TEXTS["decoder"] for arg in ("--text", text)]
+    result = CliRunner().invoke(cli, ["compare", str(model), "--json", "--html", str(page), *texts])
+    assert result.exit_code == 0, result.output
+    return page, json.loads(result.stdout)
+
+
+def test_a_real_comparisons_page_opens_offline_draws_and_logs_no_error(browser: WebDriver, real_page) -> None:
+    path, data = real_page
+    seen = visit(browser, path)
+    assert seen.problems == []
+    assert seen.foreign_requests == []
+    assert not is_blank(seen.screenshot)
+    assert not is_blank(element_pixels(browser, "#chart svg"))
+    assert not is_blank(element_pixels(browser, "#focus .map"))
+    real = sum(data["inputs"]["attention_mask"][0])
+    tokens = data["inputs"]["token_labels"][0][:real]
+    for labels in browser.find_elements(By.CSS_SELECTOR, "#focus .rows"):
+        texts = [label.get_attribute("textContent") for label in labels.find_elements(By.CLASS_NAME, "label")]
+        assert texts == tokens
+    shown = browser.execute_script(
+        "return [...document.querySelectorAll('#tokens .tok')].map(e => e.getBoundingClientRect().width)"
+    )
+    assert len(shown) == real and min(shown) > 0  # every token drawn, the Chinese ones too
 
 
 # ----------------------------------------------------------------- the checks catch what they guard

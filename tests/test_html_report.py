@@ -6,8 +6,6 @@ the page is parsed with BeautifulSoup and each stage row, token, number and the 
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import re
 import subprocess
@@ -17,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bs4 import BeautifulSoup
-from PIL import Image
 
 import compare
 from compare import html_figures, layers
@@ -30,7 +27,16 @@ from compare.html_report import (
     write_html,
 )
 from hfmirror.errors import CompareError
-from tests.html_report_data import TOKENS, synthetic_attention, synthetic_report
+from tests.html_report_data import (
+    NAMESPACE,
+    TOKENS,
+    header_facts,
+    page_strips,
+    referenced_urls,
+    synthetic_attention,
+    synthetic_report,
+    table_rows,
+)
 
 MB = 1_000_000
 
@@ -41,23 +47,6 @@ def parse(page: str) -> BeautifulSoup:
 
 def sci(value: float | None) -> str:
     return "-" if value is None else f"{value:.2e}"
-
-
-def table_rows(soup: BeautifulSoup) -> dict[str, dict[str, str]]:
-    """stage name -> {column header: cell text}, from the stage table."""
-    table = soup.select_one("table.stages")
-    headers = [th.get_text() for th in table.select("thead th")]
-    rows = {}
-    for tr in table.select("tbody tr"):
-        cells = [cell.get_text() for cell in tr.find_all(["th", "td"])]
-        rows[cells[0]] = dict(zip(headers, cells, strict=True)) | {"id": tr["id"], "class": tr["class"]}
-    return rows
-
-
-def header_facts(soup: BeautifulSoup) -> dict[str, str]:
-    """The header's facts list: label -> text."""
-    labels, values = soup.select("dl.facts dt"), soup.select("dl.facts dd")
-    return {dt.get_text(): dd.get_text() for dt, dd in zip(labels, values, strict=True)}
 
 
 REPORTS = {
@@ -291,19 +280,11 @@ def test_every_layer_and_head_has_its_three_pictures() -> None:
         assert section.select_one(".kinds a")["href"] == "#" + stage_anchor(f"layer.{layer}.attention")
 
 
-def _strips(page: str) -> dict[str, Image.Image]:
-    """CSS class -> the PNG strip its rule holds."""
-    rules = re.findall(
-        r"\.(s\d+[ord])\{background-image:url\(data:image/png;base64,([A-Za-z0-9+/=]+)\)\}", page
-    )
-    return {name: Image.open(io.BytesIO(base64.b64decode(data))) for name, data in rules}
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_the_pictures_hold_each_heads_weights_cell_by_cell(causal: bool) -> None:
     attention = synthetic_attention(2, 3, causal=causal, bug_layer=1)
     page = render_html(synthetic_report(2), attention=attention)
-    strips = _strips(page)
+    strips = page_strips(page)
     assert sorted(strips) == sorted(f"s{layer}{kind}" for layer in range(2) for kind in "ord")
     scale = html_figures.probability_scale()
     seq = attention.seq_len
@@ -330,13 +311,13 @@ def test_rounding_far_below_the_tolerance_leaves_the_difference_pictures_white()
     page = render_html(report, attention=attention)
     white = int(html_figures.difference_scale(1.0).indices(np.zeros(1))[0])
     for layer in range(2):  # within a palette step or two of white: 1e-8 on a scale that ends at 1e-5
-        assert (np.abs(np.asarray(_strips(page)[f"s{layer}d"]).astype(int) - white) <= 2).all()
+        assert (np.abs(np.asarray(page_strips(page)[f"s{layer}d"]).astype(int) - white) <= 2).all()
     assert f"difference (full colour: ±{report['atol']:.2e})" in parse(page).select_one(".legends").get_text()
 
 
 def test_the_difference_picture_shows_where_ours_and_the_reference_differ() -> None:
     attention = synthetic_attention(2, 3, bug_layer=1)
-    strips = _strips(render_html(synthetic_report(2), attention=attention))
+    strips = page_strips(render_html(synthetic_report(2), attention=attention))
     white = html_figures.difference_scale(1.0).indices(np.zeros(1))[0]
     assert (np.asarray(strips["s0d"]) == white).all()  # rounding far below atol: all white
     assert (np.asarray(strips["s1d"]) != white).mean() > 0.5  # a 10% error in the scores: colour
@@ -403,35 +384,20 @@ def test_attention_maps_with_nan_are_refused() -> None:
 
 # -------------------------------------------------------------------------- self-contained, small
 
-_NAMESPACE = re.compile(r'\sxmlns(:\w+)?="http://www\.w3\.org/[^"]*"')
-
-
-def _referenced_urls(page: str) -> list[str]:
-    """Every src/href/url() target, also inside the SVG pictures carried as data URIs."""
-    texts = [page] + [
-        base64.b64decode(data).decode("utf-8")
-        for data in re.findall(r"data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)", page)
-    ]
-    urls = []
-    for text in texts:
-        urls += re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)["']""", text)
-        urls += re.findall(r"""url\(\s*["']?([^"')]*)""", text)
-    return urls
-
 
 def test_the_page_references_nothing_outside_itself() -> None:
     report = synthetic_report(2, bug_at="layer.1.attention", isolated=True, later_keys=True)
     page = render_html(
         report, attention=synthetic_attention(2, 3, causal=True), sources={"embeddings": "x:1"}
     )
-    urls = _referenced_urls(page)
+    urls = referenced_urls(page)
     assert urls, "the page has pictures and links; finding none means this test reads nothing"
     assert all(url.startswith(("data:", "#")) for url in urls), [
         u[:60] for u in urls if not u.startswith("data:")
     ]
     assert "@import" not in page and "@font-face" not in page
     # No address of any kind but the SVG namespaces (names, never fetched).
-    assert not re.search(r"(https?:|ftp:|//[a-z0-9.-]+\.[a-z]{2,}/)", _NAMESPACE.sub("", page), re.IGNORECASE)
+    assert not re.search(r"(https?:|ftp:|//[a-z0-9.-]+\.[a-z]{2,}/)", NAMESPACE.sub("", page), re.IGNORECASE)
     policy = parse(page).find("meta", attrs={"http-equiv": "Content-Security-Policy"})["content"]
     assert "default-src 'none'" in policy and "img-src data:" in policy
 
@@ -445,7 +411,7 @@ def test_a_28_layer_16_head_report_stays_under_5_mb() -> None:
     soup = parse(page)
     # All of it is there: the bound is not met by leaving maps or rows out.
     assert len(soup.select("button.head")) == 28 * 16
-    assert len(_strips(page)) == 28 * 3
+    assert len(page_strips(page)) == 28 * 3
     assert len(soup.select("table.stages tbody tr")) == len(report["stages"])
     assert len(page.encode("utf-8")) < 5 * MB
 
