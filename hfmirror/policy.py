@@ -50,6 +50,7 @@ from .errors import (
 )
 from .hashing import is_git_sha1, is_sha256
 from .retry import RETRYABLE_STATUS, backoff_delay, server_requested_delay
+from .text import printable
 
 __all__ = [
     "Action",
@@ -135,14 +136,8 @@ class TransferStats:
 
 def _server_said(status: int, headers: Mapping[str, str]) -> str:
     """``RepoNotFound (HTTP 401)``, or ``HTTP 404`` when the server gave no Hub error code."""
-    code = _printable(headers.get("X-Error-Code", ""), 40)
+    code = printable(headers.get("X-Error-Code", ""), 40)
     return f"{code} (HTTP {status})" if code else f"HTTP {status}"
-
-
-def _printable(text: str, limit: int) -> str:
-    """A header value fit for a one-line message: printable ASCII only, at most ``limit`` characters."""
-    cleaned = "".join(ch for ch in text if " " <= ch <= "~").strip()
-    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
 
 
 def error_for_answer(status: int, headers: Mapping[str, str], asked: Asked) -> HfMirrorError:
@@ -257,11 +252,11 @@ def judge_file_answer(
         total = content_range.rsplit("/", 1)[-1]
         if total not in (str(size), "*"):
             return not_a_hub_answer(
-                f"a part of a {_printable(total, 20) or '?'}-byte file, listed as {size}", asked
+                f"a part of a {printable(total, 20) or '?'}-byte file, listed as {size}", asked
             )
         if not content_range.startswith(f"bytes {start}-"):
             return Verdict(
-                Action.RETRY, f"Content-Range {_printable(content_range, 60)!r} for {sent.get('Range')}"
+                Action.RETRY, f"Content-Range {printable(content_range, 60)!r} for {sent.get('Range')}"
             )
         return None
     if status == 200:
@@ -273,7 +268,7 @@ def judge_file_answer(
         length = response.headers.get("Content-Length")
         if length is not None and length.strip() != str(size):
             html = "text/html" in response.headers.get("Content-Type", "")
-            what = "an HTML page" if html else f"{_printable(length, 20)} bytes"
+            what = "an HTML page" if html else f"{printable(length, 20)} bytes"
             return not_a_hub_answer(f"{what} instead of the {size}-byte file", asked)
         return None
     return not_a_hub_answer(f"HTTP {status}", asked)

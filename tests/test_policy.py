@@ -27,6 +27,7 @@ from hfmirror.policy import (
     judge_transport_error,
     settle,
 )
+from hfmirror.text import printable
 
 LISTING = Asked("org/x", "main", "http://e")
 FILE = Asked("org/x", "1" * 40, "http://e", filename="w.bin")
@@ -87,6 +88,14 @@ def test_content_decides_for_2xx_and_a_long_retry_after_says_why() -> None:
     assert f"3600 s (HTTP 429), more than the {constants.MAX_RETRY_AFTER:.0f} s" in str(verdict.error)
     backing_off = judge_status(429, {"Retry-After": "7"}, LISTING)
     assert backing_off is not None and backing_off.delay == 7.0
+
+
+def test_what_a_server_says_is_shown_escaped_on_one_line() -> None:
+    """A terminal escape or a newline in a header must neither act on the terminal nor vanish unseen."""
+    verdict = judge_status(404, {"X-Error-Code": "Entry\x1b[2J\nNotFound"}, FILE)
+    assert verdict is not None and verdict.reason == "Entry\\x1b[2J\\x0aNotFound (HTTP 404)"
+    assert printable("  caf\u00e9 \u65e5 ", 40) == "caf\\xe9 \\u65e5"
+    assert printable("x" * 50, 10) == "xxxxxxx..." and printable("", 5) == ""
 
 
 def test_what_each_transport_failure_calls_for() -> None:
