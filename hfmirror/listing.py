@@ -10,7 +10,6 @@ inside the repo, sizes must be sane, checksums must be hex.
 from __future__ import annotations
 
 import fnmatch
-import http.client
 import json
 import logging
 import re
@@ -20,7 +19,6 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 import requests
-import urllib3
 
 from . import constants
 from .endpoints import Endpoint, EndpointPool
@@ -34,6 +32,7 @@ from .errors import (
 from .hashing import is_git_sha1, is_sha256
 from .paths import validate_relative_path
 from .policy import (
+    TRANSPORT_ERRORS,
     Action,
     Asked,
     BodyLimitExceeded,
@@ -289,7 +288,7 @@ def _ask_for_listing(
                 stream=True,
                 timeout=(constants.CONNECT_TIMEOUT, constants.LISTING_TIMEOUT),
             )
-        except _TRANSPORT_ERRORS as error:
+        except TRANSPORT_ERRORS as error:
             return judge_transport_error(error, asked, timeout=constants.LISTING_TIMEOUT)
         with response:
             verdict = judge_status(response.status_code, response.headers, asked)
@@ -306,7 +305,7 @@ def _ask_for_listing(
                 )
             except BodyLimitExceeded as problem:
                 return not_a_hub_answer(f"listing cut off: {problem}", asked)
-            except _TRANSPORT_ERRORS as error:
+            except TRANSPORT_ERRORS as error:
                 return Verdict(
                     Action.RETRY,
                     f"connection lost in the listing ({type(error).__name__})",
@@ -316,14 +315,6 @@ def _ask_for_listing(
     finally:
         silence.cancel()
         endpoint.governor.release()
-
-
-_TRANSPORT_ERRORS = (
-    requests.RequestException,
-    urllib3.exceptions.HTTPError,
-    http.client.HTTPException,
-    OSError,
-)
 
 
 def _parse_listing(body: bytes, endpoint: Endpoint, asked: Asked, repo_type: str) -> RepoListing | Verdict:

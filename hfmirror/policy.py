@@ -53,6 +53,7 @@ from .retry import RETRYABLE_STATUS, backoff_delay, server_requested_delay
 from .text import printable
 
 __all__ = [
+    "TRANSPORT_ERRORS",
     "Action",
     "Asked",
     "BodyLimitExceeded",
@@ -73,6 +74,17 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# What sending a request, or reading its answer, raises when the connection fails (refused, reset,
+# timed out, cut mid-body): requests' and urllib3's wrappers, http.client's own, and any socket OSError
+# (a read can fail with any errno, EHOSTUNREACH included). Our own NetworkError and StorageError are
+# OSErrors too, so a ``try`` that catches these must hold network calls only, never a disk write.
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    OSError,
+)
 
 TOKEN_HINT = "if it is private or gated, pass --token or set HF_TOKEN"
 # The Hub's X-Error-Message for a token it does not know: a 401 that is about the token, not the repo.
@@ -456,5 +468,5 @@ def drain_error_body(response: requests.Response) -> None:
     """
     try:
         read_body(response, limit=constants.ERROR_BODY_MAX, seconds=constants.ERROR_BODY_DEADLINE)
-    except (BodyLimitExceeded, OSError, http.client.HTTPException, urllib3.exceptions.HTTPError):
+    except (BodyLimitExceeded, *TRANSPORT_ERRORS):
         pass

@@ -70,6 +70,7 @@ from .hashing import PrefixHasher
 from .listing import RemoteFile, RepoListing
 from .pagecache import PageRecycler
 from .policy import (
+    TRANSPORT_ERRORS,
     Action,
     Asked,
     TransferStats,
@@ -125,9 +126,6 @@ class _StartOver(Exception):
     def __init__(self, message: str, *, ranges_supported: bool = True) -> None:
         super().__init__(message)
         self.ranges_supported = ranges_supported
-
-
-_TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
 
 
 class FileTransfer:
@@ -545,7 +543,7 @@ class _Connection:
                 timeout=(constants.CONNECT_TIMEOUT, transfer.options.stall_timeout),
                 allow_redirects=True,
             )
-        except _TRANSPORT_ERRORS as error:
+        except TRANSPORT_ERRORS as error:
             verdict = judge_transport_error(
                 error, transfer.asked(endpoint), timeout=transfer.options.stall_timeout
             )
@@ -555,10 +553,7 @@ class _Connection:
             first_hop = response.history[0] if response.history else response
             endpoint.governor.observe(first_hop.headers, sent_at)
             self._check_answer(endpoint, response, start, headers)
-            try:
-                return self._stream_into(response, segment)
-            except _TRANSPORT_ERRORS as error:
-                raise _retry(f"connection lost at byte {segment.pos} ({type(error).__name__})") from None
+            return self._stream_into(response, segment)
 
     def _check_answer(self, endpoint: Endpoint, response: requests.Response, start: int, sent: dict) -> None:
         """Raise unless the answer's body is the bytes asked for (the policy judges; this acts)."""
@@ -596,9 +591,9 @@ class _Connection:
             want = self.table.next_read(segment)
             if want <= 0 or self._stopped():
                 break
-            try:
+            try:  # the network read alone: a failing disk write below must not look like a lost connection
                 count = body.readinto(buffer[:want])
-            except (OSError, http.client.HTTPException) as error:
+            except TRANSPORT_ERRORS as error:
                 raise _retry(f"connection lost at byte {segment.pos} ({type(error).__name__})") from None
             if not count:
                 raise _retry(f"body ended early at byte {segment.pos}")

@@ -28,7 +28,16 @@ from ..endpoints import Endpoint, EndpointPool
 from ..errors import NetworkError, RemoteError
 from ..layout import CacheLayout
 from ..listing import RemoteFile, RepoListing, list_repo
-from ..policy import Action, Asked, Verdict, judge_status, judge_transport_error, pause, settle
+from ..policy import (
+    TRANSPORT_ERRORS,
+    Action,
+    Asked,
+    Verdict,
+    judge_status,
+    judge_transport_error,
+    pause,
+    settle,
+)
 from ..transfer import FileTransfer, TransferOptions, TransferStats
 
 __all__ = ["FAILBACK_SECONDS", "Upstream"]
@@ -188,7 +197,7 @@ class Upstream:
                 response = self._sessions.get().head(
                     url, headers=headers, allow_redirects=False, timeout=(constants.CONNECT_TIMEOUT,) * 2
                 )
-            except requests.RequestException as error:
+            except TRANSPORT_ERRORS as error:
                 return judge_transport_error(error, asked, timeout=constants.CONNECT_TIMEOUT)
             if response.is_redirect:
                 return None
