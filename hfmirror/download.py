@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import requests
 from filelock import FileLock, Timeout
 
 from . import constants
@@ -50,6 +49,7 @@ from .layout import CacheLayout, Layout, LocalDirLayout, storage_errors
 from .listing import RemoteFile, filter_files, list_repo, validate_repo_id, validate_revision
 from .offline import offline_answer
 from .progress import Progress
+from .sessions import SessionFactory
 from .transfer import FileTransfer, TransferOptions, TransferStats
 
 __all__ = ["DownloadResult", "FileOutcome", "download"]
@@ -225,7 +225,7 @@ def download(
         failover_after=constants.FAILOVER_AFTER,
     )
 
-    sessions = _SessionFactory(pool_size=max_connections)
+    sessions = SessionFactory(pool_size=max_connections)
     cache_base = (
         Path(cache_dir).expanduser() if cache_dir is not None else constants.default_cache_dir()
     ).absolute()
@@ -498,32 +498,3 @@ def _ensure_space(folder: Path, needed: int) -> None:
         raise InsufficientSpaceError(
             f"not enough disk space in {folder}: need {_size(needed)} more, {_size(free)} free"
         )
-
-
-class _SessionFactory:
-    """One requests.Session per thread (sessions are not thread-safe), all over one connection pool.
-
-    The pool (urllib3's, behind one shared adapter) is thread-safe and keeps at most ``pool_size``
-    connections per host: idle keep-alive connections are reused by whichever thread asks next, so the
-    sockets open to an endpoint stay within its connection budget instead of piling up, one set per
-    thread, as threads come and go with the files.
-    """
-
-    def __init__(self, pool_size: int) -> None:
-        self._local = threading.local()
-        self._adapter = requests.adapters.HTTPAdapter(
-            pool_connections=8,  # hosts kept: the endpoints, and the CDNs they redirect to
-            pool_maxsize=pool_size,
-            max_retries=0,
-        )
-
-    def get(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.mount("http://", self._adapter)
-            session.mount("https://", self._adapter)
-            # identity: a compressed body would break byte ranges and lengths.
-            session.headers.update({"User-Agent": constants.USER_AGENT, "Accept-Encoding": "identity"})
-            self._local.session = session
-        return session

@@ -63,6 +63,7 @@ class Seen:
     query: str
     headers: dict[str, str]  # lower-case names
     started: float
+    peer: int = 0  # the client's port: requests with the same peer came over one connection
     rule: str = ""  # the pattern of the rule that answered ("" for the fallback)
     status: int | None = None
     bytes_sent: int = 0
@@ -322,6 +323,7 @@ class HostileServer:
             query=query,
             headers={k.lower(): v for k, v in handler.headers.items()},
             started=time.monotonic(),
+            peer=handler.client_address[1],
         )
         with self._lock:
             self.seen.append(seen)

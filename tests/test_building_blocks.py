@@ -7,6 +7,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -349,3 +350,32 @@ def test_help_imports_no_torch_transformers_or_server_stack() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_sessions_of_different_threads_share_their_connections() -> None:
+    """Each thread has its own session, but a socket one thread finished with carries the next
+    thread's request: one pool for the downloader and the mirror's upstream side alike (each thread
+    used to open sockets of its own in the mirror, which never reused them)."""
+    from hfmirror.listing import RepoListing
+    from hfmirror.server.upstream import Upstream
+    from hfmirror.sessions import SessionFactory
+    from tests.hostile import HostileServer, status
+
+    def one_request_per_thread(send) -> None:
+        for _ in range(2):
+            thread = threading.Thread(target=send)
+            thread.start()
+            thread.join(30)
+            assert not thread.is_alive()
+
+    with HostileServer() as server:
+        server.answer("/plain", status(200, {}, b"hello"))
+        factory = SessionFactory(pool_size=4)
+        one_request_per_thread(lambda: factory.get().get(f"{server.url}/plain", timeout=10).content)
+        upstream = Upstream([server.url])
+        listing = RepoListing("org/x", "model", "main", "1" * 40, (), server.url)
+        file = RemoteFile("w.bin", 5, "2" * 40)
+        one_request_per_thread(lambda: upstream.may_read(listing, file, None))  # a 404 here: False
+        direct, probes = server.requests("/plain"), server.requests("*/resolve/*")
+    assert len(direct) == 2 and len({seen.peer for seen in direct}) == 1, direct
+    assert len(probes) == 2 and len({seen.peer for seen in probes}) == 1, probes
