@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import RevisionNotFoundError, UnsafePathError
+from ..errors import RevisionNotFoundError
 from ..hashing import git_blob_sha1, is_git_sha1, is_sha256
-from ..paths import validate_relative_path
+from ..layout import cached_commit
 from .checksums import GIT_SHA1, SHA256, ChecksumCache
 from .scan import Confinement, FolderIndex, ScannedFile
 
@@ -302,19 +302,8 @@ class RepoStore:
     def _cache_commit(self, location: RepoLocation, revision: str) -> str:
         """Map a branch (``refs/<revision>``) or a commit id to a snapshot folder name, inside ROOT."""
         missing = RevisionNotFoundError(f"revision {revision!r} not found in {location.repo_id}")
-        try:
-            validate_relative_path(revision)
-        except UnsafePathError:
-            raise missing from None
-        commit = revision
-        ref = self.confinement.real(location.base / "refs" / revision)
-        if ref is not None and ref.is_file():
-            try:
-                with open(ref, "rb") as f:
-                    commit = f.read(100).decode("ascii", errors="replace").strip()
-            except OSError:
-                raise missing from None
-        if not is_git_sha1(commit):
+        commit = cached_commit(location.base, revision)  # a ref inside the repo's folder, or a commit id
+        if commit is None:
             raise missing
         snapshot_dir = location.base / "snapshots" / commit
         if not self.confinement.contains(snapshot_dir) or not snapshot_dir.is_dir():
