@@ -283,10 +283,11 @@ def test_a_dead_first_endpoint_costs_only_the_listing_its_tries(fault_server, fa
         (html(), "an HTML page"),
         (status(200, {"Content-Type": "application/json"}, b"{not json"), "not JSON"),
         (json_body({"id": "x", "siblings": []}), "without a valid commit id"),
+        (json_body({"sha": "1" * 40 + "\n", "siblings": []}), "without a valid commit id"),  # a folder name
         (json_body([1, 2, 3]), "not a JSON object"),
         (json_body({"sha": "1" * 40, "siblings": "all of them"}), "not a list"),
     ],
-    ids=["html", "not-json", "no-commit", "not-an-object", "siblings-not-a-list"],
+    ids=["html", "not-json", "no-commit", "commit-and-a-newline", "not-an-object", "siblings-not-a-list"],
 )
 def test_a_listing_that_is_not_a_hub_answer_fails_over(hub_server, tmp_path: Path, answer, said: str) -> None:
     with HostileServer() as bad:
