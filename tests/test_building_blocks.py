@@ -219,12 +219,19 @@ _REPO_ID_CHARS = "aZ09-_./ é\n"
     st.one_of(
         st.text(alphabet=_REPO_ID_CHARS, max_size=12),
         st.builds("/".join, st.lists(st.text(alphabet="ab-_.", min_size=0, max_size=100), max_size=3)),
-        st.sampled_from(["Qwen/Qwen-7B", "bert-base-uncased", "a" * 96, "a" * 97, "x/y.git", "-a", "a_"]),
+        st.sampled_from(
+            ["Qwen/Qwen-7B", "bert-base-uncased", "a" * 96, "a" * 97, "x/y.git", "-a", "a_", "a-", "_a/b"]
+        ),
     )
 )
 def test_repo_ids_are_judged_as_huggingface_hub_judges_them(repo_id: str) -> None:
-    """Our copy of the Hub's rule (kept to spare the import at start) must agree with the original."""
-    assert _ours_accepts(repo_id) == _hub_accepts(repo_id), repo_id
+    """Our copy of the Hub's rule (kept to spare the import at start) must agree with the original,
+    in the downloader and in the servers alike (the servers had a rule of their own, which let
+    ``x/y.git`` and ``a-`` through)."""
+    from hfmirror.server.repos import is_valid_repo_id
+
+    hub = _hub_accepts(repo_id)
+    assert _ours_accepts(repo_id) == hub and is_valid_repo_id(repo_id) == hub, repo_id
 
 
 def test_filter_files_by_name_and_globs() -> None:

@@ -27,15 +27,15 @@ import collections
 import functools
 import hashlib
 import os
-import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import RevisionNotFoundError
+from ..errors import BadInputError, RevisionNotFoundError
 from ..hashing import git_blob_sha1, is_git_sha1, is_sha256
 from ..layout import cached_commit
+from ..listing import validate_repo_id
 from .checksums import GIT_SHA1, SHA256, ChecksumCache
 from .scan import Confinement, FolderIndex, ScannedFile
 
@@ -63,17 +63,17 @@ LFS_EXTENSIONS = frozenset(
 # Listings kept at once (one per plain repo, one per cached commit); the least recently used goes first.
 MAX_LISTINGS = 1024
 
-# One segment of a repo id: letters, digits, '-', '_' and '.', not starting with '.' or '-'.
-_REPO_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,95}$")
 _CACHE_PREFIX = {"model": "models", "dataset": "datasets"}
 
 
 def is_valid_repo_id(repo_id: str) -> bool:
-    """True for ``name`` or ``org/name`` made of safe segments (no ``..``, no ``--``, nothing hidden)."""
-    parts = repo_id.split("/")
-    return 1 <= len(parts) <= 2 and all(
-        _REPO_SEGMENT.match(p) and ".." not in p and "--" not in p for p in parts
-    )
+    """True for ``name`` or ``org/name`` as the Hub allows it (the downloader's rule: nothing hidden,
+    no ``..`` or ``--``, a word character at either end of each part)."""
+    try:
+        validate_repo_id(repo_id)
+    except BadInputError:
+        return False
+    return True
 
 
 def is_lfs_file(path: str, size: int) -> bool:
