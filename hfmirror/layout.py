@@ -78,23 +78,18 @@ _MAX_REF_BYTES = 100
 
 def cached_commit(repo_dir: Path, revision: str) -> str | None:
     """The commit ``revision`` names in a repo's cache folder, as huggingface_hub reads it:
-    ``refs/<revision>`` if that file exists, else ``revision`` itself if it is a commit id.
+    ``refs/<revision>`` if there is such a ref, else ``revision`` itself if it is a commit id.
 
-    None if it names none: no such ref (and not a commit id), a ref that cannot be read or does not
-    hold a commit id, or a ref whose path would leave ``repo_dir`` (a crafted revision, a symlink).
-    The one reader of ``refs/``: the downloader offline, ``verify``, and both servers ask it.
+    A ref that cannot be read, or whose path would leave ``repo_dir`` (a crafted revision, a symlink
+    out), is no ref; a ref that does not hold a commit id names nothing (None). The one reader of
+    ``refs/``: the downloader offline, ``verify``, and both servers ask it.
     """
+    fallback = revision if is_git_sha1(revision) else None
     try:
-        ref = safe_join(repo_dir, f"refs/{revision}")
-    except UnsafePathError:
-        return None
-    try:
-        with open(ref, "rb") as f:
+        with open(safe_join(repo_dir, f"refs/{revision}"), "rb") as f:
             content = f.read(_MAX_REF_BYTES).decode("ascii", errors="replace").strip()
-    except (FileNotFoundError, NotADirectoryError):
-        return revision if is_git_sha1(revision) else None
-    except OSError:
-        return None
+    except (OSError, UnsafePathError):
+        return fallback
     return content if is_git_sha1(content) else None
 
 
