@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The Hub itself: where a token found on this machine (HF_TOKEN, `hf auth login`) is meant to go.
+HUB_ENDPOINT = "https://huggingface.co"
 # Mirrors first: our users often cannot reach huggingface.co, or reach it slowly.
-DEFAULT_ENDPOINTS: tuple[str, ...] = ("https://hf-mirror.com", "https://huggingface.co")
+DEFAULT_ENDPOINTS: tuple[str, ...] = ("https://hf-mirror.com", HUB_ENDPOINT)
 
 USER_AGENT = "hfmirror/0.1.0"
 
@@ -123,5 +125,10 @@ def default_cache_dir() -> Path:
 
 def default_endpoints() -> list[str]:
     """HF_ENDPOINT if set (a single endpoint, as huggingface_hub reads it), else the mirror-first list."""
-    env = os.environ.get("HF_ENDPOINT", "").strip()
+    env = chosen_endpoint()
     return [env] if env else list(DEFAULT_ENDPOINTS)
+
+
+def chosen_endpoint() -> str:
+    """The endpoint the user chose with HF_ENDPOINT ("" if none)."""
+    return os.environ.get("HF_ENDPOINT", "").strip()

@@ -208,7 +208,8 @@ def list_repo(
     """Ask the endpoints, in failover order, what the repository holds at ``revision``.
 
     The call is the one ``HfApi.repo_info(files_metadata=True)`` makes, sent with the same session
-    (proxies, certificates, rate governor) as the downloads, and judged by the same rules
+    (proxies, certificates, rate governor) as the downloads, with ``token`` to the endpoints that may
+    have it (``Endpoint.sends_token``), and judged by the same rules
     (:mod:`hfmirror.policy`). An endpoint that cannot be reached, keeps failing, says it does not have
     the repository, or answers something that is not a Hub listing is passed over for the next; the
     one that answers becomes the pool's current endpoint, for the rest of the run. Access denied is
@@ -219,14 +220,15 @@ def list_repo(
         UnsafeListingError, NetworkError, DownloadInterrupted.
     """
     stats = stats if stats is not None else TransferStats()
-    headers = {"Accept": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
     refusals: list[tuple[Endpoint, Verdict]] = []
     endpoint = pool.current
     attempts = 0  # on this endpoint
     while True:
-        asked = Asked(repo_id, revision, endpoint.shown)
+        headers = {"Accept": "application/json"}
+        if token and endpoint.sends_token:
+            headers["Authorization"] = f"Bearer {token}"
+        withheld = bool(token) and not endpoint.sends_token
+        asked = Asked(repo_id, revision, endpoint.shown, withheld_token=withheld)
         outcome = _ask_for_listing(endpoint, session, headers, asked, repo_type, cancel)
         if isinstance(outcome, RepoListing):
             endpoint.governor.on_success()

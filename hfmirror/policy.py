@@ -120,6 +120,9 @@ class Asked:
     revision: str
     endpoint: str  # as shown: credentials masked
     filename: str | None = None  # None: the listing
+    # A token was held back from this endpoint (found on this machine; the user did not choose this
+    # endpoint): its "no" says nothing about what the token may read, so another endpoint is asked.
+    withheld_token: bool = False
 
     @property
     def what(self) -> str:
@@ -162,7 +165,10 @@ def error_for_answer(status: int, headers: Mapping[str, str], asked: Asked) -> H
     code = headers.get("X-Error-Code", "")
     message = headers.get("X-Error-Message", "")
     where = f"on {asked.endpoint}"
+    hint = _withheld_hint(asked) if asked.withheld_token else TOKEN_HINT
     if code == "GatedRepo":
+        if asked.withheld_token:
+            return AccessDeniedError(f"{asked.repo_id} is gated {where} ({hint})")
         return AccessDeniedError(f"{asked.repo_id} is gated {where}: accept its terms, then pass --token")
     if code == "RevisionNotFound":
         return RevisionNotFoundError(f"revision {asked.revision!r} not found in {asked.repo_id} {where}")
@@ -171,12 +177,17 @@ def error_for_answer(status: int, headers: Mapping[str, str], asked: Asked) -> H
     if status == 401 and not code and message == _INVALID_CREDENTIALS:
         return AccessDeniedError(f"{asked.endpoint} refused the token (invalid credentials): check --token")
     if code == "RepoNotFound" or (not code and status in (401, 404, 410)):
-        return RepoNotFoundError(f"repository {asked.repo_id!r} not found {where} ({TOKEN_HINT})")
+        return RepoNotFoundError(f"repository {asked.repo_id!r} not found {where} ({hint})")
     if status in (401, 403, 451):
-        return AccessDeniedError(
-            f"access to {asked.what} denied by {asked.endpoint} (HTTP {status}; {TOKEN_HINT})"
-        )
+        return AccessDeniedError(f"access to {asked.what} denied by {asked.endpoint} (HTTP {status}; {hint})")
     return RemoteError(f"{asked.endpoint} answered HTTP {status} for {asked.what}")
+
+
+def _withheld_hint(asked: Asked) -> str:
+    return (
+        "the token found on this machine is sent only to huggingface.co and to endpoints you name with "
+        f"--endpoint or HF_ENDPOINT; pass --token to send it to {asked.endpoint} too"
+    )
 
 
 def not_a_hub_answer(reason: str, asked: Asked) -> Verdict:
@@ -193,8 +204,9 @@ def judge_status(status: int, headers: Mapping[str, str], asked: Asked) -> Verdi
 
     429 and 503 back off as the server asks, unless it asks for longer than ``MAX_RETRY_AFTER``: then
     the endpoint is given up for this run (see that constant for why). Not-found answers, and answers no
-    Hub gives, fail over: another endpoint may well have what this one lacks. Access denied is final:
-    every endpoint gets the same token.
+    Hub gives, fail over: another endpoint may well have what this one lacks. Access denied is final
+    (every endpoint that gets the token gets the same one), unless this endpoint was not sent the
+    token (``asked.withheld_token``): then another endpoint, which may be sent it, is asked.
     """
     if status in (429, 503):
         delay = server_requested_delay(headers)
@@ -210,7 +222,7 @@ def judge_status(status: int, headers: Mapping[str, str], asked: Asked) -> Verdi
         return not_a_hub_answer(f"HTTP {status} without a usable Location", asked)
     if status >= 400 and status != 416:
         error = error_for_answer(status, headers, asked)
-        if isinstance(error, AccessDeniedError):
+        if isinstance(error, AccessDeniedError) and not asked.withheld_token:
             return Verdict(Action.FAIL, _server_said(status, headers), error=error)
         return Verdict(Action.FAIL_OVER, _server_said(status, headers), error=error)
     if status < 200:

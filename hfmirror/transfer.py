@@ -104,7 +104,7 @@ logger = logging.getLogger(__name__)
 class TransferOptions:
     connections: int = 8
     stall_timeout: float = constants.DEFAULT_STALL_TIMEOUT
-    token: str | None = None
+    token: str | None = None  # sent to the endpoints whose ``sends_token`` allows it
 
 
 class _Judged(Exception):
@@ -276,7 +276,9 @@ class FileTransfer:
         raise combine_refusals(refusals, self.asked(endpoint))
 
     def asked(self, endpoint: Endpoint) -> Asked:
-        return Asked(self.listing.repo_id, self.listing.commit, endpoint.shown, filename=self.file.path)
+        withheld = bool(self.options.token) and not endpoint.sends_token
+        listing = self.listing
+        return Asked(listing.repo_id, listing.commit, endpoint.shown, self.file.path, withheld_token=withheld)
 
     def remember_validator(self, state: ResumeState, host: str, etag: str) -> None:
         """Keep the strong ETag ``host`` gave, for If-Range on a resume (the first one wins)."""
@@ -531,7 +533,7 @@ class _Connection:
             validator = state.validators.get(endpoint.host)
             if validator:
                 headers["If-Range"] = validator
-        if transfer.options.token:
+        if transfer.options.token and endpoint.sends_token:
             headers["Authorization"] = f"Bearer {transfer.options.token}"
         session = transfer.session_for()
         endpoint.requests += 1

@@ -209,6 +209,55 @@ def test_endpoint_credentials_are_never_shown(hub_server, tmp_path: Path) -> Non
     assert out.returncode == 2 and secret not in out.stderr, out.stderr
 
 
+def test_a_token_found_on_this_machine_goes_only_where_the_user_chose(
+    hub_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HF_TOKEN and the login token are for huggingface.co: a default mirror the user never named
+    must not receive them (every user's Hub token would reach it). A --token, or a mirror the user
+    chose, is another matter."""
+    from huggingface_hub import constants as hub_constants
+
+    secret = "hf_stored_token_meant_for_the_hub"
+
+    def tokens_since(server: HostileServer, first: int) -> set[str | None]:
+        return {seen.headers.get("authorization") for seen in server.requests()[first:]}
+
+    with HostileServer(behind=hub_server.url) as mirror, HostileServer(behind=hub_server.url) as hub:
+        monkeypatch.setattr(constants, "DEFAULT_ENDPOINTS", (mirror.url, hub.url))  # as if hf-mirror.com
+        monkeypatch.setattr(constants, "HUB_ENDPOINT", hub.url)  # as if huggingface.co
+
+        # HF_TOKEN, the default endpoints: the mirror serves the whole run, and never sees the token.
+        monkeypatch.setenv("HF_TOKEN", secret)
+        result = download(NESTED, cache_dir=tmp_path / "a", progress=False)
+        assert result.endpoint == mirror.url and len(mirror.requests()) > 1
+        assert tokens_since(mirror, 0) == {None} and not hub.requests()
+
+        # A mirror the user chose (HF_ENDPOINT, or --endpoint) gets it; any endpoint gets a --token.
+        asked = len(mirror.requests())
+        chosen = CliRunner().invoke(
+            cli,
+            ["download", NESTED, "--cache-dir", str(tmp_path / "b"), "-q"],
+            env={"HF_ENDPOINT": mirror.url},
+        )
+        assert chosen.exit_code == 0, chosen.output
+        assert tokens_since(mirror, asked) == {f"Bearer {secret}"}
+        asked = len(mirror.requests())
+        download(NESTED, token="hf_given", cache_dir=tmp_path / "c", progress=False)
+        assert tokens_since(mirror, asked) == {"Bearer hf_given"}
+
+        # The login token file, and the default mirror says the repo is gated: its "no" to a request
+        # without the token is not final; huggingface.co is asked, with the token.
+        monkeypatch.delenv("HF_TOKEN")
+        token_file = tmp_path / "stored-token"
+        token_file.write_text(secret)
+        monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(token_file))
+        mirror.answer("/api/*", json_body({"error": "gated"}, 403, {"X-Error-Code": "GatedRepo"}))
+        asked = len(mirror.requests())
+        result = download(NESTED, cache_dir=tmp_path / "d", progress=False)
+        assert result.endpoint == hub.url and files_of(result.path) == files_of(hub_server.root / NESTED)
+        assert tokens_since(hub, 0) == {f"Bearer {secret}"} and tokens_since(mirror, asked) == {None}
+
+
 # ======================================================================== bounded listings
 
 
