@@ -366,8 +366,8 @@ def test_the_login_token_is_used_and_no_token_means_no_header(fault_server, faul
     home = tmp_path / "hf_home"
     home.mkdir()
     probe = (
-        "import sys; from hfmirror.download import _resolve_token; "
-        "print(_resolve_token(None), 'huggingface_hub.utils' in sys.modules)"
+        "import sys; from hfmirror.download import _stored_token; "
+        "print(_stored_token(), 'huggingface_hub.utils' in sys.modules)"
     )
     env = {**clean, "HF_HOME": str(home)}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
