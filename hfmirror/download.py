@@ -48,9 +48,10 @@ from .errors import (
 from .layout import CacheLayout, Layout, LocalDirLayout, storage_errors
 from .listing import RemoteFile, filter_files, list_repo, validate_repo_id, validate_revision
 from .offline import offline_answer
+from .policy import TransferStats
 from .progress import Progress
 from .sessions import SessionFactory
-from .transfer import FileTransfer, TransferOptions, TransferStats
+from .transfer import FileTransfer, TransferOptions
 
 __all__ = ["DownloadResult", "FileOutcome", "download", "token_audience"]
 

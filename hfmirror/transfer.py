@@ -82,20 +82,10 @@ from .policy import (
     judge_transport_error,
     settle,
 )
-from .resume import CheckpointClock, ResumeState, boot_id
-from .segments import ConnectionRamp, Segment, SegmentTable, cut_into_pieces
+from .resume import CheckpointClock, ResumeState
+from .segments import Segment, SegmentTable
 
-__all__ = [
-    "ConnectionRamp",
-    "FileTransfer",
-    "ResumeState",
-    "Segment",
-    "SegmentTable",
-    "TransferOptions",
-    "TransferStats",
-    "boot_id",
-    "cut_into_pieces",
-]
+__all__ = ["FileTransfer", "TransferOptions"]
 
 logger = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ from ..policy import (
     TRANSPORT_ERRORS,
     Action,
     Asked,
+    TransferStats,
     Verdict,
     judge_status,
     judge_transport_error,
@@ -37,7 +38,7 @@ from ..policy import (
     settle,
 )
 from ..sessions import SessionFactory
-from ..transfer import FileTransfer, TransferOptions, TransferStats
+from ..transfer import FileTransfer, TransferOptions
 
 __all__ = ["FAILBACK_SECONDS", "Upstream"]
 
