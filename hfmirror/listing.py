@@ -81,7 +81,7 @@ class RepoListing:
     revision: str
     commit: str
     files: tuple[RemoteFile, ...]
-    endpoint: str
+    endpoint: str  # where it came from, as shown to people: any user name and password masked
 
 
 # The Hub's rule for repo ids, as huggingface_hub.utils.validate_repo_id applies it (tests check that the
@@ -348,5 +348,5 @@ def _parse_listing(body: bytes, endpoint: Endpoint, asked: Asked, repo_type: str
         revision=asked.revision,
         commit=commit,
         files=files,
-        endpoint=endpoint.url,
+        endpoint=endpoint.shown,
     )

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from click.testing import CliRunner
 
 from hfmirror import constants
 from hfmirror.cli import cli
 from hfmirror.download import download
-from hfmirror.endpoints import redact_url
+from hfmirror.endpoints import EndpointPool, redact_url
 from hfmirror.errors import (
     EntryNotFoundError,
     NetworkError,
@@ -31,6 +32,7 @@ from hfmirror.errors import (
     UnsafeListingError,
     UnsafePathError,
 )
+from hfmirror.listing import list_repo
 from hfmirror.paths import validate_relative_path
 from hfmirror.policy import Asked, error_for_answer
 from hfmirror.verify import verify
@@ -196,6 +198,10 @@ def test_endpoint_credentials_are_never_shown(hub_server, tmp_path: Path) -> Non
     summary = json.loads(out.stdout)
     assert summary["endpoint"] == redact_url(with_password) and "***@127.0.0.1" in summary["endpoint"]
     assert secret not in out.stdout + out.stderr
+    pool = EndpointPool.from_urls([with_password], max_concurrency=2, failover_after=3)
+    with requests.Session() as session:
+        listing = list_repo(pool, NESTED, repo_type="model", revision="main", token=None, session=session)
+    assert listing.endpoint == redact_url(with_password) and secret not in repr(listing)
 
     # The summary line, and the notice of a failover from an endpoint with a password.
     out = run_cli("download", NESTED, "--endpoint", dead, "--endpoint", with_password, "--cache-dir", cache)
