@@ -387,7 +387,7 @@ class _Pass:
         """Hash the finished prefix as far as it reaches now (one bounded step of the PrefixHasher).
 
         Bounded so that the coordinator's loop saves checkpoints between steps: hashing a whole wave
-        of pieces at once (250 MiB, 0.2 s) held back the checkpoints a kill -9 relies on.
+        of pieces at once would hold back the checkpoints a kill -9 relies on.
         """
         before = self.hasher.hashed
         try:
@@ -624,10 +624,10 @@ def _body_reader(response: requests.Response) -> http.client.HTTPResponse | urll
     """What to call ``readinto`` on for the raw body: the http.client response inside urllib3's.
 
     urllib3's own ``read``/``readinto`` return a fresh bytes object per block after copying it twice;
-    http.client's ``readinto`` receives straight into the caller's buffer. Over loopback a 1 GiB body
-    took 0.45 s of CPU that way against 1.1 s through urllib3 (2.0 s through its ``readinto``). Content
-    decoding is off either way: the bytes must hash to the listed checksum as sent. Should urllib3 ever
-    stop wrapping an http.client response, its own (slower) ``readinto`` is used.
+    http.client's ``readinto`` receives straight into the caller's buffer, for a fraction of the CPU
+    (bench/RESULTS.md, Analysis: session 3). Content decoding is off either way: the bytes must hash to
+    the listed checksum as sent. Should urllib3 ever stop wrapping an http.client response, its own
+    (slower) ``readinto`` is used.
     """
     inner = getattr(response.raw, "_fp", None)
     return inner if isinstance(inner, http.client.HTTPResponse) else response.raw
