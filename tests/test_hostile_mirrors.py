@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -47,7 +46,8 @@ from tests.hostile import (
     status,
     trickle,
 )
-from tests.support import make_repo
+from tests.servers import free_port
+from tests.support import files_under, make_repo, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 NESTED = "tiny/nested"  # README.md, a/b/c.txt, a/top.txt, config.json, data/big.bin (see conftest)
@@ -57,12 +57,6 @@ NESTED = "tiny/nested"  # README.md, a/b/c.txt, a/top.txt, config.json, data/big
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(constants, "BACKOFF_BASE", 0.01)
     monkeypatch.setattr(constants, "BACKOFF_MAX", 0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def finishes(call: Callable[[], Any], within: float = 60.0) -> Any:
@@ -86,28 +80,6 @@ def finishes(call: Callable[[], Any], within: float = 60.0) -> Any:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
-
-
-def files_of(folder: Path) -> dict[str, bytes]:
-    """Regular files under ``folder`` (links followed), skipping dot-folders."""
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts[:-1])
-    }
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "hfmirror", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-        timeout=300,
-    )
 
 
 def run_model_download(
@@ -260,7 +232,9 @@ def test_a_token_found_on_this_machine_goes_only_where_the_user_chose(
         mirror.answer("/api/*", json_body({"error": "gated"}, 403, {"X-Error-Code": "GatedRepo"}))
         asked = len(mirror.requests())
         result = download(NESTED, cache_dir=tmp_path / "d", progress=False)
-        assert result.endpoint == hub.url and files_of(result.path) == files_of(hub_server.root / NESTED)
+        assert result.endpoint == hub.url and files_under(result.path) == files_under(
+            hub_server.root / NESTED
+        )
         assert tokens_since(hub, 0) == {f"Bearer {secret}"} and tokens_since(mirror, asked) == {None}
 
 
@@ -278,7 +252,7 @@ def test_a_listing_that_never_ends_is_cut_off(hub_server, tmp_path: Path, monkey
     assert result.endpoint == hub_server.url and result.failovers == 1
     # What went out before we hung up: the cap, plus what socket buffers hold; not the endless rest.
     assert sent < 32 * 1024 * 1024, sent
-    assert files_of(result.path) == files_of(hub_server.root / NESTED)
+    assert files_under(result.path) == files_under(hub_server.root / NESTED)
 
 
 def test_a_listing_trickled_a_byte_at_a_time_is_cut_off(hub_server, tmp_path: Path, monkeypatch) -> None:
@@ -309,7 +283,7 @@ def test_a_mirror_answering_429_to_everything_is_left_for_the_whole_run(
         )
         listings_asked = len(bad.requests("/api/*"))
         files_asked = len(bad.requests("*/resolve/*"))
-    assert files_of(result.path) == files_of(fault_server.root / NESTED)
+    assert files_under(result.path) == files_under(fault_server.root / NESTED)
     assert listings_asked == constants.RATE_LIMITED_FAILOVER_AFTER and files_asked == 0
     assert result.failovers == 1 and result.endpoint == fault_server.url
     assert result.rate_limited == listings_asked
@@ -323,7 +297,7 @@ def test_a_dead_first_endpoint_costs_only_the_listing_its_tries(fault_server, fa
         bad.answer("*", close())
         result = download(NESTED, endpoints=[bad.url, fault_server.url], cache_dir=tmp_path, progress=False)
         asked = len(bad.requests())
-    assert files_of(result.path) == files_of(fault_server.root / NESTED)
+    assert files_under(result.path) == files_under(fault_server.root / NESTED)
     # The listing failed over after FAILOVER_AFTER tries; no file asked the dead endpoint again.
     assert asked == constants.FAILOVER_AFTER, asked
     assert result.endpoint == fault_server.url and result.failovers == 1
@@ -366,7 +340,7 @@ def test_a_file_of_another_size_is_not_the_file(fault_server, faults, tmp_path: 
     with HostileServer(behind=fault_server.url) as bad:
         bad.answer("*/resolve/*/config.json", html("<html>login</html>"))
         result = download(NESTED, endpoints=[bad.url, fault_server.url], cache_dir=tmp_path, progress=False)
-    assert files_of(result.path) == files_of(fault_server.root / NESTED)
+    assert files_under(result.path) == files_under(fault_server.root / NESTED)
     assert result.failovers == 1 and result.verify_failures == 0
 
 
@@ -382,7 +356,7 @@ def test_a_repo_missing_on_the_first_mirror_is_asked_of_the_next(hub_server, tmp
         bad.answer("/api/*", REPO_NOT_FOUND)
         result = download(NESTED, endpoints=[bad.url, hub_server.url], cache_dir=tmp_path, progress=False)
     assert result.endpoint == hub_server.url
-    assert files_of(result.path) == files_of(hub_server.root / NESTED)
+    assert files_under(result.path) == files_under(hub_server.root / NESTED)
 
 
 def test_a_file_missing_on_the_first_mirror_is_asked_of_the_next(fault_server, faults, tmp_path) -> None:
@@ -390,7 +364,7 @@ def test_a_file_missing_on_the_first_mirror_is_asked_of_the_next(fault_server, f
         bad.answer("*/resolve/*/a/top.txt", ENTRY_NOT_FOUND)
         result = download(NESTED, endpoints=[bad.url, fault_server.url], cache_dir=tmp_path, progress=False)
         through_bad = {s.path.rsplit("/resolve/", 1)[1].split("/", 1)[1] for s in bad.requests("*/resolve/*")}
-    assert files_of(result.path) == files_of(fault_server.root / NESTED)
+    assert files_under(result.path) == files_under(fault_server.root / NESTED)
     # Only that file went elsewhere: the run stayed with the first mirror for every other one.
     assert result.failovers == 0 and result.endpoint == bad.url
     assert through_bad == {"README.md", "a/b/c.txt", "a/top.txt", "config.json", "data/big.bin"}
@@ -607,7 +581,7 @@ def test_names_up_to_the_hubs_limit_work_in_both_layouts(hub_server, tmp_path: P
     make_repo(hub_server.root, "limits/long-names", LONG_NAMES)
     where = {"cache_dir": tmp_path} if layout == "cache" else {"local_dir": tmp_path / "plain"}
     result = download("limits/long-names", endpoints=[hub_server.url], progress=False, **where)
-    assert files_of(result.path) == LONG_NAMES
+    assert files_under(result.path) == LONG_NAMES
     again = download("limits/long-names", endpoints=[hub_server.url], progress=False, **where)
     assert {f.status for f in again.files} == {"present"}
     # verify finds each of them by its record, hashed name or not, and finds them right.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from click.testing import CliRunner
 from hfmirror.cli import cli
 from hfmirror.download import download
 from hfmirror.verify import MISMATCH, MISSING, OK, UNCHECKED, verify
+from tests.servers import free_port
 from tests.support import make_repo
 
 REPO_ID = "verify/model"
@@ -74,9 +74,7 @@ def truncate(path: Path) -> None:
 
 
 def dead_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def fetch_to_cache(url: str, cache: Path) -> Path:
