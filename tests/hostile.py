@@ -130,11 +130,12 @@ def html(text: str = "<html><body>Please sign in to the network</body></html>", 
     return status(code, {"Content-Type": "text/html; charset=utf-8"}, text.encode())
 
 
-def endless(chunk: bytes = b" " * 65536, content_type: str = "application/json") -> Answer:
-    """A 200 whose body never ends (up to SEND_LIMIT): no Content-Length, bytes as fast as they go."""
+def endless(chunk: bytes = b" " * 65536, content_type: str = "application/json", code: int = 200) -> Answer:
+    """A ``code`` answer whose body never ends (up to SEND_LIMIT): no Content-Length, bytes as fast as
+    they go (after the start of a listing, for a 200)."""
 
     def answer(exchange: Exchange) -> None:
-        exchange.start(200, {"Content-Type": content_type})
+        exchange.start(code, {"Content-Type": content_type})
         exchange.write(b'{"sha": "' + b"1" * 40 + b'", "siblings": [')
         while not exchange.stopping.is_set():
             exchange.write(chunk)
@@ -142,11 +143,13 @@ def endless(chunk: bytes = b" " * 65536, content_type: str = "application/json")
     return answer
 
 
-def trickle(content: bytes, every: float = 1.0, content_type: str = "application/json") -> Answer:
-    """A 200 with a true Content-Length whose body comes one byte every ``every`` seconds."""
+def trickle(
+    content: bytes, every: float = 1.0, content_type: str = "application/json", code: int = 200
+) -> Answer:
+    """A ``code`` answer with a true Content-Length whose body comes one byte every ``every`` seconds."""
 
     def answer(exchange: Exchange) -> None:
-        exchange.start(200, {"Content-Type": content_type}, length=len(content))
+        exchange.start(code, {"Content-Type": content_type}, length=len(content))
         for index in range(len(content)):
             if not exchange.sleep(every):
                 return

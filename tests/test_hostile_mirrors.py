@@ -268,6 +268,28 @@ def test_a_listing_trickled_a_byte_at_a_time_is_cut_off(hub_server, tmp_path: Pa
     assert "did not arrive within 1 s" in left, result.endpoints
 
 
+@pytest.mark.parametrize("body", ["endless", "trickled"])
+@pytest.mark.parametrize("asked", ["/api/*", "*/resolve/*/a/top.txt"], ids=["listing", "file"])
+def test_an_error_answer_whose_body_never_ends_is_given_up(
+    hub_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, asked: str, body: str
+) -> None:
+    """A 503's body is read only so that its connection can serve again: bounded in size and time,
+    then the connection is dropped and the request retried on a new one."""
+    monkeypatch.setattr(constants, "ERROR_BODY_DEADLINE", 0.5)
+    if body == "endless":
+        answer = endless(code=503)
+    else:
+        answer = trickle(b"x" * 10_000, every=0.05, code=503)  # 500 s to send in full
+    with HostileServer(behind=hub_server.url) as bad:
+        bad.answer(asked, answer, methods=("GET",), times=1)
+        result = finishes(lambda: download(NESTED, endpoints=[bad.url], cache_dir=tmp_path, progress=False))
+        seen = bad.requests(asked, "GET")
+    assert files_under(result.path) == files_under(hub_server.root / NESTED)
+    assert [s.status for s in seen[:2]] == [503, 200] and seen[1].peer != seen[0].peer, seen
+    # What went out before we hung up: ERROR_BODY_MAX plus what socket buffers hold, not the rest.
+    assert seen[0].bytes_sent < 32 * 1024 * 1024, seen[0].bytes_sent
+
+
 # ======================================================================== failover that sticks
 
 
