@@ -88,3 +88,22 @@ def test_model_download_py_debug_keeps_the_exit_code_too(hub_server, tmp_path: P
     assert plain.returncode == debug.returncode == 3, (plain.stderr, debug.stderr)
     assert "Traceback" not in plain.stderr and "Traceback (most recent call last)" in debug.stderr
     assert "not found" in debug.stderr.strip().splitlines()[-1]
+
+
+def test_a_real_download_imports_neither_torch_nor_transformers(hub_server, tmp_path: Path) -> None:
+    """Not only --help: a whole ``hfmirror download`` of a model (weights, config, tokenizer), as users
+    run it, never imports torch or transformers (the downloader must work where they are not
+    installed, and they would cost it seconds of start-up)."""
+    command = [sys.executable, "-X", "importtime", "-m", "hfmirror", "download", "tiny/bert"]
+    command += ["--endpoint", hub_server.url, "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    snapshot = next((tmp_path / "cache" / "models--tiny--bert" / "snapshots").iterdir())
+    assert (snapshot / "model.safetensors").is_file() and (snapshot / "config.json").is_file()
+    # -X importtime writes "import time: self | cumulative | module" on stderr for every import.
+    imported = {
+        line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")
+    }
+    assert {"hfmirror.download", "requests"} <= imported  # the list is the download's own
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "transformers"))
+    assert heavy == [], heavy
