@@ -28,7 +28,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..listing import RemoteFile
-from ..transfer import ResumeState
+from ..resume import ResumeState
 from .eviction import InUse
 from .fills import Fill
 from .hubapi import CHUNK_SIZE, HubError

@@ -14,12 +14,13 @@ import pytest
 
 from hfmirror.layout import CacheLayout
 from hfmirror.listing import RemoteFile, RepoListing
+from hfmirror.resume import ResumeState
+from hfmirror.segments import Segment
 from hfmirror.server.app import ServerThread
 from hfmirror.server.eviction import InUse
 from hfmirror.server.fills import Fill
 from hfmirror.server.hubapi import HubError
 from hfmirror.server.streaming import HOLD_BACK, FillingFileResponse, FillReader, parse_range
-from hfmirror.transfer import ResumeState, Segment
 
 SIZE = 3 * HOLD_BACK + 777
 
