@@ -65,12 +65,13 @@ class AccessGate:
         else:
             marker.unlink(missing_ok=True)
 
-    def fetching_with_token(self, listing: RepoListing, file: RemoteFile | None, token: str | None) -> None:
-        """Before content fetched with ``token`` is served: find out whether the repo is restricted.
+    def classify(self, listing: RepoListing, file: RemoteFile | None) -> None:
+        """Find out whether the repo is restricted upstream, and mark it if it is (or if that cannot be
+        known: unknown counts as restricted). Call it before anything a token fetched is served.
 
-        Blocking (one anonymous request upstream, remembered for ``ttl``). Unknown counts as restricted.
+        Blocking: one anonymous request upstream, its answer remembered for ``ttl``.
         """
-        if not token or self.is_restricted(listing.repo_type, listing.repo_id):
+        if self.is_restricted(listing.repo_type, listing.repo_id):
             return
         try:
             public = self._verdict(listing, file, None)

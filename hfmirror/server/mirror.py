@@ -227,8 +227,6 @@ class UpstreamApi(HubApi):
             return Pinned(cached, "stale")
         except HfMirrorError as error:
             raise hub_error_for(error) from None
-        if pinned.outcome == "miss" and token:
-            await self._classify(pinned.listing, None, token)
         return pinned
 
     def _cached_listing(self, location: RepoLocation, revision: str) -> RepoListing | None:
@@ -249,10 +247,10 @@ class UpstreamApi(HubApi):
             location.repo_id, location.repo_type, revision, snap.commit, files, endpoint="cache"
         )
 
-    async def _classify(self, listing: RepoListing, file: RemoteFile | None, token: str) -> None:
-        """Content is about to come through ``token``: is the repo restricted upstream? (fail closed)"""
+    async def _classify(self, listing: RepoListing, file: RemoteFile) -> None:
+        """A file is about to come through a token: is the repo restricted upstream? (fail closed)"""
         try:
-            await self._blocking(self.gate.fetching_with_token, listing, file, token)
+            await self._blocking(self.gate.classify, listing, file)
         except asyncio.TimeoutError:
             raise HubError(504, "upstream did not answer an access check in time") from None
 
@@ -354,7 +352,7 @@ class UpstreamApi(HubApi):
     ) -> Response:
         token = _token(request)
         if token:
-            await self._classify(listing, file, token)
+            await self._classify(listing, file)
             await self._check_access(request, listing, file)
             if self.gate.is_restricted(listing.repo_type, listing.repo_id):
                 headers = {**headers, "Cache-Control": "private, no-store"}
@@ -429,12 +427,13 @@ def create_mirror_app(
     metrics = Metrics()
     in_use = InUse()
     budget = CacheBudget(folder, max_size, in_use, metrics)
+    gate = AccessGate(folder, upstream, ttl=revision_ttl)
     fills = FillManager(folder, upstream, budget, in_use, metrics)
     api = UpstreamApi(
         folder,
         upstream=upstream,
-        pins=RevisionPins(folder, ListingStore(folder), upstream, ttl=revision_ttl),
-        gate=AccessGate(folder, upstream, ttl=revision_ttl),
+        pins=RevisionPins(folder, ListingStore(folder), upstream, gate, ttl=revision_ttl),
+        gate=gate,
         fills=fills,
         budget=budget,
         repo_filter=RepoFilter(allow or (), deny or ()),

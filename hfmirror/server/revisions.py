@@ -29,6 +29,7 @@ from ..hashing import is_git_sha1, is_sha256
 from ..layout import CacheLayout, repo_folder_name
 from ..listing import RemoteFile, RepoListing
 from ..paths import safe_join, validate_relative_path
+from .access import AccessGate
 from .upstream import Upstream
 
 __all__ = ["LISTINGS_FOLDER", "ListingStore", "Pinned", "RevisionPins"]
@@ -108,13 +109,19 @@ class Pinned:
 
 
 class RevisionPins:
-    """Revision -> commit, from the upstream at most every ``ttl`` seconds, from the cache when it is down."""
+    """Revision -> commit, from the upstream at most every ``ttl`` seconds, from the cache when it is down.
+
+    A listing fetched with a token is published (kept, pinned, answered to others) only once the
+    ``gate`` has classified the repo: until then nobody could tell that it must not be shown to
+    requests without that token.
+    """
 
     def __init__(
         self,
         root: Path,
         store: ListingStore,
         upstream: Upstream,
+        gate: AccessGate,
         *,
         ttl: float,
         clock: Callable[[], float] = time.monotonic,
@@ -122,6 +129,7 @@ class RevisionPins:
         self.root = root
         self.store = store
         self.upstream = upstream
+        self.gate = gate
         self.ttl = ttl
         self.clock = clock
         self._pins: dict[tuple[str, str, str], tuple[str, float]] = {}  # -> (commit, when asked)
@@ -156,6 +164,8 @@ class RevisionPins:
                     raise
                 logger.warning("upstream unreachable; answering %s@%s from the cache", repo_id, revision)
                 return Pinned(cached, "stale")
+            if token:  # here, on the worker thread: it runs even if the client stopped waiting
+                self.gate.classify(listing, None)
             self.store.save(listing)
             CacheLayout(listing, self.root).finish_revision()  # refs/<revision>, as huggingface_hub keeps it
             if not is_git_sha1(revision):
