@@ -41,9 +41,10 @@ def test_a_listing_fetched_with_a_token_is_classified_before_anyone_else_sees_it
     )
     client.start()
     wait_until(lambda: upstream.plan.requests("/gated/model/resolve/*", method="HEAD"), timeout=30)
-    # The check is under way: the listing the token fetched must not be anyone else's yet. (The
-    # anonymous request waits behind the tokened one for the same revision: 504 after its timeout.)
-    assert_refused(requests.get(m.url + LISTING, timeout=60), 401, 504)
+    # The check is under way: the listing the token fetched must not be anyone else's yet. The
+    # anonymous request waits for the same upstream call: refused once the check is done (401), or
+    # at its own timeout before that (504).
+    assert_refused(requests.get(m.url + LISTING, timeout=60), 401 if upstream_timeout > 4 else 504)
     client.join(60)
     assert not client.is_alive()
     if upstream_timeout > 4:
@@ -54,3 +55,21 @@ def test_a_listing_fetched_with_a_token_is_classified_before_anyone_else_sees_it
     wait_until(marker.exists, timeout=30)
     assert_refused(requests.get(m.url + LISTING, timeout=60), 401)
     assert requests.get(m.url + LISTING, headers=GOOD, timeout=60).status_code == 200
+
+
+def test_a_request_that_joined_another_tokens_refused_listing_asks_with_its_own(
+    upstream: Upstream, mirror: Callable[..., Mirror]
+) -> None:
+    upstream.plan.require_token("hf_good", path="*/gated/model/*")
+    upstream.plan.stall(3, path="/api/models/gated/model/*", times=1)  # the anonymous listing, slowly
+    m = mirror(upstream.url)
+    anonymous: dict[str, requests.Response] = {}
+    client = threading.Thread(target=lambda: anonymous.update(r=requests.get(m.url + LISTING, timeout=60)))
+    client.start()
+    wait_until(lambda: upstream.plan.requests("/api/models/gated/model/*"), timeout=30)
+    tokened = requests.get(m.url + LISTING, headers=GOOD, timeout=60)  # joins the anonymous call
+    client.join(60)
+    assert_refused(anonymous["r"], 403)  # the upstream said GatedRepo
+    assert tokened.status_code == 200 and tokened.json()["id"] == "gated/model"
+    listings = upstream.plan.requests("/api/models/gated/model/*")
+    assert [r.headers.get("authorization") for r in listings] == [None, "Bearer hf_good"]

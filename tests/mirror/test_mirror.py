@@ -235,6 +235,21 @@ def test_a_hanging_upstream_costs_a_client_the_timeout_not_a_hang(
     assert uncached.status_code == 504
 
 
+def test_many_requests_for_a_hanging_listing_do_not_hold_up_other_repos(
+    upstream: Upstream, mirror: Callable[..., Mirror]
+) -> None:
+    upstream.plan.stall(30, path="/api/models/big/one/*")  # this repo's listing never comes
+    m = mirror(upstream.url, upstream_timeout=1)
+    with concurrent.futures.ThreadPoolExecutor(40) as pool:  # more than the mirror's upstream threads
+        statuses = list(
+            pool.map(lambda _: requests.get(f"{m.url}/api/models/big/one", timeout=60).status_code, range(40))
+        )
+    assert statuses == [504] * 40
+    assert len(upstream.plan.requests("/api/models/big/one/*")) == 1  # they all waited for one call
+    r = requests.get(f"{m.url}/api/models/tiny/bert", timeout=60)  # needs the upstream too
+    assert r.status_code == 200 and r.json()["id"] == "tiny/bert"
+
+
 # ------------------------------------------------------------------------------------ integrity
 
 
