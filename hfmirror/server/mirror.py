@@ -359,9 +359,11 @@ class UpstreamApi(HubApi):
         token = _token(request)
         if token:
             await self._classify(listing, file)
-            await self._check_access(request, listing, file)
-            if self.gate.is_restricted(listing.repo_type, listing.repo_id):
-                headers = {**headers, "Cache-Control": "private, no-store"}
+        # The last look before joining a fill, which may be one that a token started: from here to
+        # the join nothing awaits, so a repo that became restricted since resolve() checked is seen.
+        await self._check_access(request, listing, file)
+        if self.gate.is_restricted(listing.repo_type, listing.repo_id):
+            headers = {**headers, "Cache-Control": "private, no-store"}
         self._count(request, "miss")
         byte_range = None
         if_range = request.headers.get("if-range")

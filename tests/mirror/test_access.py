@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 import requests
 
+from hfmirror.server import mirror as mirror_module
 from tests.mirror.conftest import Mirror, Upstream
 from tests.mirror.support import wait_until
 
@@ -73,3 +74,33 @@ def test_a_request_that_joined_another_tokens_refused_listing_asks_with_its_own(
     assert tokened.status_code == 200 and tokened.json()["id"] == "gated/model"
     listings = upstream.plan.requests("/api/models/gated/model/*")
     assert [r.headers.get("authorization") for r in listings] == [None, "Bearer hf_good"]
+
+
+def test_a_request_without_a_token_never_joins_a_fill_that_came_through_one(
+    upstream: Upstream, mirror: Callable[..., Mirror], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A gated repo: anyone may list it, only the token may read its files.
+    upstream.plan.require_token("hf_good", path="/gated/model/resolve/*")
+    m = mirror(upstream.url)
+    assert requests.get(m.url + LISTING, timeout=30).status_code == 200
+    # Hold the anonymous request between its access check (nothing known to be restricted yet) and
+    # the moment it joins a fill, until the tokened request has classified the repo and started one:
+    # the window a busy thread pool opens.
+    is_complete, held, fills = mirror_module._is_complete, threading.Event(), m.app.state.fills
+
+    def slow_for_the_first(layout, file):  # type: ignore[no-untyped-def]
+        if not held.is_set():
+            held.set()
+            wait_until(lambda: fills.running() > 0, timeout=30)
+        return is_complete(layout, file)
+
+    monkeypatch.setattr(mirror_module, "_is_complete", slow_for_the_first)
+    url = m.url + "/gated/model/resolve/main/model.safetensors"
+    anonymous: dict[str, requests.Response] = {}
+    client = threading.Thread(target=lambda: anonymous.update(r=requests.get(url, timeout=60)))
+    client.start()
+    held.wait(30)
+    tokened = requests.get(url, headers=GOOD, timeout=60)
+    client.join(60)
+    assert tokened.content == (upstream.root / "gated/model/model.safetensors").read_bytes()
+    assert_refused(anonymous["r"], 401)
