@@ -28,6 +28,7 @@ from huggingface_hub.errors import (
 
 from hfmirror.download import download
 from hfmirror.server.app import ServerThread, create_app
+from hfmirror.server.streaming import HOLD_BACK
 from tests.mirror.conftest import BIG, Mirror, Upstream, hub
 from tests.mirror.support import MIB, REPO_ROOT, files_under, python_env, start_mirror_process, wait_until
 from tests.support import make_repo
@@ -259,11 +260,14 @@ def test_a_corrupted_upstream_body_never_reaches_a_client_as_a_complete_file(
     upstream.plan.corrupt(path="*/weights.bin")  # every answer, every attempt
     upstream.plan.limit_bandwidth(4 * MIB, path="*/weights.bin")
     m = mirror(upstream.url, connections=2)
-    url = f"{m.url}/big/one/resolve/main/weights.bin"
-    received = _read_until_closed(url)
-    assert len(received) < BIG  # cut short: the last block never left before a checksum that never matched
+    commit = requests.get(f"{m.url}/api/models/big/one", timeout=30).json()["sha"]
+    url = f"{m.url}/big/one/resolve/{commit}/weights.bin"  # "main" would answer 302 to this URL
+    status, received = _read_until_closed(url)
+    # Streamed, then cut short: the last block never left before a checksum that never matched.
+    assert status == 200 and 0 < len(received) <= BIG - HOLD_BACK
     assert not list((m.root / "models--big--one" / "blobs").glob("[0-9a-f]" * 64))
-    assert len(_read_until_closed(url)) < BIG  # a new fill, the same: never the whole wrong file
+    status, received = _read_until_closed(url)  # a new fill, the same: never the whole wrong file
+    assert status == 200 and 0 < len(received) <= BIG - HOLD_BACK
 
 
 @pytest.mark.slow
@@ -282,8 +286,9 @@ def test_a_client_resuming_after_a_cut_starts_over_and_gets_the_right_file(
     )
 
 
-def _read_until_closed(url: str) -> bytes:
-    """GET ``url`` and read whatever comes until the server closes (a cut shows as a short body)."""
+def _read_until_closed(url: str) -> tuple[int, bytes]:
+    """GET ``url``: the status and whatever body comes until the server closes (a cut shows as a
+    short body)."""
     host, port = url.removeprefix("http://").split("/", 1)[0].split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
     try:
@@ -295,7 +300,7 @@ def _read_until_closed(url: str) -> bytes:
                 chunks.append(chunk)
         except (http.client.IncompleteRead, ConnectionError) as error:
             chunks.append(getattr(error, "partial", b""))
-        return b"".join(chunks)
+        return response.status, b"".join(chunks)
     finally:
         conn.close()
 
