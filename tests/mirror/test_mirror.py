@@ -109,22 +109,30 @@ def test_four_concurrent_cold_clients_cost_one_upstream_transfer(
 def test_a_range_of_a_file_being_filled_is_served_from_what_is_there(
     upstream: Upstream, mirror: Callable[..., Mirror]
 ) -> None:
-    upstream.plan.limit_bandwidth(MIB, path="*/weights.bin")  # 8 connections: ~3 s for the file
-    m = mirror(upstream.url, connections=8)
+    # The upstream stops halfway through the file for a minute; the mirror gives up on that
+    # connection after its 5 s stall timeout and fetches the rest. Until then the file can only be
+    # read from its partial copy, however fast or slow this machine is.
+    stall = upstream.plan.stall(60, after_bytes=BIG // 2, path="*/weights.bin", times=1)
+    m = mirror(upstream.url, connections=1, stall_timeout=5, upstream_timeout=60)
     data = (upstream.root / "big" / "one" / "weights.bin").read_bytes()
-    url = f"{m.url}/big/one/resolve/main/weights.bin"
+    blob = m.root / "models--big--one" / "blobs" / hashlib.sha256(data).hexdigest()
+    commit = requests.get(f"{m.url}/api/models/big/one", timeout=30).json()["sha"]
+    url = f"{m.url}/big/one/resolve/{commit}/weights.bin"
     with requests.get(url, stream=True, timeout=60) as first:  # starts the fill
         assert first.status_code == 200
         head = requests.get(url, headers={"Range": "bytes=0-99"}, timeout=60)
         assert head.status_code == 206 and head.content == data[:100]
         assert head.headers["Content-Range"] == f"bytes 0-99/{BIG}"
+        assert not blob.exists()  # answered from the partial file
         # A range far ahead waits for its bytes; the file's last block waits for the checksum.
-        tail = requests.get(url, headers={"Range": f"bytes={BIG - 5000}-"}, timeout=60)
+        tail = requests.get(url, headers={"Range": f"bytes={BIG - 5000}-"}, timeout=90)
         assert tail.status_code == 206 and tail.content == data[-5000:]
-        blob = m.root / "models--big--one" / "blobs" / hashlib.sha256(data).hexdigest()
         assert blob.is_file()  # the last block came only once the file was verified and in place
         body = first.raw.read()
     assert body == data
+    # All three answers came through the fill (a cached blob would have counted as a hit).
+    assert (m.counter("cache_misses"), m.counter("cache_hits")) == (1 + 3, 0)  # the listing, the files
+    assert stall.applied == 1 and len(upstream.plan.requests("*/weights.bin", method="GET")) >= 2
     assert upstream.sent("*/weights.bin") <= BIG + 4 * MIB
 
 
