@@ -282,7 +282,9 @@ def test_slowloris_under_ulimit_1024_does_not_stop_other_clients(tmp_path: Path,
             for sock in stalled:
                 sock.close()
     log = serve.log()
-    assert len(log) < 64 * 1024, log[-2000:]  # before: 61 MB of accept() errors in 10 s
+    # The connection cap keeps the server clear of its open-file limit, where asyncio's accept loop
+    # would log an error per backlog slot, thousands a second.
+    assert len(log) < 64 * 1024, log[-2000:]
     assert "Traceback" not in log
 
 

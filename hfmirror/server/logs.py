@@ -6,8 +6,8 @@ cannot forge a line; only a traceback spans lines, each indented) and cut to
 :data:`MAX_RECORD_CHARS`, and the handler spends from a byte budget that refills at
 :data:`LOG_BYTES_PER_SECOND`: past it, records are counted instead of written, and one line says how
 many were dropped once the budget allows writing again. Whatever arrives, the log grows by at most
-256 KB at once and 32 KB a second after that (before this, 1,100 stalled connections wrote 61 MB in
-10 seconds).
+:data:`LOG_BURST_BYTES` at once and :data:`LOG_BYTES_PER_SECOND` after that: a flood of requests, or
+of errors from connections past the open-file limit, cannot fill the disk.
 
 :class:`AccessLog` is the ASGI middleware that writes the per-request line.
 """
