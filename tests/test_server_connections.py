@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import re
 import resource
 import select
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -31,7 +29,7 @@ from hfmirror.server.logs import (
     printable,
 )
 from tests.servers import Process, start_process
-from tests.support import make_repo
+from tests.support import make_repo, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HALF_REQUEST = b"GET /org/m/resolve/main/a.txt HTTP/1.1\r\nHost: x\r\n"  # no blank line: never complete
@@ -325,14 +323,7 @@ def test_serve_refuses_a_port_in_use_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "root").mkdir()
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "hfmirror", "serve", str(tmp_path / "root"), "--port", str(port)],
-            cwd=REPO_ROOT,
-            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = run_cli("serve", str(tmp_path / "root"), "--port", str(port), cwd=REPO_ROOT)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"hfmirror: error: port {port} on 127.0.0.1 is already in use (another server is listening "

@@ -15,6 +15,7 @@ import requests
 
 from hfmirror.resume import ResumeState
 from tests.servers import REPO_ROOT, Process, free_port, python_env, start_process, wait_until
+from tests.support import files_under
 
 __all__ = [
     "MIB",
@@ -32,16 +33,6 @@ __all__ = [
 ]
 
 MIB = 1024 * 1024
-
-
-def files_under(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` outside hidden folders (relative path -> bytes)."""
-    result = {}
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if path.is_file() and not any(part.startswith(".") for part in rel.split("/")[:-1]):
-            result[rel] = path.read_bytes()
-    return result
 
 
 def start_mirror_process(root: Path, upstream_url: str, workdir: Path, *extra: str, port: int = 0) -> Process:

@@ -11,8 +11,6 @@ import concurrent.futures
 import hashlib
 import http.client
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,8 +28,8 @@ from hfmirror.download import download
 from hfmirror.server.app import ServerThread, create_app
 from hfmirror.server.streaming import HOLD_BACK
 from tests.mirror.conftest import BIG, Mirror, Upstream, hub
-from tests.mirror.support import MIB, REPO_ROOT, files_under, python_env, start_mirror_process, wait_until
-from tests.support import make_repo
+from tests.mirror.support import MIB, REPO_ROOT, files_under, start_mirror_process, wait_until
+from tests.support import make_repo, run_cli
 
 # ------------------------------------------------------------------------------------ cold and warm
 
@@ -504,14 +502,7 @@ def test_tokens_never_reach_the_log(upstream: Upstream, tmp_path: Path) -> None:
     ],
 )
 def test_serve_refuses_bad_mirror_options_in_one_line(tmp_path: Path, extra: list[str], message: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "hfmirror", "serve", str(tmp_path / "cache"), "--port", "0", *extra],
-        cwd=REPO_ROOT,
-        env=python_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli("serve", str(tmp_path / "cache"), "--port", "0", *extra, cwd=REPO_ROOT)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hfmirror: error:") and message in lines[0], lines
