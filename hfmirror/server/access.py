@@ -27,12 +27,17 @@ from ..layout import repo_folder_name
 from ..listing import RemoteFile, RepoListing
 from .upstream import Upstream
 
-__all__ = ["AccessGate", "RESTRICTED_MARKER"]
+__all__ = ["AccessGate", "RESTRICTED_MARKER", "principal_of"]
 
 logger = logging.getLogger(__name__)
 
 RESTRICTED_MARKER = ".hfmirror/restricted"
 _MAX_VERDICTS = 100_000
+
+
+def principal_of(token: str | None) -> str:
+    """Who a request is, for remembering verdicts: a token's sha256 (never the token), or anonymous."""
+    return hashlib.sha256(token.encode()).hexdigest() if token else "anonymous"
 
 
 class AccessGate:
@@ -65,12 +70,13 @@ class AccessGate:
         else:
             marker.unlink(missing_ok=True)
 
-    def fetching_with_token(self, listing: RepoListing, file: RemoteFile | None, token: str | None) -> None:
-        """Before content fetched with ``token`` is served: find out whether the repo is restricted.
+    def classify(self, listing: RepoListing, file: RemoteFile | None) -> None:
+        """Find out whether the repo is restricted upstream, and mark it if it is (or if that cannot be
+        known: unknown counts as restricted). Call it before anything a token fetched is served.
 
-        Blocking (one anonymous request upstream, remembered for ``ttl``). Unknown counts as restricted.
+        Blocking: one anonymous request upstream, its answer remembered for ``ttl``.
         """
-        if not token or self.is_restricted(listing.repo_type, listing.repo_id):
+        if self.is_restricted(listing.repo_type, listing.repo_id):
             return
         try:
             public = self._verdict(listing, file, None)
@@ -99,8 +105,7 @@ class AccessGate:
         raise AccessDeniedError(f"{listing.repo_id} is gated or private upstream, and not served to {who}")
 
     def _verdict(self, listing: RepoListing, file: RemoteFile | None, token: str | None) -> bool:
-        principal = hashlib.sha256(token.encode()).hexdigest() if token else "anonymous"
-        key = (listing.repo_type, listing.repo_id, principal)
+        key = (listing.repo_type, listing.repo_id, principal_of(token))
         now = self.clock()
         with self._lock:
             known = self._verdicts.get(key)

@@ -15,21 +15,19 @@
 * **Operators**: ``--allow``/``--deny`` (:mod:`.repo_filter`), ``--max-size`` (:mod:`.eviction`), a log
   line per request with ``hit``/``miss``/``stale``, ``/metrics`` (:mod:`.metrics`).
 
-Blocking work (the upstream, hashing) runs on a thread pool, and a client waits for the upstream at
-most ``--upstream-timeout`` seconds before it gets its answer from the cache or a 504.
+Calls to the upstream run on a thread pool, one call in flight per question (:mod:`.calls`), and a
+client waits for the upstream at most ``--upstream-timeout`` seconds before it gets its answer from
+the cache or a 504.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 from urllib.parse import quote
 
 from starlette.applications import Starlette
@@ -56,7 +54,8 @@ from ..errors import (
 )
 from ..layout import CacheLayout, repo_folder_name
 from ..listing import RemoteFile, RepoListing, validate_repo_id, validate_revision
-from .access import AccessGate
+from .access import AccessGate, principal_of
+from .calls import UpstreamCalls
 from .checksums import ChecksumCache
 from .eviction import CacheBudget, InUse
 from .fills import FillManager
@@ -92,8 +91,6 @@ DEFAULT_REVISION_TTL = 300.0  # seconds a branch stays pinned to a commit before
 DEFAULT_UPSTREAM_TIMEOUT = 10.0  # seconds a client waits on the upstream before a cached answer or a 504
 _UPSTREAM_THREADS = 32
 _KEPT_SNAPSHOTS = 256
-
-T = TypeVar("T")
 
 
 def hub_error_for(error: BaseException) -> HubError:
@@ -162,9 +159,7 @@ class UpstreamApi(HubApi):
         self.local = local
         self.in_use = in_use
         self.timeout = timeout
-        self._calls = concurrent.futures.ThreadPoolExecutor(
-            _UPSTREAM_THREADS, thread_name_prefix="hfmirror-up"
-        )
+        self.calls = UpstreamCalls(_UPSTREAM_THREADS, timeout=timeout)
         self._snapshots: collections.OrderedDict[
             tuple[str, str, str], tuple[Snapshot, dict[str, RemoteFile]]
         ] = collections.OrderedDict()
@@ -173,12 +168,7 @@ class UpstreamApi(HubApi):
         """Stop fills (they keep their resume state) and drop upstream calls nobody waits for."""
         self.fills.cancel.set()
         self.upstream.cancel.set()
-        self._calls.shutdown(wait=False, cancel_futures=True)
-
-    async def _blocking(self, function: Callable[..., T], *args: Any) -> T:
-        """Run ``function`` on the upstream thread pool; give up waiting after the timeout (it goes on)."""
-        future = asyncio.wrap_future(self._calls.submit(function, *args))
-        return await asyncio.wait_for(future, self.timeout)
+        self.calls.close()
 
     # -- which repo
 
@@ -211,11 +201,8 @@ class UpstreamApi(HubApi):
         fresh = self.pins.fresh(location.repo_type, location.repo_id, revision)
         if fresh is not None:
             return Pinned(fresh, "hit")
-        token = _token(request)
         try:
-            pinned = await self._blocking(
-                self.pins.pin, location.repo_type, location.repo_id, revision, token
-            )
+            pinned = await self._pin(location, revision, _token(request))
         except (asyncio.TimeoutError, NetworkError) as error:
             cached = await run_in_threadpool(self._cached_listing, location, revision)
             if cached is None:
@@ -227,9 +214,23 @@ class UpstreamApi(HubApi):
             return Pinned(cached, "stale")
         except HfMirrorError as error:
             raise hub_error_for(error) from None
-        if pinned.outcome == "miss" and token:
-            await self._classify(pinned.listing, None, token)
         return pinned
+
+    async def _pin(self, location: RepoLocation, revision: str, token: str | None) -> Pinned:
+        """The upstream's listing of ``revision``: one call in flight per revision, whoever asks.
+
+        A request that joined another's call and got a refusal (not found, access denied) asks again
+        with its own token: the refusal was the other token's.
+        """
+        key = ("pin", location.repo_type, location.repo_id, revision)
+        args = (location.repo_type, location.repo_id, revision, token)
+        call = self.calls.start(key, self.pins.pin, *args)
+        try:
+            return await self.calls.wait(call)
+        except RemoteError:
+            if not call.joined:
+                raise
+        return await self.calls.run((*key, principal_of(token)), self.pins.pin, *args)
 
     def _cached_listing(self, location: RepoLocation, revision: str) -> RepoListing | None:
         """What the cache knows of ``revision`` without the upstream: our stored listing, else the
@@ -249,10 +250,12 @@ class UpstreamApi(HubApi):
             location.repo_id, location.repo_type, revision, snap.commit, files, endpoint="cache"
         )
 
-    async def _classify(self, listing: RepoListing, file: RemoteFile | None, token: str) -> None:
-        """Content is about to come through ``token``: is the repo restricted upstream? (fail closed)"""
+    async def _classify(self, listing: RepoListing, file: RemoteFile) -> None:
+        """A file is about to come through a token: is the repo restricted upstream? (fail closed)"""
         try:
-            await self._blocking(self.gate.fetching_with_token, listing, file, token)
+            await self.calls.run(
+                ("classify", listing.repo_type, listing.repo_id), self.gate.classify, listing, file
+            )
         except asyncio.TimeoutError:
             raise HubError(504, "upstream did not answer an access check in time") from None
 
@@ -261,7 +264,8 @@ class UpstreamApi(HubApi):
             return
         token = _token(request)
         try:
-            await self._blocking(self.gate.check, listing, file, token)
+            key = ("check", listing.repo_type, listing.repo_id, principal_of(token))
+            await self.calls.run(key, self.gate.check, listing, file, token)
         except AccessDeniedError as error:
             _note(request, "denied")
             raise HubError(403 if token else 401, str(error), "GatedRepo") from None
@@ -354,10 +358,12 @@ class UpstreamApi(HubApi):
     ) -> Response:
         token = _token(request)
         if token:
-            await self._classify(listing, file, token)
-            await self._check_access(request, listing, file)
-            if self.gate.is_restricted(listing.repo_type, listing.repo_id):
-                headers = {**headers, "Cache-Control": "private, no-store"}
+            await self._classify(listing, file)
+        # The last look before joining a fill, which may be one that a token started: from here to
+        # the join nothing awaits, so a repo that became restricted since resolve() checked is seen.
+        await self._check_access(request, listing, file)
+        if self.gate.is_restricted(listing.repo_type, listing.repo_id):
+            headers = {**headers, "Cache-Control": "private, no-store"}
         self._count(request, "miss")
         byte_range = None
         if_range = request.headers.get("if-range")
@@ -429,12 +435,13 @@ def create_mirror_app(
     metrics = Metrics()
     in_use = InUse()
     budget = CacheBudget(folder, max_size, in_use, metrics)
+    gate = AccessGate(folder, upstream, ttl=revision_ttl)
     fills = FillManager(folder, upstream, budget, in_use, metrics)
     api = UpstreamApi(
         folder,
         upstream=upstream,
-        pins=RevisionPins(folder, ListingStore(folder), upstream, ttl=revision_ttl),
-        gate=AccessGate(folder, upstream, ttl=revision_ttl),
+        pins=RevisionPins(folder, ListingStore(folder), upstream, gate, ttl=revision_ttl),
+        gate=gate,
         fills=fills,
         budget=budget,
         repo_filter=RepoFilter(allow or (), deny or ()),

@@ -29,6 +29,7 @@ from ..hashing import is_git_sha1, is_sha256
 from ..layout import CacheLayout, cached_commit, repo_folder_name
 from ..listing import RemoteFile, RepoListing
 from ..paths import validate_relative_path
+from .access import AccessGate
 from .upstream import Upstream
 
 __all__ = ["LISTINGS_FOLDER", "ListingStore", "Pinned", "RevisionPins"]
@@ -37,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 LISTINGS_FOLDER = ".hfmirror/listings"  # inside a repo's cache folder; huggingface_hub ignores it
 _KEPT_IN_MEMORY = 256  # listings parsed and kept, least recently used dropped first
-_LOCK_STRIPES = 64
 
 
 class ListingStore:
@@ -108,13 +108,19 @@ class Pinned:
 
 
 class RevisionPins:
-    """Revision -> commit, from the upstream at most every ``ttl`` seconds, from the cache when it is down."""
+    """Revision -> commit, from the upstream at most every ``ttl`` seconds, from the cache when it is down.
+
+    A listing fetched with a token is published (kept, pinned, answered to others) only once the
+    ``gate`` has classified the repo: until then nobody could tell that it must not be shown to
+    requests without that token.
+    """
 
     def __init__(
         self,
         root: Path,
         store: ListingStore,
         upstream: Upstream,
+        gate: AccessGate,
         *,
         ttl: float,
         clock: Callable[[], float] = time.monotonic,
@@ -122,10 +128,10 @@ class RevisionPins:
         self.root = root
         self.store = store
         self.upstream = upstream
+        self.gate = gate
         self.ttl = ttl
         self.clock = clock
         self._pins: dict[tuple[str, str, str], tuple[str, float]] = {}  # -> (commit, when asked)
-        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]  # one upstream call per revision
 
     def fresh(self, repo_type: str, repo_id: str, revision: str) -> RepoListing | None:
         """The listing if no upstream call is due (a pin younger than the ttl, or a stored commit)."""
@@ -137,30 +143,32 @@ class RevisionPins:
         return self.store.load(repo_type, repo_id, pinned[0])
 
     def pin(self, repo_type: str, repo_id: str, revision: str, token: str | None) -> Pinned:
-        """The listing of ``revision``, asking the upstream if the pin is due. Blocking.
+        """The listing of ``revision``, asking the upstream if the pin is due. Blocking (the mirror
+        makes one such call at a time per revision: :mod:`.calls`).
 
         Raises:
             RemoteError (not found, access denied) as the upstream answered; NetworkError if it cannot be
             reached and nothing is cached for this revision.
         """
         key = (repo_type, repo_id, revision)
-        with self._locks[hash(key) % _LOCK_STRIPES]:  # concurrent requests share one upstream call
-            listing = self.fresh(repo_type, repo_id, revision)
-            if listing is not None:
-                return Pinned(listing, "hit")
-            try:
-                listing = self.upstream.list(repo_type, repo_id, revision, token)
-            except NetworkError:
-                cached = self.cached(repo_type, repo_id, revision)
-                if cached is None:
-                    raise
-                logger.warning("upstream unreachable; answering %s@%s from the cache", repo_id, revision)
-                return Pinned(cached, "stale")
-            self.store.save(listing)
-            CacheLayout(listing, self.root).finish_revision()  # refs/<revision>, as huggingface_hub keeps it
-            if not is_git_sha1(revision):
-                self._pins[key] = (listing.commit, self.clock())
-            return Pinned(listing, "miss")
+        listing = self.fresh(repo_type, repo_id, revision)
+        if listing is not None:
+            return Pinned(listing, "hit")
+        try:
+            listing = self.upstream.list(repo_type, repo_id, revision, token)
+        except NetworkError:
+            cached = self.cached(repo_type, repo_id, revision)
+            if cached is None:
+                raise
+            logger.warning("upstream unreachable; answering %s@%s from the cache", repo_id, revision)
+            return Pinned(cached, "stale")
+        if token:  # here, on the worker thread: it runs even if the client stopped waiting
+            self.gate.classify(listing, None)
+        self.store.save(listing)
+        CacheLayout(listing, self.root).finish_revision()  # refs/<revision>, as huggingface_hub keeps it
+        if not is_git_sha1(revision):
+            self._pins[key] = (listing.commit, self.clock())
+        return Pinned(listing, "miss")
 
     def cached(self, repo_type: str, repo_id: str, revision: str) -> RepoListing | None:
         """The last known listing of ``revision`` from the cache alone (``refs/`` and the stored listing)."""

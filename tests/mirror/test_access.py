@@ -1,0 +1,106 @@
+"""Gated and private repos through the team mirror: what came through a token never reaches anyone
+the upstream would refuse, however the requests interleave and whether or not the upstream answers.
+
+The upstream is `hfmirror serve` with a ``require_token`` fault: ``gated/model`` is private (its
+listing and its files need the token) or gated (only its files do), as the tests set it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+import requests
+
+from hfmirror.server import mirror as mirror_module
+from tests.mirror.conftest import Mirror, Upstream
+from tests.mirror.support import wait_until
+
+GOOD = {"Authorization": "Bearer hf_good"}
+LISTING = "/api/models/gated/model"
+
+
+def assert_refused(response: requests.Response, *statuses: int) -> None:
+    """An error answer in the Hub's form, and nothing else: the body is the error's JSON alone."""
+    assert response.status_code in statuses, (response.status_code, response.text[:200])
+    assert response.json() == {"error": response.headers["X-Error-Message"]}
+
+
+@pytest.mark.parametrize("upstream_timeout", [1.0, 10.0])
+def test_a_listing_fetched_with_a_token_is_classified_before_anyone_else_sees_it(
+    upstream: Upstream, mirror: Callable[..., Mirror], upstream_timeout: float
+) -> None:
+    # A private repo; the mirror's anonymous check of it (one HEAD) is slow, so its answer comes
+    # after the tokened listing (and, with a 1 s timeout, after the tokened client gave up waiting).
+    upstream.plan.require_token("hf_good", path="*/gated/model/*")
+    upstream.plan.stall(4, methods=("HEAD",), path="/gated/model/resolve/*", times=1)
+    m = mirror(upstream.url, upstream_timeout=upstream_timeout)
+    tokened: dict[str, requests.Response] = {}
+    client = threading.Thread(
+        target=lambda: tokened.update(r=requests.get(m.url + LISTING, headers=GOOD, timeout=60))
+    )
+    client.start()
+    wait_until(lambda: upstream.plan.requests("/gated/model/resolve/*", method="HEAD"), timeout=30)
+    # The check is under way: the listing the token fetched must not be anyone else's yet. The
+    # anonymous request waits for the same upstream call: refused once the check is done (401), or
+    # at its own timeout before that (504).
+    assert_refused(requests.get(m.url + LISTING, timeout=60), 401 if upstream_timeout > 4 else 504)
+    client.join(60)
+    assert not client.is_alive()
+    if upstream_timeout > 4:
+        assert tokened["r"].status_code == 200 and tokened["r"].json()["siblings"]
+    else:
+        assert_refused(tokened["r"], 504)  # gave up waiting; the check went on
+    marker = m.root / "models--gated--model" / ".hfmirror" / "restricted"
+    wait_until(marker.exists, timeout=30)
+    assert_refused(requests.get(m.url + LISTING, timeout=60), 401)
+    assert requests.get(m.url + LISTING, headers=GOOD, timeout=60).status_code == 200
+
+
+def test_a_request_that_joined_another_tokens_refused_listing_asks_with_its_own(
+    upstream: Upstream, mirror: Callable[..., Mirror]
+) -> None:
+    upstream.plan.require_token("hf_good", path="*/gated/model/*")
+    upstream.plan.stall(3, path="/api/models/gated/model/*", times=1)  # the anonymous listing, slowly
+    m = mirror(upstream.url)
+    anonymous: dict[str, requests.Response] = {}
+    client = threading.Thread(target=lambda: anonymous.update(r=requests.get(m.url + LISTING, timeout=60)))
+    client.start()
+    wait_until(lambda: upstream.plan.requests("/api/models/gated/model/*"), timeout=30)
+    tokened = requests.get(m.url + LISTING, headers=GOOD, timeout=60)  # joins the anonymous call
+    client.join(60)
+    assert_refused(anonymous["r"], 403)  # the upstream said GatedRepo
+    assert tokened.status_code == 200 and tokened.json()["id"] == "gated/model"
+    listings = upstream.plan.requests("/api/models/gated/model/*")
+    assert [r.headers.get("authorization") for r in listings] == [None, "Bearer hf_good"]
+
+
+def test_a_request_without_a_token_never_joins_a_fill_that_came_through_one(
+    upstream: Upstream, mirror: Callable[..., Mirror], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A gated repo: anyone may list it, only the token may read its files.
+    upstream.plan.require_token("hf_good", path="/gated/model/resolve/*")
+    m = mirror(upstream.url)
+    assert requests.get(m.url + LISTING, timeout=30).status_code == 200
+    # Hold the anonymous request between its access check (nothing known to be restricted yet) and
+    # the moment it joins a fill, until the tokened request has classified the repo and started one:
+    # the window a busy thread pool opens.
+    is_complete, held, fills = mirror_module._is_complete, threading.Event(), m.app.state.fills
+
+    def slow_for_the_first(layout, file):  # type: ignore[no-untyped-def]
+        if not held.is_set():
+            held.set()
+            wait_until(lambda: fills.running() > 0, timeout=30)
+        return is_complete(layout, file)
+
+    monkeypatch.setattr(mirror_module, "_is_complete", slow_for_the_first)
+    url = m.url + "/gated/model/resolve/main/model.safetensors"
+    anonymous: dict[str, requests.Response] = {}
+    client = threading.Thread(target=lambda: anonymous.update(r=requests.get(url, timeout=60)))
+    client.start()
+    held.wait(30)
+    tokened = requests.get(url, headers=GOOD, timeout=60)
+    client.join(60)
+    assert tokened.content == (upstream.root / "gated/model/model.safetensors").read_bytes()
+    assert_refused(anonymous["r"], 401)
