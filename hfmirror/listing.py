@@ -26,6 +26,7 @@ from .errors import (
     BadInputError,
     DownloadInterrupted,
     EntryNotFoundError,
+    QuotaExhaustedError,
     UnsafeListingError,
     UnsafePathError,
 )
@@ -46,6 +47,7 @@ from .policy import (
     judge_transport_error,
     not_a_hub_answer,
     pause,
+    quota_spent,
     read_body,
     settle,
 )
@@ -273,8 +275,11 @@ def _ask_for_listing(
     cancel: threading.Event | None,
 ) -> RepoListing | Verdict:
     """One listing request: the listing, or the verdict on what came back instead."""
-    if not endpoint.governor.acquire(cancel):
-        raise DownloadInterrupted("interrupted")
+    try:
+        if not endpoint.governor.acquire(cancel):
+            raise DownloadInterrupted("interrupted")
+    except QuotaExhaustedError as error:
+        return quota_spent(error)
     silence = threading.Timer(
         constants.SILENCE_NOTICE_SECONDS,
         lambda: logger.warning("still waiting for %s to list %s...", endpoint.shown, asked.repo_id),

@@ -63,6 +63,7 @@ from .errors import (
     DownloadInterrupted,
     IntegrityError,
     NetworkError,
+    QuotaExhaustedError,
     RemoteError,
     StorageError,
 )
@@ -80,6 +81,7 @@ from .policy import (
     drain_error_body,
     judge_file_answer,
     judge_transport_error,
+    quota_spent,
     settle,
 )
 from .resume import CheckpointClock, ResumeState, boot_id
@@ -493,8 +495,13 @@ class _Connection:
         failures = 0
         while self.table.remaining_of(segment) > 0 and not self._stopped():
             endpoint = transfer.endpoint()
-            if not endpoint.governor.acquire(self.a_pass.stop, priority=self.a_pass.priority(endpoint)):
-                return
+            try:
+                if not endpoint.governor.acquire(self.a_pass.stop, priority=self.a_pass.priority(endpoint)):
+                    return
+            except QuotaExhaustedError as error:
+                if transfer.refuse(endpoint, quota_spent(error)):
+                    continue  # the run has moved on to another endpoint
+                raise  # not reached: on the last endpoint, refuse() raises what each endpoint said
             start_pos = segment.pos
             try:
                 self._request(endpoint, segment, sent_at=time.monotonic())

@@ -35,10 +35,12 @@ from hfmirror.paths import validate_relative_path
 from hfmirror.policy import Asked, error_for_answer
 from hfmirror.verify import verify
 from tests.hostile import (
+    Exchange,
     HostileServer,
     close,
     endless,
     fake_repo,
+    forward,
     hang,
     html,
     json_body,
@@ -487,6 +489,46 @@ def test_a_long_wait_is_said_and_a_retry_after_beyond_the_limit_is_not_waited_ou
     assert refused.exit_code == 5, refused.output
     assert "asked us to wait 3600 s (HTTP 429), more than the 300 s we wait" in refused.stderr
     assert moved.endpoint == hub_server.url and moved.failovers == 1
+
+
+def quota_spent_for_a_day(base_url: str) -> Callable[[Exchange], None]:
+    """Relay ``base_url``'s answers, each one saying the request quota is used up for 86400 s."""
+    relay = forward(base_url)
+
+    def answer(exchange: Exchange) -> None:
+        send = exchange.body
+        exchange.body = lambda code, headers, content: send(  # type: ignore[method-assign]
+            code, {**headers, "RateLimit": '"api";r=0;t=86400'}, content
+        )
+        relay(exchange)
+
+    return answer
+
+
+def test_a_quota_announced_spent_for_longer_than_we_wait_is_not_waited_out(
+    hub_server, tmp_path: Path
+) -> None:
+    # A file served (200) with word that no request is left for a day: the other files are not waited
+    # for. One connection at a time, so that the second request is asked for after the first answer.
+    with HostileServer() as bad:
+        bad.answer("*", quota_spent_for_a_day(hub_server.url))
+        args = ["download", NESTED, "--endpoint", bad.url, "--max-connections", "1"]
+        refused = finishes(lambda: CliRunner().invoke(cli, [*args, "--cache-dir", str(tmp_path / "x")]))
+        files_asked_of_bad = len(bad.requests("*/resolve/*"))
+        moved = finishes(
+            lambda: download(
+                NESTED,
+                endpoints=[bad.url, hub_server.url],
+                cache_dir=tmp_path / "y",
+                progress=False,
+                max_connections=1,
+            )
+        )
+    assert refused.exit_code == 5, refused.output
+    assert "announced its request quota is used up for 86400 s, more than the 300 s we wait" in refused.stderr
+    assert files_asked_of_bad == 1
+    assert moved.endpoint == hub_server.url and moved.failovers == 1
+    assert {f.status for f in verify(NESTED, cache_dir=tmp_path / "y").files} == {"ok"}
 
 
 def test_a_long_wait_ends_at_once_on_ctrl_c(tmp_path: Path) -> None:
