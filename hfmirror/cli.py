@@ -491,6 +491,7 @@ def serve(
       hfmirror serve ~/.cache/huggingface/hub --host 0.0.0.0 --port 8080
       hfmirror serve /data/hf-cache --upstream https://hf-mirror.com --host 0.0.0.0 --max-size 2T
     """
+    from .endpoints import redact_url
     from .server.runner import prepare_server
 
     mirror_only = {"--allow": allow, "--deny": deny, "--max-size": max_size}
@@ -525,7 +526,8 @@ def serve(
     server = prepare_server(app, host=host, port=port, max_connections=max_connections)
     _announce_repos(root, server.app.state.store.discover(), filling=bool(upstreams))
     if upstreams:
-        click.echo(f"hfmirror: filling from {', '.join(upstreams)}", err=True)
+        shown = ", ".join(redact_url(url) for url in upstreams)  # an upstream URL may hold user:password
+        click.echo(f"hfmirror: filling from {shown}", err=True)
     click.echo(f"hfmirror: serving on {server.url} (clients: HF_ENDPOINT={server.url})", err=True)
     server.run()
 

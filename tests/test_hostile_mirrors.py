@@ -47,6 +47,7 @@ from tests.hostile import (
     status,
     trickle,
 )
+from tests.servers import start_process
 from tests.support import make_repo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -209,6 +210,23 @@ def test_endpoint_credentials_are_never_shown(hub_server, tmp_path: Path) -> Non
     assert out.returncode == 5 and "***@127.0.0.1" in out.stderr and secret not in out.stderr, out.stderr
     out = run_cli("download", NESTED, "--endpoint", f"ftp://user:{secret}@host", "--cache-dir", cache)
     assert out.returncode == 2 and secret not in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_upstream_credentials_are_never_shown_by_serve(hub_server, tmp_path: Path) -> None:
+    """``serve --upstream`` with a password in the upstream URLs: neither its start-up lines nor its
+    log (a failover from a dead upstream, a fill from the live one) show the password."""
+    secret = "pa55w0rd-never-shown"
+    dead = f"http://user:{secret}@127.0.0.1:{free_port()}"
+    live = hub_server.url.replace("http://", f"http://user:{secret}@")
+    argv = [sys.executable, "-m", "hfmirror", "serve", str(tmp_path / "cache"), "--port", "0"]
+    argv += ["--upstream", dead, "--upstream", live, "--state-dir", str(tmp_path / "state")]
+    with start_process(argv, tmp_path / "serve.log", r"serving on (http://127\.0\.0\.1:\d+)") as mirror:
+        result = download(NESTED, endpoints=[mirror.url], cache_dir=tmp_path / "client", progress=False)
+        assert files_of(result.path) == files_of(hub_server.root / NESTED)
+    log = mirror.log()
+    assert "filling from http://***@127.0.0.1:" in log, log
+    assert secret not in log, log
 
 
 def test_a_token_found_on_this_machine_goes_only_where_the_user_chose(
