@@ -562,7 +562,9 @@ class _Connection:
             first_hop = response.history[0] if response.history else response
             endpoint.governor.observe(first_hop.headers, sent_at)
             self._check_answer(endpoint, response, start, headers)
-            return self._stream_into(response, segment)
+            # A server that ignores Range sends the whole file: the bytes held already are read past.
+            held = start if "Range" not in headers else 0
+            return self._stream_into(response, segment, held=held)
 
     def _check_answer(self, endpoint: Endpoint, response: requests.Response, start: int, sent: dict) -> None:
         """Raise unless the answer's body is the bytes asked for (the policy judges; this acts)."""
@@ -584,17 +586,20 @@ class _Connection:
             # Whoever answered last (the endpoint or its CDN) checks If-Range against this value.
             transfer.remember_validator(self.a_pass.state, endpoint.host, etag)
 
-    def _stream_into(self, response: requests.Response, segment: Segment) -> int:
+    def _stream_into(self, response: requests.Response, segment: Segment, *, held: int = 0) -> int:
         """Copy the body into the file at ``segment.pos`` until the segment (which may shrink) is full.
 
-        Each block is received straight into one reused buffer and written from there. A body read to
-        its end hands its connection back to the pool for the next piece; one left unfinished (the
-        segment shrank, the pass ended) closes it when the response is closed.
+        The body begins ``held`` bytes before ``segment.pos`` (a server that ignores Range, asked
+        again after a drop, starts from byte 0): those are read and dropped, never written over what
+        is there. Each block is received straight into one reused buffer and written from there. A
+        body read to its end hands its connection back to the pool for the next piece; one left
+        unfinished (the segment shrank, the pass ended) closes it when the response is closed.
         """
         body = _body_reader(response)
         largest = max(constants.READ_BLOCK, constants.FAST_READ_BLOCK, constants.PROBE_READ_BLOCK)
         # A segment only ever shrinks: a small file needs no 1 MiB buffer.
         buffer = memoryview(bytearray(max(1, min(largest, self.table.remaining_of(segment)))))
+        self._read_past(body, held, buffer)
         written = 0
         while True:
             want = self.table.next_read(segment)
@@ -625,6 +630,21 @@ class _Connection:
         if body is not response.raw and body.isclosed():
             response.raw.release_conn()  # the whole body was read: keep the connection for the next piece
         return written
+
+    def _read_past(
+        self, body: http.client.HTTPResponse | urllib3.BaseHTTPResponse, held: int, buffer: memoryview
+    ) -> None:
+        """Read the first ``held`` bytes of ``body`` into ``buffer`` and forget them (a drop is retried)."""
+        left = held
+        while left > 0 and not self._stopped():
+            try:
+                count = body.readinto(buffer[: min(len(buffer), left)])
+            except TRANSPORT_ERRORS as error:
+                name = type(error).__name__
+                raise _retry(f"connection lost reading past the {held} bytes already held ({name})") from None
+            if not count:
+                raise _retry(f"body ended before the {held} bytes already held")
+            left -= count
 
     def _write(self, data: memoryview, offset: int) -> None:
         try:
