@@ -12,7 +12,7 @@ precisely (``except RepoNotFoundError``)::
     │   ├── RevisionNotFoundError
     │   ├── EntryNotFoundError
     │   ├── AccessDeniedError                 gated or private (401/403)
-    │   └── UnsafeListingError                a listing that names files outside the repo
+    │   └── UnsafeListingError                a listing naming files outside the repo, or twice
     ├── NetworkError (OSError)                no endpoint answered, or retries ran out
     │   └── QuotaExhaustedError               an endpoint's quota stays spent longer than we wait
     ├── IntegrityError                        size or checksum never matched
@@ -87,7 +87,9 @@ class AccessDeniedError(RemoteError):
 
 
 class UnsafeListingError(RemoteError):
-    """A server's file listing names a path that would be written outside the target folder."""
+    """A server's file listing names a path that would be written outside the target folder, that the
+    Hub forbids (``.git``, ``.cache``, over 255 bytes), or the same path twice (or as a file and a
+    folder). A listing that merely lacks sizes or checksums is not a Hub answer: it fails over."""
 
 
 class NetworkError(HfMirrorError, OSError):

@@ -355,8 +355,25 @@ def test_a_dead_first_endpoint_costs_only_the_listing_its_tries(fault_server, fa
         (json_body({"sha": "1" * 40 + "\n", "siblings": []}), "without a valid commit id"),  # a folder name
         (json_body([1, 2, 3]), "not a JSON object"),
         (json_body({"sha": "1" * 40, "siblings": "all of them"}), "not a list"),
+        # A mirror that ignores ?blobs=true: names without sizes or checksums, nothing to verify.
+        (json_body({"sha": "1" * 40, "siblings": [{"rfilename": "README.md"}]}), "without a valid size"),
+        (
+            json_body({"sha": "1" * 40, "siblings": [{"rfilename": "README.md", "size": 39}]}),
+            "without a checksum",
+        ),
+        (json_body({"sha": "1" * 40, "siblings": ["README.md"]}), "a file entry that is not an object"),
     ],
-    ids=["html", "not-json", "no-commit", "commit-and-a-newline", "not-an-object", "siblings-not-a-list"],
+    ids=[
+        "html",
+        "not-json",
+        "no-commit",
+        "commit-and-a-newline",
+        "not-an-object",
+        "siblings-not-a-list",
+        "no-sizes",
+        "no-checksums",
+        "entry-not-an-object",
+    ],
 )
 def test_a_listing_that_is_not_a_hub_answer_fails_over(hub_server, tmp_path: Path, answer, said: str) -> None:
     with HostileServer() as bad:
