@@ -687,7 +687,13 @@ def test_names_up_to_the_hubs_limit_work_in_both_layouts(hub_server, tmp_path: P
 
 
 @pytest.mark.parametrize(
-    "obstacle", ["a-folder-where-a-file-goes", "a-file-where-a-folder-goes", "locks-blocked"]
+    "obstacle",
+    [
+        "a-folder-where-a-file-goes",
+        "a-file-where-a-folder-goes",
+        "a-link-loop-where-a-file-goes",
+        "locks-blocked",
+    ],
 )
 def test_os_errors_while_putting_files_in_place_are_storage_errors(
     hub_server, tmp_path: Path, obstacle: str
@@ -699,6 +705,10 @@ def test_os_errors_while_putting_files_in_place_are_storage_errors(
     elif obstacle == "a-file-where-a-folder-goes":
         target.mkdir(parents=True)
         (target / "a").write_text("in the way")
+        args = ["--local-dir", str(target)]
+    elif obstacle == "a-link-loop-where-a-file-goes":  # checking whether the file is there fails
+        target.mkdir(parents=True)
+        (target / "config.json").symlink_to("config.json")
         args = ["--local-dir", str(target)]
     else:
         (tmp_path / "cache").mkdir()
