@@ -29,6 +29,7 @@ import collections
 import heapq
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Mapping
@@ -40,7 +41,19 @@ from . import constants
 from .errors import BadInputError, QuotaExhaustedError
 from .retry import RateLimitInfo, parse_ratelimit
 
-__all__ = ["Endpoint", "EndpointPool", "QuotaPacer", "RateGovernor", "normalize_endpoint", "redact_url"]
+__all__ = [
+    "METADATA_PRIORITY",
+    "Endpoint",
+    "EndpointPool",
+    "QuotaPacer",
+    "RateGovernor",
+    "normalize_endpoint",
+    "redact_url",
+]
+
+# The priority of a listing or an access check: ahead of every transfer, whose priority is its file's
+# seconds of work left. Such a request is short, and the transfers it leads to wait for its answer.
+METADATA_PRIORITY = math.inf
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +163,7 @@ class RateGovernor:
     * Order: when a slot frees, the waiting request with the highest ``priority`` takes it (ties: first
       come, first served). Transfers ask with the seconds of work their file has left, so the budget
       goes where it helps most: a large file crawling behind a per-connection cap before a small one.
+      Listings and access checks ask with ``METADATA_PRIORITY``, ahead of them all.
     """
 
     def __init__(self, max_concurrency: int, *, name: str = "") -> None:

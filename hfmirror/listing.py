@@ -21,7 +21,7 @@ from urllib.parse import quote
 import requests
 
 from . import constants
-from .endpoints import Endpoint, EndpointPool
+from .endpoints import METADATA_PRIORITY, Endpoint, EndpointPool
 from .errors import (
     BadInputError,
     DownloadInterrupted,
@@ -286,7 +286,7 @@ def _ask_for_listing(
 ) -> RepoListing | Verdict:
     """One listing request: the listing, or the verdict on what came back instead."""
     try:
-        if not endpoint.governor.acquire(cancel):
+        if not endpoint.governor.acquire(cancel, priority=METADATA_PRIORITY):
             raise DownloadInterrupted("interrupted")
     except QuotaExhaustedError as error:
         return quota_spent(error)

@@ -6,11 +6,14 @@ import threading
 from pathlib import Path
 
 import pytest
+import requests
 
 from hfmirror import constants
 from hfmirror.download import download
-from hfmirror.endpoints import QuotaPacer, RateGovernor
+from hfmirror.endpoints import EndpointPool, QuotaPacer, RateGovernor
+from hfmirror.listing import list_repo
 from hfmirror.retry import RateLimitInfo, parse_ratelimit, server_requested_delay
+from tests.hostile import HostileServer, fake_repo
 from tests.support import make_repo
 
 # ------------------------------------------------------------------------------------ the headers
@@ -107,6 +110,39 @@ def test_a_freed_slot_goes_to_the_waiting_request_with_the_most_work_left() -> N
     for thread in threads:
         thread.join(30)
     assert order == [5.0, 3.0, 1.0]
+
+
+def test_a_listing_waiting_for_a_slot_goes_before_any_transfer() -> None:
+    # A transfer of a file with a lot of work left and a listing both wait for the one slot: the
+    # listing is short and what comes next waits for it, so it takes the slot first.
+    with HostileServer() as server:
+        fake_repo(server, "org/repo", {"a.txt": b"a"})
+        pool = EndpointPool.from_urls([server.url], max_concurrency=1, failover_after=3)
+        governor = pool.current.governor
+        assert governor.acquire()
+        listing_seen_first: list[bool] = []
+
+        def transfer() -> None:
+            assert governor.acquire(priority=1e9)
+            listing_seen_first.append(bool(server.requests("/api/*")))
+            governor.release()
+
+        def listing() -> None:
+            with requests.Session() as session:
+                list_repo(pool, "org/repo", repo_type="model", revision="main", token=None, session=session)
+
+        threads = [threading.Thread(target=transfer), threading.Thread(target=listing)]
+        for thread in threads:
+            thread.start()
+            for _ in range(1000):  # each one is waiting before the next starts (bounded poll)
+                if governor.waiting == threads.index(thread) + 1:
+                    break
+                threading.Event().wait(0.01)
+        assert governor.waiting == 2
+        governor.release()
+        for thread in threads:
+            thread.join(30)
+    assert listing_seen_first == [True]
 
 
 def test_a_cancelled_wait_takes_no_slot_and_leaves_the_line() -> None:
