@@ -355,13 +355,15 @@ class _Pass:
         """Seconds this file would still take with one more connection: the larger, the sooner it gets
         the next free slot of the endpoint's connection budget (the longest job first, which finishes
         a set of files soonest). The rate is this file's own per connection if measured, else what the
-        endpoint's connections delivered lately."""
+        endpoint's connections delivered lately, else (nothing measured yet) that of a fast connection:
+        always a rate, so that a priority taken before any measurement (it stays in the governor's line
+        as it was) is in seconds too, like those taken after."""
         governor = endpoint.governor
         rate = self.table.per_connection_rate(time.monotonic())
         if rate is not None:
             governor.note_rate(rate)
         else:
-            rate = governor.connection_rate or 1.0  # nothing measured anywhere: bytes, for every file alike
+            rate = governor.connection_rate or constants.FAST_CONNECTION
         return self.table.remaining_bytes / (self.table.active_connections() + 1) / max(rate, 1.0)
 
     def fail(self, error: BaseException) -> None:

@@ -169,6 +169,42 @@ def test_many_small_files_use_an_announced_quota_without_tripping_it(fault_serve
     assert result.rate_limited == len(refused)
 
 
+def test_a_slow_large_file_gets_the_slots_before_small_ones(
+    fault_server, faults, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A budget of one connection, a large file crawling behind a per-connection cap, small files
+    waiting: each time the slot frees, the large file's next piece takes it (the most work left goes
+    first), and the small files go once the large one has nothing more to ask. First come, first
+    served would put the small files' requests, waiting from the start, before the large file's
+    second piece, asked for only once its first connection proved slow (RAMP_PROBE_SECONDS)."""
+    monkeypatch.setattr(constants, "MIN_SEGMENT", 256 * 1024)
+    monkeypatch.setattr(constants, "MIN_SPLIT", 128 * 1024)
+    monkeypatch.setattr(constants, "MULTI_CONNECTION_THRESHOLD", 512 * 1024)
+    monkeypatch.setattr(constants, "RAMP_PROBE_SECONDS", 0.3)
+    files: dict[str, bytes | int] = {"large.bin": 1024 * 1024}
+    files.update({f"small-{i}.txt": 1000 + i for i in range(6)})
+    source = make_repo(fault_server.root, "pacing/one-large", files)
+    faults.limit_bandwidth(512_000, path="*/large.bin")
+    result = download(
+        "pacing/one-large",
+        endpoints=[fault_server.url],
+        cache_dir=tmp_path,
+        progress=False,
+        max_workers=4,
+        connections=2,
+        max_connections=1,
+    )
+    assert all((result.path / name).read_bytes() == (source / name).read_bytes() for name in files)
+    asked = [
+        r.path.rsplit("/", 1)[1]
+        for r in sorted(faults.requests("*/resolve/*", "GET"), key=lambda r: r.started)
+    ]
+    large = [i for i, name in enumerate(asked) if name == "large.bin"]
+    assert len(large) >= 2, asked  # it did come in pieces
+    # From its first request to its last, the slot went to nothing but the large file.
+    assert asked[large[0] : large[-1] + 1] == ["large.bin"] * (large[-1] - large[0] + 1), asked
+
+
 def test_the_connection_budget_holds_for_the_whole_run(
     fault_server, faults, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
