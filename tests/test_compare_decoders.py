@@ -20,6 +20,7 @@ import compare.bert
 import compare.gpt2
 import compare.layers
 import compare.llama
+import compare.model
 import compare.qwen
 import compare.roberta
 from compare.architectures import REGISTRY, load_model, supported_model_types
@@ -533,7 +534,7 @@ def test_recorder_carries_ours_or_isolates_with_theirs() -> None:
     carried = Recorder()
     assert carried.scoped("layer.0")("mlp", ours) is ours and list(carried.stages) == ["layer.0.mlp"]
     isolated = Recorder(substitute={"layer.0.mlp": theirs})
-    assert isolated.scoped("layer.0")("mlp", ours) is theirs
+    assert torch.equal(isolated.scoped("layer.0")("mlp", ours), theirs)
     assert torch.equal(isolated.stages["layer.0.mlp"], ours)  # what is recorded is always ours
     assert isolated("other", ours) is ours  # no reference tensor: continue with ours
     assert isolated("layer.0.mlp", torch.ones(3)).shape == (3,)  # a shape mismatch is not substituted
@@ -542,6 +543,39 @@ def test_recorder_carries_ours_or_isolates_with_theirs() -> None:
     kept = Recorder(keep_attention=True)
     kept.scoped("layer.1").attention_weights(ours)
     assert list(kept.attention) == ["layer.1"]
+
+
+def test_what_a_stage_recorded_cannot_be_changed_in_place_afterwards() -> None:
+    """A forward pass may work in place on what ``record`` hands back: neither the reference's tensor
+    it was handed (isolated) nor our recorded stage may change with it."""
+    ours, theirs = torch.ones(2), torch.zeros(2)
+    isolated = Recorder(substitute={"mlp": theirs})
+    isolated("mlp", ours).add_(5)
+    assert torch.equal(theirs, torch.zeros(2)) and torch.equal(isolated.stages["mlp"], torch.ones(2))
+    carried = Recorder()
+    carried("mlp", ours).add_(5)
+    assert torch.equal(carried.stages["mlp"], torch.ones(2))
+
+
+def test_in_place_work_after_a_stage_is_blamed_on_the_next_stage(models, monkeypatch) -> None:
+    """Our layer doubles its MLP output in place after recording it (a bug in the residual sum): the
+    MLP stage itself is right, in both runs; the layer's output is wrong. Were the recorded tensors
+    (or the reference's, handed to the isolated run) changed by the in-place work, the blame would
+    land on the MLP."""
+
+    def doubled_in_place(self, x, context, record=compare.model.NO_RECORDING):
+        mask = context.masks[self.attention_kind]
+        attention_out = record("attention", self.attention(self.attention_norm(x), mask, context.rotary, record))
+        x = record("attention_residual", x + attention_out)
+        mlp_out = record("mlp", self.mlp(self.mlp_norm(x)))
+        mlp_out.mul_(2)
+        return record("output", x + mlp_out)
+
+    monkeypatch.setattr(compare.layers.PreNormDecoderLayer, "forward", doubled_in_place)
+    report = compare_model_dir(models["qwen2-gqa8to2-tied-theta1e6"], dtype="float64")
+    assert_fails_at(report, "layer.0.output")
+    mlp = {stage.name: stage for stage in report.stages}["layer.0.mlp"]
+    assert mlp.passed and mlp.isolated.passed
 
 
 def test_rotary_rotates_pairs_and_keeps_relative_position() -> None:
