@@ -138,6 +138,20 @@ def test_model_modules_import_torch_only() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_the_readme_reads_the_modules_in_the_package_s_order() -> None:
+    """One reading order: the package docstring's and the README's name the same modules, in order."""
+    import re
+
+    import compare
+
+    docstring = compare.__doc__.split("Reading order:")[1].split("Everything except")[0]
+    package = re.findall(r"``compare\.(\w+)``", docstring)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    paragraph = readme.split("Read the code in this order")[1].split("A new architecture")[0]
+    named = re.findall(r"`compare/(\w+)\.py`", paragraph)
+    assert package and named == ["__init__", *package]  # __init__: where the order is written
+
+
 # ---------------------------------------------------------------------------------------------- matching
 
 
