@@ -170,14 +170,6 @@ class TransformerModel(nn.Module):
         """The floating-point dtype of the parameters (masks and rotary tables are built in it)."""
         return next(self.parameters()).dtype
 
-    def piece_prefixes(self) -> dict[str, tuple[str, ...]]:
-        """Each piece's name -> the parameter-name prefixes of its weights, in forward order."""
-        pieces: dict[str, tuple[str, ...]] = {"embeddings": ("embeddings.",)}
-        for i in range(len(self.layers)):
-            pieces[f"layer.{i}"] = (f"layers.{i}.",)
-        pieces["final"] = tuple(f"{name}." for name in self.final_modules)
-        return pieces
-
     def piece_modules(self, piece: str) -> list[tuple[str, nn.Module]]:
         """(parameter-name prefix, module) of each module of ``piece`` ("embeddings", "layer.i",
         "final"), to load that piece's weights alone."""

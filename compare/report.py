@@ -104,11 +104,11 @@ class ComparisonReport:
     atol: float
     rtol: float
     versions: dict[str, str]
+    reference: str  # what the numbers were compared against (Architecture.describe_reference)
     inputs: dict[str, Any] = field(default_factory=dict)  # what was fed in (source, shape, padding)
-    reference: str = "transformers AutoModel, eager attention, eval, no_grad"
     next_token: NextTokenMetrics | None = None  # models with an LM head only
     attention: AttentionWeights | None = None  # only when asked for (not part of the JSON)
-    timing: dict[str, Any] | None = None  # seconds per piece, parameters per piece (streamed runs)
+    timing: dict[str, Any] | None = None  # total seconds, and seconds and parameters per piece
     layers: str | None = None  # the range of layers compared ("3-7"), when not all of them
     repo_id: str | None = None  # where the checkpoint came from, when it is a snapshot of a cache
     commit: str | None = None

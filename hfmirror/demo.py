@@ -237,5 +237,5 @@ def run_demo(
     finally:
         if workdir is None and not keep:
             shutil.rmtree(base, ignore_errors=True)
-        elif keep or workdir is not None:
+        else:
             echo(f"(work folder kept: {base})")

@@ -72,6 +72,7 @@ def synthetic_report(
         atol=ATOL,
         rtol=RTOL,
         versions={"torch": "2.13.0", "transformers": "5.24.0", "python": "3.11.2"},
+        reference="transformers AutoModel, eager attention, eval, no_grad, run one piece at a time",
         inputs={"source": "text", "texts": [TEXT, "a second text"], "batch": 2, "seq_len": len(TOKENS)},
     ).to_dict()
     if isolated:

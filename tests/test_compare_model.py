@@ -23,14 +23,14 @@ from hypothesis import strategies as st
 import compare.bert
 import compare.layers
 import compare.weights
-from compare.architectures import REGISTRY, load_model
+from compare.architectures import REGISTRY
 from compare.bert import BertEncoderLayer
 from compare.config import BertConfig
 from compare.layers import ACTIVATIONS, add_and_norm
 from compare.metrics import compare_tensors
 from compare.runner import DEFAULT_TOLERANCES, compare_model_dir, random_inputs
 from hfmirror.errors import CompareError, UnsupportedModelError
-from tests.test_compare_support import assert_fails_at, save_random_bert
+from tests.test_compare_support import assert_fails_at, load_whole_model, save_random_bert
 
 TEXTS = ["hello world", "the cat sat on the mat", "a dog ran"]
 
@@ -179,7 +179,7 @@ def test_final_outputs_equal_transformers_directly(bert: Path) -> None:
     from transformers import AutoModel
 
     inputs = random_inputs(batch=3, seq_len=10, seed=5, vocab_size=45, type_vocab_size=2, pad_token_id=0)
-    ours = load_model(bert, dtype=torch.float64).model
+    ours = load_whole_model(bert, dtype=torch.float64).model
     reference = AutoModel.from_pretrained(bert, dtype=torch.float64, attn_implementation="eager").eval()
     with torch.no_grad():
         hidden, pooled = ours(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])

@@ -144,7 +144,7 @@ def test_streamed_reference_equals_the_whole_model(every_architecture: dict[str,
         architecture=architecture,
         config=prepared.config,
         dtype=torch.float32,
-        files=prepared.files,
+        files=prepared.reader.files,
         options=prepared.options,
     ).stages(inputs, keep_attention=True)
     assert list(streamed.stages) == list(whole.stages)
