@@ -36,9 +36,6 @@ SUPPORTED_MODEL_TYPES = (
     "xlm-roberta",
 )
 
-# What --tokenizer REPO downloads: the tokenizer's files, not the weights.
-TOKENIZER_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken")
-
 
 @click.command()
 @click.argument("model")
@@ -202,12 +199,12 @@ def compare(
         return fetch_checkpoint(repo_id, revision=revision, progress=not as_json, **fetched)
 
     def fetch_tokenizer(repo_id: str) -> Path:
-        """A local folder as it is; a repo id: only its tokenizer files, not its weights."""
+        """A local folder as it is; a repo id: only its tokenizer files (see compare.fetch)."""
         if Path(repo_id).is_dir():
             return Path(repo_id)
-        from hfmirror.download import download
+        from compare.fetch import fetch_tokenizer as fetch_tokenizer_files
 
-        return Path(download(repo_id, include=list(TOKENIZER_FILES), progress=not as_json, **fetched).path)
+        return fetch_tokenizer_files(repo_id, progress=not as_json, **fetched)
 
     model_dir = fetch_model(model)
     tokenizer_dir = fetch_tokenizer(tokenizer) if tokenizer and texts else None
