@@ -195,10 +195,12 @@ def test_the_header_shows_the_repo_commit_and_next_token_measures_when_present()
     soup = parse(page)
     facts = header_facts(soup)
     assert report["repo_id"] in facts["model"] and report["commit"] in facts["model"]
-    assert facts["next token agreement"] == f"{report['next_token_agreement']:.4g}"
-    assert facts["kl divergence"] == f"{report['kl_divergence']:.2e}"
-    # The ids compared stay in the JSON: a long list of numbers is not for the page.
-    assert "input_ids: in the JSON" in facts["input"]
+    next_token = report["next_token"]  # as ComparisonReport.to_dict() nests it
+    assert f"agreement: {next_token['agreement']:.4g}" in facts["next token"]
+    assert f"kl_divergence_mean: {next_token['kl_divergence_mean']:.2e}" in facts["next token"]
+    assert f"positions: {next_token['positions']}" in facts["next token"]
+    # The ids compared (and each position's top-1 token) stay in the JSON: long lists are not for the page.
+    assert "input_ids: in the JSON" in facts["input"] and "top1" not in facts
     assert json.dumps(report["inputs"]["input_ids"][0])[1:-1] not in page
 
 
