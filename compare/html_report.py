@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from hfmirror.errors import CompareError, StorageError
 
 from .html_attention import AttentionMaps, attention_section
+from .report import float64_hint, stage_passes, stage_result, verdict_line
 
 if TYPE_CHECKING:
     from .report import ComparisonReport
@@ -51,7 +52,6 @@ __all__ = [
     "render_html",
     "source_location",
     "stage_anchor",
-    "verdict_sentence",
     "write_html",
     "write_report",
 ]
@@ -129,31 +129,6 @@ def write_report(path: str | Path, report: ComparisonReport) -> Path:
     sources = {stage: source_location(function) for stage, function in report.stage_functions.items()}
     attention = report.attention.maps() if report.attention is not None else None
     return write_html(path, report.to_dict(), attention=attention, sources=sources)
-
-
-def verdict_sentence(report: Mapping[str, Any]) -> str:
-    """The verdict in one sentence: that every stage matches, or which stage fails first."""
-    stages = list(report.get("stages") or [])
-    tolerance = f"atol={report['atol']:g}, rtol={report['rtol']:g}"
-    if not stages:
-        return "No stages were compared."
-    if report.get("passed"):
-        return (
-            f"All {len(stages)} stages match the reference within {tolerance}; "
-            f"the largest difference is {_sci(report.get('max_abs_diff'))}."
-        )
-    carried = sum(1 for stage in stages if not stage.get("passed"))
-    first = report.get("first_failing_stage")
-    if _has_isolated(stages):
-        isolated = sum(1 for stage in stages if not (stage.get("isolated") or {}).get("passed", True))
-        return (
-            f"{first} is the first stage whose own (isolated) error is outside {tolerance}: "
-            f"{isolated} of {len(stages)} stages fail in isolation, {carried} with the error carried."
-        )
-    return (
-        f"{first} is the first stage that differs from the reference: "
-        f"{carried} of {len(stages)} stages are outside {tolerance}."
-    )
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -260,9 +235,11 @@ def _header(report: Mapping[str, Any]) -> str:
         *_other_measures(report),
     ]
     rows = "\n".join(f"<dt>{_e(key)}</dt><dd>{value}</dd>" for key, value in facts)
+    hint = float64_hint(report)
     return f"""<header>
 <h1>hfmirror compare: {_e(report.get("model", ""))}</h1>
-<p class="verdict {verdict_class}" id="verdict">{_e(verdict_sentence(report))}</p>
+<p class="verdict {verdict_class}" id="verdict">{_e(verdict_line(report))}</p>
+{f'<p class="hint" id="hint">{_e(hint)}</p>' if hint else ""}
 <dl class="facts">
 {rows}
 </dl>
@@ -410,19 +387,21 @@ def _allowance(stage: Mapping[str, Any], atol: float, rtol: float) -> float | No
 def _stage_columns(
     stages: Sequence[Mapping[str, Any]],
 ) -> list[tuple[str, Callable[[Mapping[str, Any]], str]]]:
-    """(header, cell text) per column; optional columns only when some stage carries the value."""
+    """(header, cell text) per column; optional columns only when some stage carries the value. The
+    stage's own fields are its carried measurement: labelled so when an isolated one is shown beside."""
+    carried = "carried " if _has_isolated(stages) else ""
     columns: list[tuple[str, Callable[[Mapping[str, Any]], str]]] = [
         ("shape", lambda s: "×".join(str(n) for n in s.get("shape") or []) or "-"),
-        ("max abs diff", lambda s: _sci(s.get("max_abs_diff"))),
-        ("mean abs diff", lambda s: _sci(s.get("mean_abs_diff"))),
-        ("rel error", lambda s: _sci(s.get("rel_error"))),
-        ("1 − cosine", lambda s: _cosine_gap(s.get("cosine_similarity"))),
-        ("budget used", lambda s: _sci(s.get("tolerance_used"))),
+        (f"{carried}max abs diff", lambda s: _sci(s.get("max_abs_diff"))),
+        (f"{carried}mean abs diff", lambda s: _sci(s.get("mean_abs_diff"))),
+        (f"{carried}rel error", lambda s: _sci(s.get("rel_error"))),
+        (f"{carried}1 − cosine", lambda s: _cosine_gap(s.get("cosine_similarity"))),
+        (f"{carried}budget used", lambda s: _sci(s.get("tolerance_used"))),
     ]
     if any("nmse" in s for s in stages):
-        columns.append(("NMSE", lambda s: _sci(s.get("nmse"))))
+        columns.append((f"{carried}NMSE", lambda s: _sci(s.get("nmse"))))
     if any("p99_abs_diff" in s for s in stages):
-        columns.append(("p99 abs diff", lambda s: _sci(s.get("p99_abs_diff"))))
+        columns.append((f"{carried}p99 abs diff", lambda s: _sci(s.get("p99_abs_diff"))))
     if _has_isolated(stages):
         columns += [
             ("isolated max abs diff", lambda s: _sci((s.get("isolated") or {}).get("max_abs_diff"))),
@@ -445,11 +424,12 @@ def _stage_table(
     columns = _stage_columns(stages)
     headers = "".join(f"<th>{_e(title)}</th>" for title, _ in columns)
     first = report.get("first_failing_stage")
-    rows = "\n".join(_stage_row(stage, columns, sources, first) for stage in stages)
+    rows = "\n".join(_stage_row(stage, report["dtype"], columns, sources, first) for stage in stages)
     return f"""<section id="stages">
 <h2>Stage by stage</h2>
 <p>"budget used" is the largest |ours − reference| / (atol + rtol·|reference|): 1 is the limit.
-"computed in" is where our model computes the stage.</p>
+"result" is the stage's verdict (the one at the top of the page). "computed in" is where our model
+computes the stage.</p>
 <div class="table-wrap"><table class="stages">
 <thead><tr><th>stage</th>{headers}<th>result</th><th>computed in</th></tr></thead>
 <tbody>
@@ -461,14 +441,16 @@ def _stage_table(
 
 def _stage_row(
     stage: Mapping[str, Any],
+    dtype: str,
     columns: list[tuple[str, Callable[[Mapping[str, Any]], str]]],
     sources: Mapping[str, str],
     first_failing: str | None,
 ) -> str:
     name = stage["name"]
-    classes = ["pass" if stage.get("passed") else "fail"] + (["first"] if name == first_failing else [])
+    verdict = "pass" if stage_passes(stage, dtype) else "fail"
+    classes = [verdict] + (["first"] if name == first_failing else [])
     cells = "".join(f'<td class="num">{_e(cell(stage))}</td>' for _, cell in columns)
-    result = _result(stage.get("passed")) + (f" ({stage['note']})" if stage.get("note") else "")
+    result = stage_result(stage, dtype)
     source = _source_for(name, sources)
     where = f"<code>{_e(source)}</code>" if source else "-"
     return (

@@ -160,8 +160,9 @@ def compare(
     qwen3, roberta, xlm-roberta.
 
     Every stage is compared, one layer at a time, twice: carried (our model on its own numbers, what a
-    user sees) and isolated (each component fed the reference's input: its own error). The first stage
-    whose isolated error is outside tolerance is named. Encoders: embeddings; per layer attention,
+    user sees) and isolated (each component fed the reference's input: its own error). A stage passes
+    when its isolated error is within tolerance (in float64 its carried error too); the first that
+    does not is named. Encoders: embeddings; per layer attention,
     attention_add_norm, feed_forward, output; last_hidden_state; pooler. Decoders: embeddings; per
     layer attention, attention_residual, mlp, output; final_norm; logits, plus next-token agreement
     and KL divergence. Exit status: 0 all stages match, 1 a stage differs. --html PATH also writes
@@ -227,6 +228,8 @@ def compare(
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
+        if report.hint() is not None:  # the table prints it under the verdict
+            click.echo(f"hfmirror: {report.hint()}", err=True)
     else:
         click.echo(report.render_table())
     if html_path is not None:

@@ -42,6 +42,7 @@ def synthetic_comparison(
     num_layers: int = 2,
     *,
     bug_at: str | None = None,
+    carried_drift_at: str | None = None,
     isolated: bool = False,
     later_keys: bool = False,
     dtype: str = "float32",
@@ -51,18 +52,20 @@ def synthetic_comparison(
     noise, built as the comparison builds one (StageResult per stage, ``ComparisonReport.from_stages``).
 
     ``bug_at``: from this stage on, ours is off by ~1e-3 (carried); in isolation only that stage is.
+    ``carried_drift_at``: from this stage on, ours is off by ~1e-3 carried only: in isolation it is not.
     ``isolated``: each stage also measured isolated (fed the reference's input), as compare does.
     ``later_keys``: next-token measures, the ids compared and the repo the checkpoint came from.
     """
     generator = torch.Generator().manual_seed(seed)
     names = stage_names(num_layers)
     bug_index = names.index(bug_at) if bug_at is not None else len(names)
+    drift_index = names.index(carried_drift_at) if carried_drift_at is not None else len(names)
     stages = []
     for index, name in enumerate(names):
         reference = torch.randn(2, 5, 8, generator=generator, dtype=torch.float64)
         noise = torch.randn(2, 5, 8, generator=generator, dtype=torch.float64) * 1e-7 * (1 + index)
         bug = torch.randn(2, 5, 8, generator=generator, dtype=torch.float64) * 1e-3
-        carried = reference + noise + (bug if index >= bug_index else 0)
+        carried = reference + noise + (bug if index >= min(bug_index, drift_index) else 0)
         alone = reference + noise / (1 + index) + (bug if index == bug_index else 0)
         stage = compare_tensors(name, carried, reference, atol=ATOL, rtol=RTOL)
         if isolated:
