@@ -8,10 +8,9 @@ optional ``report`` extra, imported only when a page is rendered).
 
 What the page is made from (the integration builds these; nothing here runs a model):
 
-- ``report``: ``ComparisonReport.to_dict()``. Keys that later comparisons add are shown when present:
-  per stage ``isolated`` (``{max_abs_diff, mean_abs_diff, rel_error, cosine_similarity, passed}``),
-  ``nmse`` and ``p99_abs_diff``; top level ``repo_id`` and ``commit`` (where the checkpoint came
-  from), and any other number, or dict of numbers, such as next-token agreement or a KL divergence.
+- ``report``: ``ComparisonReport.to_dict()``: per stage its carried measurement and its
+  ``isolated`` one; top level ``repo_id`` and ``commit`` when the checkpoint came from a cache, and
+  any other number, or dict of numbers (``next_token``: agreement, KL divergence), as a header fact.
 - ``attention``: an :class:`AttentionMaps` for the first input text.
 - ``sources``: stage name -> where it is computed, as ``"compare/layers.py:123"`` text (see
   :func:`source_location`). A key may use ``{i}`` for the layer number (``"layer.{i}.attention"``).
@@ -171,10 +170,6 @@ def _e(value: Any) -> str:
 def stage_anchor(name: str) -> str:
     """The id of a stage's table row: ``stage-`` and the name with anything unusual replaced."""
     return "stage-" + re.sub(r"[^A-Za-z0-9_.-]", "-", name)
-
-
-def _has_isolated(stages: Sequence[Mapping[str, Any]]) -> bool:
-    return any(isinstance(stage.get("isolated"), Mapping) for stage in stages)
 
 
 def _source_for(name: str, sources: Mapping[str, str]) -> str | None:
@@ -344,21 +339,18 @@ def _error_chart(report: Mapping[str, Any], stages: list[Mapping[str, Any]], fig
     if not stages:
         return '<section id="chart"><h2>Error down the depth</h2><p>No stages were compared.</p></section>'
     names = [stage["name"] for stage in stages]
+    isolated = [stage.get("isolated") or {} for stage in stages]  # {} for a stage only one side has
     series = [
         figures.ErrorSeries(
             "carried", [s.get("max_abs_diff") for s in stages], [bool(s.get("passed")) for s in stages]
-        )
+        ),
+        figures.ErrorSeries(
+            "isolated",
+            [i.get("max_abs_diff") for i in isolated],
+            [bool(i.get("passed", True)) for i in isolated],
+            isolated=True,
+        ),
     ]
-    if _has_isolated(stages):
-        isolated = [stage.get("isolated") or {} for stage in stages]
-        series.append(
-            figures.ErrorSeries(
-                "isolated",
-                [i.get("max_abs_diff") for i in isolated],
-                [bool(i.get("passed", True)) for i in isolated],
-                isolated=True,
-            )
-        )
     svg = figures.error_chart_svg(
         names,
         series,
@@ -384,34 +376,22 @@ def _allowance(stage: Mapping[str, Any], atol: float, rtol: float) -> float | No
 # ------------------------------------------------------------------------------------- stage table
 
 
-def _stage_columns(
-    stages: Sequence[Mapping[str, Any]],
-) -> list[tuple[str, Callable[[Mapping[str, Any]], str]]]:
-    """(header, cell text) per column; optional columns only when some stage carries the value. The
-    stage's own fields are its carried measurement: labelled so when an isolated one is shown beside."""
-    carried = "carried " if _has_isolated(stages) else ""
-    columns: list[tuple[str, Callable[[Mapping[str, Any]], str]]] = [
+def _stage_columns() -> list[tuple[str, Callable[[Mapping[str, Any]], str]]]:
+    """(header, cell text) per column: the stage's own fields are its carried measurement, then its
+    isolated one ("-" for a stage that only one side produced)."""
+    return [
         ("shape", lambda s: "×".join(str(n) for n in s.get("shape") or []) or "-"),
-        (f"{carried}max abs diff", lambda s: _sci(s.get("max_abs_diff"))),
-        (f"{carried}mean abs diff", lambda s: _sci(s.get("mean_abs_diff"))),
-        (f"{carried}rel error", lambda s: _sci(s.get("rel_error"))),
-        (f"{carried}1 − cosine", lambda s: _cosine_gap(s.get("cosine_similarity"))),
-        (f"{carried}budget used", lambda s: _sci(s.get("tolerance_used"))),
+        ("carried max abs diff", lambda s: _sci(s.get("max_abs_diff"))),
+        ("carried mean abs diff", lambda s: _sci(s.get("mean_abs_diff"))),
+        ("carried rel error", lambda s: _sci(s.get("rel_error"))),
+        ("carried 1 − cosine", lambda s: _cosine_gap(s.get("cosine_similarity"))),
+        ("carried budget used", lambda s: _sci(s.get("tolerance_used"))),
+        ("carried NMSE", lambda s: _sci(s.get("nmse"))),
+        ("carried p99 abs diff", lambda s: _sci(s.get("p99_abs_diff"))),
+        ("isolated max abs diff", lambda s: _sci((s.get("isolated") or {}).get("max_abs_diff"))),
+        ("isolated 1 − cosine", lambda s: _cosine_gap((s.get("isolated") or {}).get("cosine_similarity"))),
+        ("isolated result", lambda s: _result((s.get("isolated") or {}).get("passed"))),
     ]
-    if any("nmse" in s for s in stages):
-        columns.append((f"{carried}NMSE", lambda s: _sci(s.get("nmse"))))
-    if any("p99_abs_diff" in s for s in stages):
-        columns.append((f"{carried}p99 abs diff", lambda s: _sci(s.get("p99_abs_diff"))))
-    if _has_isolated(stages):
-        columns += [
-            ("isolated max abs diff", lambda s: _sci((s.get("isolated") or {}).get("max_abs_diff"))),
-            (
-                "isolated 1 − cosine",
-                lambda s: _cosine_gap((s.get("isolated") or {}).get("cosine_similarity")),
-            ),
-            ("isolated result", lambda s: _result((s.get("isolated") or {}).get("passed"))),
-        ]
-    return columns
 
 
 def _result(passed: bool | None) -> str:
@@ -421,7 +401,7 @@ def _result(passed: bool | None) -> str:
 def _stage_table(
     report: Mapping[str, Any], stages: list[Mapping[str, Any]], sources: Mapping[str, str]
 ) -> str:
-    columns = _stage_columns(stages)
+    columns = _stage_columns()
     headers = "".join(f"<th>{_e(title)}</th>" for title, _ in columns)
     first = report.get("first_failing_stage")
     rows = "\n".join(_stage_row(stage, report["dtype"], columns, sources, first) for stage in stages)

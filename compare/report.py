@@ -89,19 +89,16 @@ def verdict_line(report: Mapping[str, Any]) -> str:
         return "FAIL: no stages were compared"
     dtype = report["dtype"]
     tolerance = f"atol={report['atol']:g}, rtol={report['rtol']:g}"
-    isolated = any(isinstance(stage.get("isolated"), Mapping) for stage in stages)
-    how = (" in isolation and carried" if carried_must_pass(dtype) else " in isolation") if isolated else ""
+    how = "in isolation and carried" if carried_must_pass(dtype) else "in isolation"
     carried = sum(1 for stage in stages if not stage.get("passed"))
     if report.get("passed"):
-        inherited = f", {carried} outside it carried" if isolated and carried else ""
+        inherited = f", {carried} outside it carried" if carried else ""
         return (
-            f"PASS: all {len(stages)} stages match the reference within {tolerance}{how} "
+            f"PASS: all {len(stages)} stages match the reference within {tolerance} {how} "
             f"(carried max abs diff {_sci(report.get('max_abs_diff'))}{inherited})"
         )
     failing = sum(1 for stage in stages if not stage_passes(stage, dtype))
-    counts = f"{failing} of {len(stages)} stages outside {tolerance}{how}"
-    if isolated:
-        counts += f", {carried} carried"
+    counts = f"{failing} of {len(stages)} stages outside {tolerance} {how}, {carried} carried"
     return f"FAIL: first failing stage: {report.get('first_failing_stage')} ({counts})"
 
 
@@ -185,11 +182,10 @@ class AttentionWeights:
 class ComparisonReport:
     """Our implementation vs the reference, stage by stage.
 
-    Each stage is measured carried and, where the comparison ran that way, isolated (see
-    compare.metrics). ``passed`` is True when every stage passes :func:`stage_passes`: within
-    tolerance in isolation (carried when no isolated measurement exists; in float64 carried too);
-    ``first_failing_stage`` names the earliest stage (in forward order) that does not: where to start
-    looking for the bug.
+    Each stage is measured carried and isolated (see compare.metrics). ``passed`` is True when every
+    stage passes :func:`stage_passes`: within tolerance in isolation (carried for a stage only one
+    side produced; in float64 carried too); ``first_failing_stage`` names the earliest stage (in
+    forward order) that does not: where to start looking for the bug.
     ``max_abs_diff`` is the largest carried difference: what a user of our model would see.
     """
 
@@ -275,7 +271,6 @@ class ComparisonReport:
 
     def render_table(self) -> str:
         """An aligned text table, one row per stage, with a final verdict line."""
-        isolated = any(stage.isolated is not None for stage in self.stages)
         headers = [
             "stage",
             "max abs diff",
@@ -285,7 +280,7 @@ class ComparisonReport:
             "nmse",
             "p99 abs diff",
         ]
-        headers += ["budget used"] + (["isolated max", "isolated budget"] if isolated else []) + ["result"]
+        headers += ["budget used", "isolated max", "isolated budget", "result"]
 
         rows = []
         for stage in self.stages:
@@ -299,9 +294,8 @@ class ComparisonReport:
                 _sci(stage.p99_abs_diff),
                 _sci(stage.tolerance_used),
             ]
-            if isolated:
-                alone = stage.isolated
-                row += [_sci(alone.max_abs_diff), _sci(alone.tolerance_used)] if alone else ["-", "-"]
+            alone = stage.isolated  # None for a stage only one side produced
+            row += [_sci(alone.max_abs_diff), _sci(alone.tolerance_used)] if alone else ["-", "-"]
             rows.append([*row, stage_result(stage.to_dict(), self.dtype)])
         widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers) - 1)]
 
@@ -325,12 +319,11 @@ class ComparisonReport:
             "           'budget used' is the largest |ours - ref| / (atol + rtol * |ref|): 1 is the limit)",
             f"input:     {inputs}",
         ]
-        if isolated:
-            decides = "both" if carried_must_pass(self.dtype) else "the isolated error (float32)"
-            out.append(
-                "measured:  carried (our model on its own numbers from the embeddings on) and isolated "
-                f"(each component fed the reference's input); the result follows {decides}"
-            )
+        decides = "both" if carried_must_pass(self.dtype) else "the isolated error (float32)"
+        out.append(
+            "measured:  carried (our model on its own numbers from the embeddings on) and isolated "
+            f"(each component fed the reference's input); the result follows {decides}"
+        )
         if self.layers is not None:
             out.append(f"layers:    {self.layers} only (the reference's output feeds the first of them)")
         if "compared_positions" in self.inputs:

@@ -43,7 +43,6 @@ def synthetic_comparison(
     *,
     bug_at: str | None = None,
     carried_drift_at: str | None = None,
-    isolated: bool = False,
     later_keys: bool = False,
     dtype: str = "float32",
     seed: int = 0,
@@ -53,7 +52,6 @@ def synthetic_comparison(
 
     ``bug_at``: from this stage on, ours is off by ~1e-3 (carried); in isolation only that stage is.
     ``carried_drift_at``: from this stage on, ours is off by ~1e-3 carried only: in isolation it is not.
-    ``isolated``: each stage also measured isolated (fed the reference's input), as compare does.
     ``later_keys``: next-token measures, the ids compared and the repo the checkpoint came from.
     """
     generator = torch.Generator().manual_seed(seed)
@@ -68,8 +66,7 @@ def synthetic_comparison(
         carried = reference + noise + (bug if index >= min(bug_index, drift_index) else 0)
         alone = reference + noise / (1 + index) + (bug if index == bug_index else 0)
         stage = compare_tensors(name, carried, reference, atol=ATOL, rtol=RTOL)
-        if isolated:
-            stage.isolated = compare_tensors(name, alone, reference, atol=ATOL, rtol=RTOL)
+        stage.isolated = compare_tensors(name, alone, reference, atol=ATOL, rtol=RTOL)
         stages.append(stage)
     inputs: dict[str, Any] = {"source": "text", "texts": [TEXT, "a second text"], "batch": 2}
     inputs["seq_len"] = len(TOKENS)
