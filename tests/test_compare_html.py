@@ -10,6 +10,7 @@ itself. The browser's view of such a page is in tests/test_html_browser.py.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import shutil
@@ -169,17 +170,43 @@ def test_every_layer_and_head_is_drawn_and_the_reference_maps_are_transformers(r
             assert np.abs(cells - expected).max() <= 1  # one palette step: rounding at a boundary
 
 
+# Where a few stages are computed, written out: (file, class, method) of the model's own code.
+KNOWN_LOCATIONS = {
+    "encoder": {"layer.0.attention": ("compare/layers.py", "MultiHeadSelfAttention", "forward")},
+    "decoder": {
+        "layer.0.attention": ("compare/layers.py", "GroupedQueryAttention", "forward"),
+        "layer.2.mlp": ("compare/layers.py", "GatedFeedForward", "forward"),
+    },
+}
+
+
+def enclosing_class(lines: list[str], line: int) -> str | None:
+    """The name of the class the (1-based) line is in: the nearest class statement above it."""
+    for text in reversed(lines[: line - 1]):
+        match = re.match(r"class (\w+)", text)
+        if match:
+            return match.group(1)
+    return None
+
+
 def test_each_stage_names_the_function_of_ours_that_computes_it(run) -> None:
+    """The named line holds the named function (as inspect finds it, not as the page's own mapping
+    says), and a few stages are where the model's code computes them."""
     kind, model, _, data, html, _, _ = run
     architecture = REGISTRY[json.loads((model / "config.json").read_text())["model_type"]]
     rows = table_rows(BeautifulSoup(html, "html.parser"))
     for stage in data["stages"]:
-        pattern = re.sub(r"^layer\.\d+\.", "layer.{i}.", stage["name"])
-        location = rows[stage["name"]]["computed in"]
-        assert location == source_location(architecture.stage_functions[pattern])
-        path, line = location.rsplit(":", 1)
-        assert path.startswith("compare/")
-        assert (REPO / path).read_text().splitlines()[int(line) - 1].lstrip().startswith("def ")
+        function = architecture.stage_functions[re.sub(r"^layer\.\d+\.", "layer.{i}.", stage["name"])]
+        path, line = rows[stage["name"]]["computed in"].rsplit(":", 1)
+        assert (REPO / path).resolve() == Path(inspect.getsourcefile(function)).resolve()
+        assert int(line) == inspect.getsourcelines(function)[1]
+        lines = (REPO / path).read_text().splitlines()
+        assert lines[int(line) - 1].lstrip().startswith(f"def {function.__name__}(")
+    for name, (path, cls, method) in KNOWN_LOCATIONS[kind].items():
+        shown_path, line = rows[name]["computed in"].rsplit(":", 1)
+        lines = (REPO / path).read_text().splitlines()
+        assert shown_path == path and lines[int(line) - 1].lstrip().startswith(f"def {method}(")
+        assert enclosing_class(lines, int(line)) == cls
 
 
 def test_the_page_references_nothing_outside_itself(run) -> None:
