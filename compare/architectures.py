@@ -29,6 +29,7 @@ from .gpt2 import GPT2_REFERENCE, GPT2_STAGE_FUNCTIONS, GPT2Config, GPT2Model, g
 from .llama import LLAMA_REFERENCE, LLAMA_STAGE_FUNCTIONS, LlamaConfig, LlamaModel, llama_weight_map
 from .model import TransformerModel
 from .qwen import (
+    QWEN_IGNORED,
     QWEN_REFERENCE,
     QWEN_STAGE_FUNCTIONS,
     QwenConfig,
@@ -197,7 +198,7 @@ REGISTRY: dict[str, Architecture] = {
         reference=QWEN_REFERENCE,
         stage_functions=QWEN_STAGE_FUNCTIONS,
         base_prefix="transformer.",
-        ignored=(r"h\.\d+\.attn\.(masked_bias|rotary_emb\.inv_freq)",),
+        ignored=QWEN_IGNORED,
         conversion=QWEN_CONVERSION,
         causal=True,
         lm_head="lm_head.weight",

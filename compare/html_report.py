@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -40,8 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 from hfmirror.errors import CompareError, StorageError
 
-from .html_attention import AttentionMaps, attention_section
-from .report import float64_hint, stage_passes, stage_result, verdict_line
+from .html_attention import AttentionMaps, _e, attention_section
+from .report import _cosine_gap, _sci, float64_hint, stage_passes, stage_result, verdict_line
 
 if TYPE_CHECKING:
     from .report import ComparisonReport
@@ -151,20 +150,6 @@ def _import_figures() -> ModuleType:
             f"the HTML report needs matplotlib ({error.name} is missing): pip install 'hfmirror[report]'"
         ) from error
     return html_figures
-
-
-def _sci(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2e}"
-
-
-def _cosine_gap(value: float | None) -> str:
-    # 1 - cosine: near-1 cosines all print as 1.0000; their distance from 1 is what tells them apart.
-    return "-" if value is None else f"{max(1.0 - value, 0.0):.2e}"
-
-
-def _e(value: Any) -> str:
-    """HTML-escaped text (quotes too, so it is safe in attributes)."""
-    return html.escape(str(value), quote=True)
 
 
 def stage_anchor(name: str) -> str:

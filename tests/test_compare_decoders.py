@@ -373,6 +373,24 @@ def test_qwen_v1_matches_its_converted_reference(qwen_pair: tuple[Path, Path], d
     assert report.next_token is not None and report.next_token.agreement == 1.0
 
 
+def test_qwen_v1_buffers_saved_beside_the_weights_are_ignored_by_both_sides(qwen_pair, tmp_path) -> None:
+    """Old Qwen v1 checkpoints carry masked_bias and rotary_emb.inv_freq: our model and the
+    conversion for the reference both leave them out (one list, compare.qwen.QWEN_IGNORED)."""
+    import shutil
+
+    path = Path(shutil.copytree(qwen_pair[1], tmp_path / "qwen-v1-buffers"))
+
+    def with_buffers(state):
+        for i in range(2):
+            state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+            state[f"transformer.h.{i}.attn.rotary_emb.inv_freq"] = torch.rand(4)
+        return state
+
+    rewrite_safetensors(path, with_buffers)
+    report = compare_model_dir(path, seq_len=6)
+    assert report.passed, report.render_table()
+
+
 def test_qwen_v1_w1_and_w2_swapped_fail_at_mlp(qwen_pair, monkeypatch) -> None:
     architecture = REGISTRY["qwen"]
     swap = {"mlp.w1": "mlp.w2", "mlp.w2": "mlp.w1"}
