@@ -6,7 +6,7 @@ browser's own, and a Content-Security-Policy forbids any request (so a mistake h
 blocked load, not as a silent one). Pictures come from compare.html_figures (matplotlib, the
 optional ``report`` extra, imported only when a page is rendered).
 
-What the page is made from (the integration builds these; nothing here runs a model):
+What the page is made from (compare.runner's results; nothing here runs a model):
 
 - ``report``: ``ComparisonReport.to_dict()``: per stage its carried measurement and its
   ``isolated`` one; top level ``repo_id`` and ``commit`` when the checkpoint came from a cache, and

@@ -43,7 +43,7 @@ def synthetic_comparison(
     *,
     bug_at: str | None = None,
     carried_drift_at: str | None = None,
-    later_keys: bool = False,
+    next_token_and_origin: bool = False,
     dtype: str = "float32",
     seed: int = 0,
 ) -> ComparisonReport:
@@ -52,7 +52,7 @@ def synthetic_comparison(
 
     ``bug_at``: from this stage on, ours is off by ~1e-3 (carried); in isolation only that stage is.
     ``carried_drift_at``: from this stage on, ours is off by ~1e-3 carried only: in isolation it is not.
-    ``later_keys``: next-token measures, the ids compared and the repo the checkpoint came from.
+    ``next_token_and_origin``: next-token measures, the ids compared and the repo the checkpoint came from.
     """
     generator = torch.Generator().manual_seed(seed)
     names = stage_names(num_layers)
@@ -71,7 +71,7 @@ def synthetic_comparison(
     inputs: dict[str, Any] = {"source": "text", "texts": [TEXT, "a second text"], "batch": 2}
     inputs["seq_len"] = len(TOKENS)
     extra: dict[str, Any] = {}
-    if later_keys:
+    if next_token_and_origin:
         ids = torch.randint(0, 100, (2, len(TOKENS)), generator=generator).tolist()
         inputs |= {"input_ids": ids, "attention_mask": [[1] * len(TOKENS)] * 2}
         extra["next_token"] = NextTokenMetrics(

@@ -124,7 +124,7 @@ def element_pixels(driver: WebDriver, css: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def report_page(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, object]:
     """A small causal model's report with a bug in its last layer, Chinese tokens included."""
-    report = synthetic_report(2, bug_at="layer.1.attention", later_keys=True)
+    report = synthetic_report(2, bug_at="layer.1.attention", next_token_and_origin=True)
     attention = synthetic_attention(2, 4, causal=True, bug_layer=1)
     path = tmp_path_factory.mktemp("report") / "report.html"
     path.write_text(render_html(report, attention=attention), encoding="utf-8")

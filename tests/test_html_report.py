@@ -52,8 +52,8 @@ def sci(value: float | None) -> str:
 REPORTS = {
     "passing": lambda: synthetic_report(2),
     "failing": lambda: synthetic_report(3, bug_at="layer.1.feed_forward"),
-    "isolated, with the later issues' keys": lambda: synthetic_report(
-        3, bug_at="layer.2.attention", later_keys=True
+    "failing, with next-token measures and its origin": lambda: synthetic_report(
+        3, bug_at="layer.2.attention", next_token_and_origin=True
     ),
 }
 
@@ -100,8 +100,8 @@ def test_a_stage_that_fails_only_carried_is_a_pass_in_float32_and_a_fail_in_floa
             assert "fail" in row["class"] and "first" in row["class"]
 
 
-def test_the_later_issues_columns_appear_with_their_values() -> None:
-    report = synthetic_report(3, bug_at="layer.2.attention", later_keys=True)
+def test_the_nmse_p99_and_isolated_columns_hold_their_values() -> None:
+    report = synthetic_report(3, bug_at="layer.2.attention", next_token_and_origin=True)
     rows = table_rows(parse(render_html(report)))
     for stage in report["stages"]:
         row, isolated = rows[stage["name"]], stage["isolated"]
@@ -224,7 +224,7 @@ def test_the_header_shows_model_versions_dtype_tolerances_and_inputs(report: dic
 
 
 def test_the_header_shows_the_repo_commit_and_next_token_measures_when_present() -> None:
-    report = synthetic_report(2, later_keys=True)
+    report = synthetic_report(2, next_token_and_origin=True)
     page = render_html(report)
     soup = parse(page)
     facts = header_facts(soup)
@@ -425,7 +425,7 @@ def test_attention_maps_with_nan_are_refused() -> None:
 
 
 def test_the_page_references_nothing_outside_itself() -> None:
-    report = synthetic_report(2, bug_at="layer.1.attention", later_keys=True)
+    report = synthetic_report(2, bug_at="layer.1.attention", next_token_and_origin=True)
     page = render_html(
         report, attention=synthetic_attention(2, 3, causal=True), sources={"embeddings": "x:1"}
     )
