@@ -115,3 +115,13 @@ def test_the_cli_prints_the_hint_beside_the_json(tmp_path: Path) -> None:
     assert result.exit_code == 1, result.output
     assert "hint: the carried logits are outside the tolerance" in result.stderr
     assert "--dtype float64" in result.stderr and "hint:" not in result.stdout
+
+
+def test_the_readme_states_the_float64_tolerance_and_verdict_the_code_has() -> None:
+    from compare.runner import DEFAULT_TOLERANCES
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
+    atol = DEFAULT_TOLERANCES["float64"][0]
+    assert f"default float64 tolerance is {atol:g}" in readme
+    assert f"far below the float64 tolerance ({atol:g})" in readme
+    assert "In float64 the carried error must pass too" in readme
