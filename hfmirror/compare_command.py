@@ -162,10 +162,10 @@ def compare(
     Every stage is compared, one layer at a time, twice: carried (our model on its own numbers, what a
     user sees) and isolated (each component fed the reference's input: its own error). A stage passes
     when its isolated error is within tolerance (in float64 its carried error too); the first that
-    does not is named. Encoders: embeddings; per layer attention,
-    attention_add_norm, feed_forward, output; last_hidden_state; pooler. Decoders: embeddings; per
-    layer attention, attention_residual, mlp, output; final_norm; logits, plus next-token agreement
-    and KL divergence. Exit status: 0 all stages match, 1 a stage differs. --html PATH also writes
+    does not is named. Encoders: embeddings; per layer attention, attention_add_norm, feed_forward,
+    output; last_hidden_state; pooler. Decoders: embeddings; per layer attention,
+    attention_residual, mlp, output; final_norm; logits, plus next-token agreement and KL
+    divergence. Exit status: 0 the verdict passes, 1 a stage fails it. --html PATH also writes
     the report as a self-contained page (whatever the verdict).
 
     \b
