@@ -376,7 +376,9 @@ def test_every_reader_of_refs_reads_a_ref_alike(
             return None
 
     def mirror() -> str | None:
-        listing = RevisionPins(root, store, upstream=None, ttl=1.0).cached("model", "org/x", "main")  # type: ignore[arg-type]
+        listing = RevisionPins(root, store, upstream=None, gate=None, ttl=1.0).cached(
+            "model", "org/x", "main"
+        )  # type: ignore[arg-type]
         return listing.commit if listing is not None else None
 
     def served() -> str | None:
