@@ -12,7 +12,8 @@ whole model, for every architecture).
 
 The checkpoint is read with transformers' own ``load_state_dict`` (memory-mapped, one file at a time,
 only the tensors of the piece kept), not with our compare.weights, so that a mistake in our reading
-cannot be shared by both sides; each side also makes its own float32 copy. A parameter of the
+cannot be shared by both sides; each side also makes its own float32 copy (one after the other:
+compare.streaming frees the reference's piece before ours is loaded). A parameter of the
 transformers model reads the checkpoint tensor whose canonical name (compare.architectures, e.g.
 without the ``bert.`` prefix) is its own; a tied LM head reads the embedding matrix, unless the
 checkpoint stores the head as well (then, as in from_pretrained, the stored head); for a converted

@@ -12,8 +12,11 @@ For every piece:
    and **carried**, fed our own output of the previous piece;
 4. both are compared with the reference's stages, and everything the piece held is freed.
 
-So memory does not grow with depth: at any time it holds the runtime, at most one piece's weights
-per side, and the activations of a few stages; the stage results kept are a few numbers each. When
+So memory does not grow with depth: at any time it holds the runtime, one piece's weights (the
+reference's piece is freed before ours is loaded, so the largest piece is held once, plus its
+bfloat16 pages while it is converted), and the activations of a few stages (the logits, B x T x V,
+are the largest; compare.metrics measures them a chunk at a time); the stage results kept are a few
+numbers each. When
 attention weights are asked for (the HTML report draws them), each layer's are cut at once to the
 one input row and the tokens that are drawn (an :class:`AttentionCut`), so they too stay small.
 """

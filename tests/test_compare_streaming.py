@@ -168,10 +168,13 @@ def test_one_piece_per_side_holds_weights_at_a_time(every_architecture, monkeypa
     loaded_theirs: list[tuple[str, ...]] = []
     holding = {"ours": 0, "theirs": 0}
     peak = {"ours": 0, "theirs": 0}
+    both_sides_at_once: list[object] = []
 
     def tracked(original, side, log):
         def wrapper(self, what, *args):
             log.append(what)
+            if any(holding.values()):
+                both_sides_at_once.append(what)
             holding[side] += 1
             peak[side] = max(peak[side], holding[side])
             try:
@@ -194,6 +197,7 @@ def test_one_piece_per_side_holds_weights_at_a_time(every_architecture, monkeypa
     assert report.passed
     assert loaded_ours == ["embeddings", "layer.0", "layer.1", "layer.2", "final"]
     assert len(loaded_theirs) == 5 and peak == {"ours": 1, "theirs": 1}
+    assert both_sides_at_once == []  # the reference's piece is freed before ours is loaded
     assert [piece["piece"] for piece in report.timing["pieces"]] == loaded_ours
 
 
@@ -350,6 +354,49 @@ def _peak_rss_mib(model_dir: Path) -> float:
     assert result.returncode == 0, result.stderr[-2000:]
     peak = next(line for line in result.stderr.splitlines() if line.startswith("PEAK "))
     return int(peak.split()[1]) / 1024  # KiB
+
+
+# Measures how much memory above its inputs compare_tensors and next_token_metrics take at their peak,
+# on logits-sized stages, as multiples of one stage's float32 bytes. Writing 5 to clear_refs resets the
+# process's peak RSS (VmHWM), so each is measured on its own.
+_MEASURED_METRICS = """
+import torch
+from compare.metrics import compare_tensors, next_token_metrics
+
+def peak():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) * 1024
+
+def overhead(measure):
+    open("/proc/self/clear_refs", "w").write("5")
+    before = peak()
+    measure()
+    return (peak() - before) / (4 * ours.numel())
+
+torch.manual_seed(0)
+ours = torch.randn(2, 64, 65536)  # (B, T, V): 32 MiB
+ref = ours + 1e-6 * torch.randn_like(ours)
+mask = torch.ones(2, 64)
+next_token_metrics(ours[:1, :1], ref[:1, :1], mask[:1, :1])  # the first call's one-off allocations
+print(overhead(lambda: compare_tensors("logits", ours, ref, atol=1e-5, rtol=1e-5)))
+print(overhead(lambda: next_token_metrics(ours, ref, mask)))
+"""
+
+
+def test_metrics_of_a_large_stage_hold_few_copies_of_it() -> None:
+    """The logits are the largest activation (B x T x V, V up to ~150k): measuring them in float64 all
+    at once would cost ~8 times their float32 bytes at the peak, more than a layer's weights."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURED_METRICS],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    stage_copies, next_token_copies = (float(line) for line in result.stdout.split())
+    assert stage_copies < 3 and next_token_copies < 3, (stage_copies, next_token_copies)
 
 
 @pytest.mark.slow
