@@ -77,7 +77,9 @@ class StreamedRun:
 
     stages: list[StageResult] = field(default_factory=list)  # carried, each with its isolated result
     logits: tuple[torch.Tensor, torch.Tensor] | None = None  # (ours carried, reference), LM heads only
-    # "layer.i" -> (nh, n, n): the attention weights an AttentionCut keeps, when asked for
+    # "layer.i" -> (nh, n, n): the attention weights an AttentionCut keeps, when asked for. Ours are
+    # the isolated run's (the layer fed the reference's input), so that where they differ from the
+    # reference's it is that layer's own doing, not drift carried from the layers before it.
     attention_ours: dict[str, torch.Tensor] = field(default_factory=dict)
     attention_reference: dict[str, torch.Tensor] = field(default_factory=dict)
     timings: list[PieceTiming] = field(default_factory=list)
@@ -153,7 +155,7 @@ def compare_pieces(
     layers before them to produce their input, and the embeddings and final stages are compared only
     when the range starts at the first layer, or ends at the last.
 
-    ``attention``: keep that cut of every compared layer's attention weights, ours (carried) and the
+    ``attention``: keep that cut of every compared layer's attention weights, ours (isolated) and the
     reference's; None (the default) keeps none, and costs nothing.
     """
     pieces = _OurPieces(ours, plan, weight_map)
@@ -189,7 +191,8 @@ def compare_pieces(
         )
         middle = time.perf_counter()
         if index >= first:
-            isolated, record = Recorder(substitute=theirs), Recorder(keep_attention=keep_attention)
+            isolated = Recorder(substitute=theirs, keep_attention=keep_attention)
+            record = Recorder()
             with pieces.loaded(f"layer.{index}", tensors):
                 layer = ours.layers[index]
                 layer(hidden, context, isolated.scoped(f"layer.{index}"))
@@ -198,7 +201,7 @@ def compare_pieces(
                 )
             run.stages += _compare(record.stages, isolated.stages, theirs, atol=atol, rtol=rtol)
             if attention is not None and their_weights is not None:
-                for name, weights in record.attention.items():
+                for name, weights in isolated.attention.items():
                     run.attention_ours[name] = attention(weights)
                 run.attention_reference[f"layer.{index}"] = attention(their_weights)
             measured(f"layer.{index}", began, middle)

@@ -10,6 +10,7 @@ the test's own conversion, whose original logits ours must reproduce.
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 from pathlib import Path
 
@@ -502,6 +503,27 @@ def test_attention_weights_of_the_first_row_ours_and_reference(models: dict[str,
             assert (ours[key].triu(diagonal=1) == 0).all()
     assert report.attention.tokens == report.inputs["token_labels"][0]
     assert compare_model_dir(models[name]).attention is None  # only when asked
+
+
+def test_attention_maps_are_the_isolated_runs(models: dict[str, Path], monkeypatch) -> None:
+    """With every MLP wrong, layer 1 is fed a wrong input when carried; its maps on the page are the
+    isolated run's, fed the reference's input, so they still equal the reference's, and the page says
+    which run they are."""
+    from compare.html_attention import OURS_ARE_ISOLATED, _text_and_tokens
+
+    def swapped(self, x):
+        return self.down(self.activation(self.up(x)) * self.gate(x))
+
+    monkeypatch.setattr(compare.layers.GatedFeedForward, "forward", swapped)
+    report = compare_model_dir(
+        models["qwen3-head_dim16-bias-gqa4to1"], seq_len=9, batch=2, keep_attention=True
+    )
+    assert report.first_failing_stage == "layer.0.mlp" and report.attention is not None
+    carried = {stage.name: stage for stage in report.stages}["layer.1.attention"]
+    assert not carried.passed and carried.isolated.passed  # carried, layer 1's attention inherited the slip
+    ours, theirs = report.attention.ours, report.attention.reference
+    torch.testing.assert_close(ours["layer.1"], theirs["layer.1"], rtol=1e-5, atol=1e-6)
+    assert OURS_ARE_ISOLATED in html.unescape(_text_and_tokens(report.attention.maps()))
 
 
 def test_attention_weights_for_the_html_report(models: dict[str, Path]) -> None:
