@@ -22,9 +22,10 @@ isolated errors: a stage fails because of what it computes, not because of what 
 
 Every position is compared, padded ones included: both implementations compute padded rows the same
 deterministic way (padding is masked as a *key*, not as a query), so they must agree there too.
-Where the reference itself produces nan (transformers' float64 runs of sliding-window models: a
-padded query whose whole window is padding gets a softmax over -inf only), ours must produce nan
-at exactly the same elements; the stage is then measured on the others, and says so in its note.
+Where the reference itself produces nan, ours must produce nan at exactly the same elements; the
+stage is then measured on the others, and says so in its note. A stage with no finite element
+left fails ("not measured"): nothing is known to match. (compare.runner keeps transformers' float64
+sliding-window nan out of the inputs: see check_padding.)
 
 For models with an LM head, :func:`next_token_metrics` compares what the two would predict, at real
 (not padded) positions only: the share of positions where both rank the same token first, and the
@@ -111,7 +112,7 @@ def compare_tensors(
         note = f"nan/inf at the same {int((~finite).sum())} elements in both, compared elsewhere"
         a, b = a[finite], b[finite]
     if a.numel() == 0:
-        return StageResult(name, True, list(ref.shape), 0.0, 0.0, 0.0, 1.0, 0.0, note or "empty")
+        return StageResult(name, False, list(ref.shape), None, None, None, None, None, _NOTHING_FINITE)
     sums = _Sums(a.numel(), torch.promote_types(a.dtype, b.dtype))
     for start in range(0, a.numel(), _CHUNK):
         sums.add(a[start : start + _CHUNK], b[start : start + _CHUNK], atol=atol, rtol=rtol)
@@ -129,6 +130,9 @@ def compare_tensors(
         p99_abs_diff=sums.percentile(0.99),
     )
 
+
+# Why a stage with no finite element fails: nothing was measured, so nothing is known to match.
+_NOTHING_FINITE = "not measured: no finite element to compare (nan/inf everywhere, in both)"
 
 # Elements measured at once: a stage can be the logits, (B, T, V) with V ~ 150k, and its float64
 # temporaries would otherwise cost several times the logits' own bytes at the peak.
