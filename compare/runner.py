@@ -52,8 +52,10 @@ DEFAULT_TOLERANCES = {"float32": (1e-5, 1e-5), "float64": (1e-10, 1e-10)}
 
 _ENCODER_POSITIONS = "all (padded keys are masked; padded rows are compared too)"
 _DECODER_POSITIONS = (
-    "hidden states and logits at every position, padded ones included (a padded position sees only "
-    "the real tokens before it, the same way in both); next-token agreement and KL at real positions only"
+    "hidden states and logits at every position, padded ones included (a padded position attends to the "
+    "real tokens before it; in a sliding-window layer only to those in its window, and evenly to every "
+    "position when its window holds none; the same way in both); next-token agreement and KL at real "
+    "positions only"
 )
 
 
@@ -140,8 +142,11 @@ def _tokenized(source: Path, texts: list[str], config: Any) -> tuple[Any, dict[s
     except RemoteCodeError as error:
         note = f"{error}: comparing on random token ids instead (pass --tokenizer DIR_OR_REPO to use another)"
         return None, {"texts_not_used": list(texts)}, note
-    limit, _ = config.sequence_limit()
-    tokenized = reference.tokenize(loaded_tokenizer, texts, max_length=limit, vocab_size=config.vocab_size)
+    tokenized = reference.tokenize(loaded_tokenizer, texts, vocab_size=config.vocab_size)
+    limit, why = config.sequence_limit()
+    length = tokenized.tensors["input_ids"].shape[1]
+    if length > limit:  # refused, not cut: a comparison of part of the text would not be of the text
+        raise CompareError(f"the text is {length} tokens long, longer than the model takes: {limit} ({why})")
     ids = tokenized.tensors["input_ids"].tolist()
     description = {
         "source": "text",

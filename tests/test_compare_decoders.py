@@ -23,13 +23,14 @@ import compare.layers
 import compare.llama
 import compare.model
 import compare.qwen
+import compare.reference
 import compare.roberta
 from compare.architectures import REGISTRY, prepare_model, supported_model_types
 from compare.layers import ACTIVATIONS, additive_padding_mask, gelu_exact
 from compare.model import Recorder
 from compare.runner import DEFAULT_TOLERANCES, compare_model_dir, random_inputs
 from compare.weights import Transposed
-from hfmirror.errors import CompareError, UnsupportedModelError, WeightLoadError
+from hfmirror.errors import CompareError, RemoteCodeError, UnsupportedModelError, WeightLoadError
 from tests.test_compare_support import (
     WORDS,
     assert_fails_at,
@@ -403,6 +404,19 @@ def test_qwen_v1_conversion_mistake_in_the_reference_is_caught(qwen_pair, monkey
     assert_fails_at(compare_model_dir(qwen_pair[1]), "layer.0.mlp")
 
 
+def test_a_tokenizer_named_as_the_repositorys_own_code_is_known_by_its_files(qwen_pair, monkeypatch) -> None:
+    """Qwen v1's tokenizer_config.json names QWenTokenizer (not a transformers class) in auto_map: it is
+    custom code whatever transformers' error message says, and transformers is not even asked."""
+    import transformers
+
+    def never(*args, **kwargs):
+        raise ValueError("some other wording")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", never)
+    with pytest.raises(RemoteCodeError, match=r"custom code \(QWenTokenizer\)"):
+        compare.reference.load_tokenizer(qwen_pair[1])
+
+
 def test_qwen_v1_tokenizer_is_remote_code_and_never_run(qwen_pair, tmp_path: Path) -> None:
     _, qwen = qwen_pair
     notes: list[str] = []
@@ -411,7 +425,11 @@ def test_qwen_v1_tokenizer_is_remote_code_and_never_run(qwen_pair, tmp_path: Pat
     assert report.inputs["source"] == "random token ids" and report.inputs["texts_not_used"] == [
         "hello world"
     ]
-    assert len(notes) == 1 and "custom code, which is never run" in notes[0] and "--tokenizer" in notes[0]
+    assert (
+        len(notes) == 1
+        and "custom code (QWenTokenizer), which is never run" in notes[0]
+        and "--tokenizer" in notes[0]
+    )
     assert report.inputs["note"] == notes[0]
     assert not remote_code_marker(qwen).exists()
     # --tokenizer: another tokenizer's ids are used.
@@ -422,9 +440,17 @@ def test_qwen_v1_tokenizer_is_remote_code_and_never_run(qwen_pair, tmp_path: Pat
     assert report.inputs["attention_mask"] == [[1, 1], [1, 1]]
 
 
-def test_qwen_v1_refuses_inputs_longer_than_seq_length(qwen_pair) -> None:
+def test_qwen_v1_refuses_inputs_longer_than_seq_length(qwen_pair, tmp_path: Path) -> None:
     with pytest.raises(CompareError, match="seq_len 65 is longer than the model takes: 64 .seq_length"):
         compare_model_dir(qwen_pair[1], seq_len=65)
+    # A text too long is refused as well, not cut to the limit.
+    long_text = " ".join(["hello"] * 65)
+    tokenizer = save_word_tokenizer(tmp_path / "tokenizer")
+    with pytest.raises(
+        CompareError, match="the text is 65 tokens long, longer than the model takes: 64 .seq_length"
+    ):
+        compare_model_dir(qwen_pair[1], texts=[long_text], tokenizer=tokenizer)
+    assert compare_model_dir(qwen_pair[1], texts=[" ".join(["hello"] * 64)], tokenizer=tokenizer).passed
 
 
 # ------------------------------------------------------------------------------------ inputs and report
@@ -808,6 +834,8 @@ def test_old_style_rope_config_is_read(models, tmp_path) -> None:
 def test_qwen_v1_variants_are_refused(qwen_pair, tmp_path) -> None:
     with pytest.raises(UnsupportedModelError, match="rotary_pct"):
         compare_model_dir(_with_config(qwen_pair[1], tmp_path / "a", rotary_pct=0.5))
+    with pytest.raises(UnsupportedModelError, match="scale_attn_weights: false"):
+        compare_model_dir(_with_config(qwen_pair[1], tmp_path / "c", scale_attn_weights=False))
     with pytest.raises(CompareError, match=r"kv_channels \(4\) x num_attention_heads \(4\) must equal"):
         compare_model_dir(_with_config(qwen_pair[1], tmp_path / "b", kv_channels=4))
 
