@@ -6,6 +6,7 @@ Models are tiny transformers models with every tensor re-drawn (tests.test_compa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -153,6 +154,26 @@ def test_streamed_reference_equals_the_whole_model(every_architecture: dict[str,
         torch.testing.assert_close(streamed.stages[stage], tensor, rtol=1e-6, atol=1e-6, msg=stage)
     for layer, weights in whole.attention.items():
         torch.testing.assert_close(streamed.attention[layer], weights, rtol=1e-6, atol=1e-6, msg=layer)
+
+
+def test_a_family_brings_its_own_reference_steps(every_architecture, monkeypatch) -> None:
+    """How a family's forward strings its pieces is part of its registry entry (its layout's steps),
+    not of compare.reference_stream: an entry with other steps is run with them, and nothing else."""
+    from compare.architectures import REGISTRY
+    from compare.llama import LLAMA_REFERENCE, LlamaSteps
+
+    calls: list[str] = []
+
+    class CountedSteps(LlamaSteps):
+        def layer(self, layer, index, hidden, context):
+            calls.append(f"layer.{index}")
+            return super().layer(layer, index, hidden, context)
+
+    entry = REGISTRY["llama"]
+    reference = dataclasses.replace(LLAMA_REFERENCE, steps=CountedSteps())
+    monkeypatch.setitem(REGISTRY, "llama", dataclasses.replace(entry, reference=reference))
+    report = compare_model_dir(every_architecture["llama"])
+    assert report.passed and calls == ["layer.0", "layer.1"]  # its two layers
 
 
 def test_streamed_reference_reads_the_checkpoint_itself(every_architecture, monkeypatch) -> None:
