@@ -820,6 +820,37 @@ def test_unsupported_variants_are_named(models, tmp_path, name, changes, error, 
         compare_model_dir(_with_config(models[name], tmp_path, **changes))
 
 
+@pytest.mark.parametrize(
+    ("model_type", "max_window_layers", "kinds"),
+    [
+        ("qwen2", 1, ["full", "sliding", "sliding"]),
+        ("qwen3", 2, ["full", "full", "sliding"]),
+        ("qwen2", None, ["full", "full", "full"]),  # absent: transformers' default, 28
+    ],
+)
+def test_sliding_layers_from_max_window_layers_without_layer_types(
+    tmp_path: Path, model_type: str, max_window_layers: int | None, kinds: list[str]
+) -> None:
+    """Checkpoints saved before transformers 5 have no layer_types: the layers from max_window_layers
+    on slide, as transformers derives it when it reads the same config.json."""
+    import transformers
+
+    fields = dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=4)
+    if max_window_layers is not None:
+        fields["max_window_layers"] = max_window_layers
+    path = save_random_decoder(tmp_path / "model", model_type, **fields)
+    config = json.loads((path / "config.json").read_text())
+    del config["layer_types"]
+    if max_window_layers is None:
+        del config["max_window_layers"]
+    (path / "config.json").write_text(json.dumps(config))
+    assert [layer.attention_kind for layer in load_whole_model(path).model.layers] == kinds
+    theirs = transformers.AutoConfig.from_pretrained(path).layer_types
+    assert [kind.removesuffix("_attention") for kind in theirs] == kinds
+    report = compare_model_dir(path, seq_len=12, batch=3)
+    assert report.passed, report.render_table()
+
+
 def test_old_style_rope_config_is_read(models, tmp_path) -> None:
     """Older configs keep rope_theta at the top level and call rope_parameters rope_scaling."""
     path = _with_config(models["llama-3layers-theta1000-gelu-untied"], tmp_path, rope_theta=1000.0)
