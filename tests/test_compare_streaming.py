@@ -26,7 +26,7 @@ from compare.architectures import prepare_model
 from compare.metrics import ISOLATED_FIELDS, compare_tensors
 from compare.reference import load_reference, reference_stages
 from compare.reference_stream import StreamedReference
-from compare.runner import compare_model_dir, random_inputs
+from compare.runner import compare_model_dir, random_inputs, sliding_window
 from hfmirror.errors import CompareError
 from tests.test_compare_support import (
     assert_fails_at,
@@ -120,11 +120,16 @@ def deep_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "qwen",
     ],
 )
-def test_streamed_reference_equals_the_whole_model(every_architecture: dict[str, Path], name: str) -> None:
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+def test_streamed_reference_equals_the_whole_model(
+    every_architecture: dict[str, Path], name: str, dtype: torch.dtype, tolerance: float
+) -> None:
     """Streaming cannot quietly change what "reference" means: piece by piece, transformers' own
-    modules give the stages (and attention weights) its whole model gives, for every architecture."""
+    modules give the stages (and attention weights) its whole model gives, for every architecture.
+    In float64 the two agree to far below the comparison's own tolerance (1e-10), so even a slip
+    that float32 rounding would hide (say, a layer's output rounded to float32 on its way to the next) shows."""
     path = every_architecture[name]
-    prepared = prepare_model(path, dtype=torch.float32)
+    prepared = prepare_model(path, dtype=dtype)
     architecture = prepared.architecture
     inputs = random_inputs(
         batch=3,
@@ -133,27 +138,31 @@ def test_streamed_reference_equals_the_whole_model(every_architecture: dict[str,
         vocab_size=prepared.config.vocab_size,
         type_vocab_size=getattr(prepared.config, "type_vocab_size", 1),
         pad_token_id=prepared.config.pad_token_id,
+        sliding_window=sliding_window(prepared.config),
     )
     if not architecture.uses_token_types:
         del inputs["token_type_ids"]
     whole_model = load_reference(
-        path, architecture=architecture, config=prepared.config, dtype=torch.float32, options=prepared.options
+        path, architecture=architecture, config=prepared.config, dtype=dtype, options=prepared.options
     )
     whole = reference_stages(whole_model, architecture.reference, inputs, keep_attention=True)
     streamed = StreamedReference(
         path,
         architecture=architecture,
         config=prepared.config,
-        dtype=torch.float32,
+        dtype=dtype,
         files=prepared.reader.files,
         options=prepared.options,
     ).stages(inputs, keep_attention=True)
     assert list(streamed.stages) == list(whole.stages)
     assert len(streamed.stages) > 6 and list(streamed.attention) == list(whole.attention)
     for stage, tensor in whole.stages.items():
-        torch.testing.assert_close(streamed.stages[stage], tensor, rtol=1e-6, atol=1e-6, msg=stage)
+        assert tensor.dtype == dtype
+        torch.testing.assert_close(streamed.stages[stage], tensor, rtol=tolerance, atol=tolerance, msg=stage)
     for layer, weights in whole.attention.items():
-        torch.testing.assert_close(streamed.attention[layer], weights, rtol=1e-6, atol=1e-6, msg=layer)
+        torch.testing.assert_close(
+            streamed.attention[layer], weights, rtol=tolerance, atol=tolerance, msg=layer
+        )
 
 
 def test_a_family_brings_its_own_reference_steps(every_architecture, monkeypatch) -> None:
