@@ -94,7 +94,7 @@ def every_architecture(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
 
 @pytest.fixture(scope="module")
 def deep_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """28 layers, 64 wide: float32 rounding carried through the depth exceeds the tolerance."""
+    """28 layers, 64 wide: deep enough for errors to add up along the residual stream."""
     return save_random_decoder(
         tmp_path_factory.mktemp("deep") / "gpt2", "gpt2", tokenizer=False, n_layer=28, n_embd=64, n_head=4
     )
@@ -239,14 +239,21 @@ def test_honest_deep_model_passes_in_isolation(deep_gpt2: Path) -> None:
     report = compare_model_dir(deep_gpt2, seq_len=16, batch=3)
     assert report.passed, report.render_table()
     assert report.first_failing_stage is None and len(report.stages) == 1 + 28 * 4 + 2
-    # The point of isolation: carried through 28 layers, honest float32 rounding exceeds the
-    # tolerance (this model is wide and deep enough for that), yet no stage is blamed.
-    assert report.carried_failing_stages, "expected carried rounding to exceed the tolerance somewhere"
+    assert report.verdict().startswith("PASS: all 115 stages match")
+
+
+@pytest.mark.slow
+def test_slips_within_tolerance_that_add_up_carried_blame_no_stage(deep_gpt2: Path, monkeypatch) -> None:
+    """The point of isolation, made certain rather than left to how a CPU rounds: every MLP adds
+    4e-6 (within atol 1e-5), which the residual stream carries through 28 layers to ~1e-4. Carried,
+    the later layers fail; in isolation no stage does, and the verdict is a pass."""
+    original = compare.layers.FeedForward.forward
+    monkeypatch.setattr(compare.layers.FeedForward, "forward", lambda self, x: original(self, x) + 4e-6)
+    report = compare_model_dir(deep_gpt2, seq_len=16, batch=3)
+    assert report.passed and report.failing_stages == [], report.render_table()
+    assert "layer.27.output" in report.carried_failing_stages
     last = {stage.name: stage for stage in report.stages}["layer.27.output"]
-    assert last.isolated is not None and last.isolated.max_abs_diff < last.max_abs_diff
-    assert (
-        report.verdict().startswith("PASS: all 115 stages match") and "outside it carried" in report.verdict()
-    )
+    assert last.max_abs_diff > 20 * 4e-6 and last.isolated.max_abs_diff < 1e-6
 
 
 def _exact_gelu_in_layer(bad: int):
