@@ -1119,7 +1119,11 @@ def qwen_7b_estimate(figures: dict[str, Any], peak_mib: float, runtime_mib: floa
 
     Time: each piece's seconds scale with its parameters (at one input shape the matrix products, and
     reading the tensors, dominate). Memory: the peak is the runtime plus the largest piece's float32
-    bytes times the factor measured here (both sides' copies, the bfloat16 pages, activations)."""
+    bytes times the factor measured here (one float32 copy of the piece, as the two sides hold theirs
+    one after the other; its bfloat16 pages while it is converted; the activations, of which the
+    logits are the largest). The logits grow with B x T x vocab and the largest piece (the LM head)
+    with vocab x hidden, so the factor measured on a narrower model than Qwen-7B slightly
+    overestimates Qwen-7B's."""
     largest = max(figures[f"{kind}_parameters"] for kind in ("layer", "embeddings", "final"))
     factor = (peak_mib - runtime_mib) * bl.MIB / (4 * largest)
     qwen_largest = max(QWEN_7B["layer"], QWEN_7B["embeddings"], QWEN_7B["final"])

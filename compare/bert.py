@@ -2,8 +2,9 @@
 
 Bottom-up: ``BertEmbeddings``, ``BertEncoderLayer``, ``BertPooler``, ``BertModel``, then
 ``bert_weight_map`` (the explicit table from our parameter names to the checkpoint's tensor names)
-and ``BERT_REFERENCE`` (where transformers' BertModel computes each stage). Only torch is imported
-(through compare.layers); never transformers.
+and ``BERT_REFERENCE`` (where transformers' BertModel computes each stage, and how its forward strings
+the pieces together). Only torch is imported (through compare.layers); transformers only inside
+``EncoderSteps``, when the reference runs.
 
 Stages, in forward order: ``embeddings``; per layer ``layer.{i}.attention`` (after the output
 projection), ``layer.{i}.attention_add_norm``, ``layer.{i}.feed_forward``, ``layer.{i}.output``;
@@ -12,13 +13,15 @@ projection), ``layer.{i}.attention_add_norm``, ``layer.{i}.feed_forward``, ``lay
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from .config import BertConfig
 from .layers import FeedForward, LayerNorm, MultiHeadSelfAttention, add_and_norm, additive_padding_mask
 from .model import NO_RECORDING, Context, Recorder, TransformerModel
-from .reference_layout import ReferenceLayout, StagePoint
+from .reference_layout import ReferenceLayout, ReferenceSteps, StagePoint
 
 __all__ = [
     "BERT_REFERENCE",
@@ -27,6 +30,7 @@ __all__ = [
     "BertEncoderLayer",
     "BertModel",
     "BertPooler",
+    "EncoderSteps",
     "bert_weight_map",
 ]
 
@@ -180,6 +184,29 @@ BERT_STAGE_FUNCTIONS = {
     "pooler": BertPooler.forward,
 }
 
+
+class EncoderSteps(ReferenceSteps):
+    """BertModel / RobertaModel.forward: embeddings, a bidirectional mask, the layers, the pooler."""
+
+    def embed(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model.embeddings(input_ids=inputs["input_ids"], token_type_ids=inputs["token_type_ids"])
+
+    def context(self, model: nn.Module, embedded: torch.Tensor, inputs: dict[str, torch.Tensor]) -> Any:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        return create_bidirectional_mask(
+            config=model.config, inputs_embeds=embedded, attention_mask=inputs["attention_mask"]
+        )
+
+    def layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        return layer(hidden, context)
+
+    def finish(self, model: nn.Module, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        if model.pooler is not None:
+            model.pooler(hidden)
+        return {"last_hidden_state": hidden}  # BertEncoder's output is its last layer's
+
+
 # Where transformers' BertModel (and RobertaModel, laid out the same) computes each of our stages.
 BERT_REFERENCE = ReferenceLayout(
     model_class="AutoModel",
@@ -196,7 +223,12 @@ BERT_REFERENCE = ReferenceLayout(
         StagePoint("pooler", "pooler", optional=True),
     ),
     attention="attention.self",  # returns (context, attention weights)
-    steps="encoder",
+    steps=EncoderSteps(),
     embedding_modules=("embeddings",),
     final_modules=("pooler",),
+    # Not in the checkpoint: made as BertEmbeddings' (and RobertaEmbeddings') constructor makes them.
+    buffers={
+        "position_ids": lambda meta: torch.arange(meta.shape[-1]).expand(meta.shape),
+        "token_type_ids": lambda meta: torch.zeros(meta.shape, dtype=torch.long),
+    },
 )

@@ -3,7 +3,7 @@
 Bottom-up: ``GPT2Config`` (config.json -> typed), ``GPT2Embeddings``, the layer (a
 compare.layers.PreNormDecoderLayer of LayerNorm, fused-projection causal attention and a GELU
 feed-forward block), ``GPT2Model``, ``gpt2_weight_map`` and ``GPT2_REFERENCE``. Only torch is
-imported (through compare.layers); never transformers.
+imported (through compare.layers); transformers only inside ``GPT2Steps``, when the reference runs.
 
 Three things catch out re-implementations (nanoGPT among them):
 
@@ -31,10 +31,17 @@ from hfmirror.errors import CompareError, UnsupportedModelError
 from .config import ConfigFields, check_activation, padding_id
 from .layers import FeedForward, FusedQKVAttention, LayerNorm, PreNormDecoderLayer, causal_mask
 from .model import CausalLanguageModel, Context, Recorder
-from .reference_layout import ReferenceLayout, StagePoint
+from .reference_layout import ReferenceLayout, ReferenceSteps, StagePoint
 from .weights import Transposed
 
-__all__ = ["GPT2_REFERENCE", "GPT2_STAGE_FUNCTIONS", "GPT2Config", "GPT2Model", "gpt2_weight_map"]
+__all__ = [
+    "GPT2_REFERENCE",
+    "GPT2_STAGE_FUNCTIONS",
+    "GPT2Config",
+    "GPT2Model",
+    "GPT2Steps",
+    "gpt2_weight_map",
+]
 
 
 @dataclass(frozen=True)
@@ -193,8 +200,38 @@ GPT2_STAGE_FUNCTIONS = {
     "logits": CausalLanguageModel.finish,
 }
 
+
 # Where transformers' GPT2LMHeadModel computes each stage. No module returns the embedding sum, but
 # the (inactive) dropout right after it does.
+class GPT2Steps(ReferenceSteps):
+    """GPT2Model.forward: token + learned position embeddings, a causal mask, the blocks, ln_f."""
+
+    def embed(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        transformer = model.transformer
+        ids = inputs["input_ids"]
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        return transformer.drop(transformer.wte(ids) + transformer.wpe(positions))
+
+    def context(self, model: nn.Module, embedded: torch.Tensor, inputs: dict[str, torch.Tensor]) -> Any:
+        from transformers.masking_utils import create_causal_mask
+
+        positions = torch.arange(embedded.shape[1]).unsqueeze(0)
+        return create_causal_mask(
+            config=model.config,
+            inputs_embeds=embedded,
+            attention_mask=inputs["attention_mask"],
+            cache=None,
+            position_ids=positions,
+        )
+
+    def layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        return layer(hidden, None, context)
+
+    def finish(self, model: nn.Module, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.lm_head(model.transformer.ln_f(hidden))
+        return {}
+
+
 GPT2_REFERENCE = ReferenceLayout(
     model_class="AutoModelForCausalLM",
     layers="transformer.h",
@@ -207,7 +244,7 @@ GPT2_REFERENCE = ReferenceLayout(
     ),
     final=(StagePoint("final_norm", "transformer.ln_f"), StagePoint("logits", "lm_head")),
     attention="attn",
-    steps="gpt2",
+    steps=GPT2Steps(),
     embedding_modules=("transformer.wte", "transformer.wpe"),
     final_modules=("transformer.ln_f", "lm_head"),
 )

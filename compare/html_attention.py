@@ -33,6 +33,14 @@ __all__ = ["MAX_DRAWN_CELLS", "AttentionMaps", "attention_section", "drawn_token
 MAX_DRAWN_CELLS = 1_300_000
 
 
+# Which of our runs the maps show (compare.streaming keeps the isolated run's weights).
+OURS_ARE_ISOLATED = (
+    "Our maps are from the isolated run: each layer was fed the reference's input to it, so a "
+    "difference from the reference's map is that layer's own error, not drift inherited from the "
+    "layers before it."
+)
+
+
 def drawn_token_limit(layers: int, heads: int, cells: int = MAX_DRAWN_CELLS) -> int:
     """The most tokens whose maps fit ``cells``: layers x heads x n^2 <= cells (at least 1)."""
     return max(1, math.isqrt(cells // max(1, layers * heads)))
@@ -207,7 +215,8 @@ def _text_and_tokens(attention: AttentionMaps) -> str:
         for index, token in enumerate(attention.tokens)
     )
     notes = "".join(f'<p class="note">{_e(note)}</p>' for note in attention.notes)
-    return f"""{text}<p>The rows and columns of every map are these {attention.seq_len} tokens:</p>
+    return f"""{text}<p>{_e(OURS_ARE_ISOLATED)}</p>
+<p>The rows and columns of every map are these {attention.seq_len} tokens:</p>
 <ol class="tokens" id="tokens">{items}</ol>{notes}"""
 
 

@@ -18,7 +18,8 @@ qwen3        ``attention_bias`` (q, k, v, o)   yes         as qwen2
 plus, for all: the number of key/value heads (grouped-query attention), an explicit ``head_dim``
 (Qwen3's differs from hidden/heads), the rotary base ``rope_theta`` and "llama3" rope scaling, and a
 tied or untied LM head. Bottom-up: ``LlamaConfig``, ``TokenEmbeddings``, ``LlamaModel``,
-``llama_weight_map``, ``LLAMA_REFERENCE``. Only torch is imported; never transformers.
+``llama_weight_map``, ``LLAMA_REFERENCE``. Only torch is imported; transformers only inside
+``LlamaSteps``, when the reference runs.
 
 Stages: ``embeddings``; per layer ``attention``, ``attention_residual``, ``mlp``, ``output``;
 ``final_norm``; ``logits``.
@@ -45,7 +46,7 @@ from .layers import (
     rotary_inverse_frequencies,
 )
 from .model import CausalLanguageModel, Context
-from .reference_layout import ReferenceLayout, StagePoint
+from .reference_layout import ReferenceLayout, ReferenceSteps, StagePoint
 
 __all__ = [
     "FAMILIES",
@@ -53,6 +54,7 @@ __all__ = [
     "LLAMA_STAGE_FUNCTIONS",
     "LlamaConfig",
     "LlamaModel",
+    "LlamaSteps",
     "TokenEmbeddings",
     "decoder_context",
     "llama_weight_map",
@@ -300,8 +302,59 @@ LLAMA_STAGE_FUNCTIONS = {
     "logits": CausalLanguageModel.finish,
 }
 
+
 # Where transformers' LlamaForCausalLM (and Mistral's, Qwen2's, Qwen3's, laid out the same) computes
 # each stage.
+class LlamaSteps(ReferenceSteps):
+    """LlamaModel / MistralModel / Qwen2Model / Qwen3Model.forward: token embeddings, causal masks
+    (sliding-window ones as each model picks them), rotary cos/sin, the layers, the final norm."""
+
+    def embed(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model.model.embed_tokens(inputs["input_ids"])
+
+    def context(self, model: nn.Module, embedded: torch.Tensor, inputs: dict[str, torch.Tensor]) -> Any:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        config = model.config
+        positions = torch.arange(embedded.shape[1]).unsqueeze(0)
+        arguments = {
+            "config": config,
+            "inputs_embeds": embedded,
+            "attention_mask": inputs["attention_mask"],
+            "cache": None,
+            "position_ids": positions,
+        }
+        kinds = self.mask_kinds(config)
+        made = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+        by_kind = {kind: made[kind](**arguments) for kind in set(kinds)}
+        # The rotary tables are buffers computed at construction: build the model's own class afresh.
+        rotary = type(model.model.rotary_emb)(config=config)
+        return [by_kind[kind] for kind in kinds], positions, rotary(embedded, positions)
+
+    @staticmethod
+    def mask_kinds(config: Any) -> list[str]:
+        """Each layer's mask, as each model's forward picks it: Qwen2 and Qwen3 by ``layer_types``;
+        Mistral (no layer_types) one for every layer, sliding when ``sliding_window`` is set; Llama
+        (neither) full."""
+        if getattr(config, "layer_types", None):
+            return list(config.layer_types)
+        sliding = getattr(config, "sliding_window", None) is not None
+        return ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
+
+    def layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        masks, positions, position_embeddings = context
+        return layer(
+            hidden,
+            attention_mask=masks[index],
+            position_ids=positions,
+            position_embeddings=position_embeddings,
+        )
+
+    def finish(self, model: nn.Module, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.lm_head(model.model.norm(hidden))
+        return {}
+
+
 LLAMA_REFERENCE = ReferenceLayout(
     model_class="AutoModelForCausalLM",
     layers="model.layers",
@@ -314,7 +367,7 @@ LLAMA_REFERENCE = ReferenceLayout(
     ),
     final=(StagePoint("final_norm", "model.norm"), StagePoint("logits", "lm_head")),
     attention="self_attn",
-    steps="llama",
+    steps=LlamaSteps(),
     embedding_modules=("model.embed_tokens",),
     final_modules=("model.norm", "lm_head"),
 )

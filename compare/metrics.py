@@ -1,6 +1,7 @@
 """How far apart two tensors are, and whether that is within tolerance.
 
-All metrics are computed in float64, so the measurement adds no rounding of its own.
+All metrics are computed in float64, so the measurement adds no rounding of its own, a chunk of
+elements at a time, so that measuring the logits (B, T, V) costs about one more copy of them, not eight.
 
 - ``max_abs_diff``: max |ours - ref| over every element.
 - ``mean_abs_diff``: mean |ours - ref|.
@@ -21,9 +22,10 @@ isolated errors: a stage fails because of what it computes, not because of what 
 
 Every position is compared, padded ones included: both implementations compute padded rows the same
 deterministic way (padding is masked as a *key*, not as a query), so they must agree there too.
-Where the reference itself produces nan (transformers' float64 runs of sliding-window models: a
-padded query whose whole window is padding gets a softmax over -inf only), ours must produce nan
-at exactly the same elements; the stage is then measured on the others, and says so in its note.
+Where the reference itself produces nan, ours must produce nan at exactly the same elements; the
+stage is then measured on the others, and says so in its note. A stage with no finite element
+left fails ("not measured"): nothing is known to match. (compare.runner keeps transformers' float64
+sliding-window nan out of the inputs: see check_padding.)
 
 For models with an LM head, :func:`next_token_metrics` compares what the two would predict, at real
 (not padded) positions only: the share of positions where both rank the same token first, and the
@@ -97,8 +99,8 @@ def compare_tensors(
             tolerance_used=None,
             note=f"shape {list(ours.shape)} != reference {list(ref.shape)}",
         )
-    a = ours.detach().to(torch.float64).flatten()
-    b = ref.detach().to(torch.float64, copy=True).flatten()  # a copy of our own: changed in place below
+    a = ours.detach().flatten()
+    b = ref.detach().flatten()
     finite = torch.isfinite(a)
     note = None
     if not (finite.all() and torch.isfinite(b).all()):
@@ -110,48 +112,86 @@ def compare_tensors(
         note = f"nan/inf at the same {int((~finite).sum())} elements in both, compared elsewhere"
         a, b = a[finite], b[finite]
     if a.numel() == 0:
-        return StageResult(name, True, list(ref.shape), 0.0, 0.0, 0.0, 1.0, 0.0, note or "empty")
-
-    # Written to hold few float64 copies at once: a stage can be the logits, (B, T, V) with V ~ 150k.
-    diff = (a - b).abs_()
-    max_abs = diff.max().item()
-    scale = b.abs().max().item()
-    rel_error = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-    norms = a.norm() * b.norm()
-    if norms > 0:
-        cosine = (torch.dot(a, b) / norms).item()
-    else:
-        cosine = 1.0 if a.norm() == b.norm() else 0.0  # both zero vectors: same; one zero: unrelated
-    reference_energy = torch.dot(b, b).item()
-    error_energy = torch.dot(diff, diff).item()
-    nmse = (
-        error_energy / reference_energy if reference_energy > 0 else (0.0 if error_energy == 0 else math.inf)
-    )
-    del a
-    allowed = b.abs_().mul_(rtol).add_(atol)  # atol + rtol * |ref|, in b's place
-    passed = bool((diff <= allowed).all())
-    # Where nothing is allowed (atol = 0 and ref = 0), any difference at all uses an infinite budget.
-    nothing_allowed = allowed == 0
-    ratio = diff / allowed.masked_fill_(nothing_allowed, 1.0)
-    ratio.masked_fill_(nothing_allowed & (diff > 0), math.inf).masked_fill_(
-        nothing_allowed & (diff == 0), 0.0
-    )
-    tolerance_used = ratio.max().item()
-    del allowed, ratio, nothing_allowed
-    p99 = diff.kthvalue(max(1, math.ceil(0.99 * diff.numel()))).values.item()
+        return StageResult(name, False, list(ref.shape), None, None, None, None, None, _NOTHING_FINITE)
+    sums = _Sums(a.numel(), torch.promote_types(a.dtype, b.dtype))
+    for start in range(0, a.numel(), _CHUNK):
+        sums.add(a[start : start + _CHUNK], b[start : start + _CHUNK], atol=atol, rtol=rtol)
     return StageResult(
         name=name,
-        passed=passed,
+        passed=sums.passed,
         shape=list(ref.shape),
-        max_abs_diff=max_abs,
-        mean_abs_diff=diff.mean().item(),
-        rel_error=_finite_or_none(rel_error),
-        cosine_similarity=cosine,
-        tolerance_used=_finite_or_none(tolerance_used),
+        max_abs_diff=sums.max_abs,
+        mean_abs_diff=sums.sum_abs / a.numel(),
+        rel_error=_finite_or_none(_ratio(sums.max_abs, sums.scale)),
+        cosine_similarity=sums.cosine(),
+        tolerance_used=_finite_or_none(sums.tolerance_used),
         note=note,
-        nmse=_finite_or_none(nmse),
-        p99_abs_diff=p99,
+        nmse=_finite_or_none(_ratio(sums.error_energy, sums.reference_energy)),
+        p99_abs_diff=sums.percentile(0.99),
     )
+
+
+# Why a stage with no finite element fails: nothing was measured, so nothing is known to match.
+_NOTHING_FINITE = "not measured: no finite element to compare (nan/inf everywhere, in both)"
+
+# Elements measured at once: a stage can be the logits, (B, T, V) with V ~ 150k, and its float64
+# temporaries would otherwise cost several times the logits' own bytes at the peak.
+_CHUNK = 1 << 18
+
+
+def _ratio(part: float, whole: float) -> float:
+    """part / whole, where 0 / 0 is 0 (no error of nothing) and x / 0 is inf."""
+    return part / whole if whole > 0 else (0.0 if part == 0 else math.inf)
+
+
+class _Sums:
+    """The metrics' running sums and maxima over chunks of the flattened tensors, in float64; keeps
+    the element-wise |ours - ref| for the percentile (in the compared dtype: a percentile needs no more
+    precision, and it is the one copy of the whole stage that the metrics hold)."""
+
+    def __init__(self, numel: int, dtype: torch.dtype) -> None:
+        self.diff = torch.empty(numel, dtype=dtype)
+        self.filled = 0
+        self.max_abs = self.sum_abs = self.scale = self.tolerance_used = 0.0
+        self.dot = self.ours_energy = self.reference_energy = self.error_energy = 0.0
+        self.passed = True
+
+    def add(self, ours: torch.Tensor, ref: torch.Tensor, *, atol: float, rtol: float) -> None:
+        a, b = ours.to(torch.float64), ref.to(torch.float64)  # (n,)
+        diff = (a - b).abs_()
+        self.diff[self.filled : self.filled + a.numel()] = diff
+        self.filled += a.numel()
+        self.max_abs = max(self.max_abs, diff.max().item())
+        self.sum_abs += diff.sum().item()
+        self.scale = max(self.scale, b.abs().max().item())
+        self.dot += torch.dot(a, b).item()
+        self.ours_energy += torch.dot(a, a).item()
+        self.reference_energy += torch.dot(b, b).item()
+        self.error_energy += torch.dot(diff, diff).item()
+        allowed = b.abs().mul_(rtol).add_(atol)  # atol + rtol * |ref|
+        self.passed = self.passed and bool((diff <= allowed).all())
+        # Where nothing is allowed (atol = 0 and ref = 0), any difference at all uses an infinite budget.
+        nothing_allowed = allowed == 0
+        ratio = diff / allowed.masked_fill_(nothing_allowed, 1.0)
+        ratio.masked_fill_(nothing_allowed & (diff > 0), math.inf).masked_fill_(
+            nothing_allowed & (diff == 0), 0.0
+        )
+        self.tolerance_used = max(self.tolerance_used, ratio.max().item())
+
+    def percentile(self, share: float) -> float:
+        """The smallest |ours - ref| that ``share`` of the elements do not exceed. Partitions the kept
+        differences in place (numpy's partition needs no copy, torch's kthvalue makes two)."""
+        differences = self.diff.numpy()
+        k = max(1, math.ceil(share * differences.size)) - 1
+        differences.partition(k)
+        return float(differences[k])
+
+    def cosine(self) -> float:
+        """Of the two flattened tensors (1.0 = same direction)."""
+        norms = math.sqrt(self.ours_energy) * math.sqrt(self.reference_energy)
+        if norms > 0:
+            return self.dot / norms
+        return 1.0 if self.ours_energy == self.reference_energy else 0.0  # both zero: same; one: unrelated
 
 
 def _same_non_finite(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -193,14 +233,18 @@ def next_token_metrics(
     top1_reference = reference.argmax(dim=-1)  # (B, T)
     finite = torch.isfinite(ours).all(dim=-1) & torch.isfinite(reference).all(dim=-1)  # (B, T)
     real = attention_mask.bool() & finite  # (B, T); where the reference gives nan, ours must too (stages)
-    log_p_ours = torch.log_softmax(ours, dim=-1, dtype=torch.float64)  # (B, T, V)
-    log_p_reference = torch.log_softmax(reference, dim=-1, dtype=torch.float64)
-    gap = log_p_reference.sub_(log_p_ours)  # log p_ref - log p_ours, in place (V can be ~150k)
-    del log_p_ours
-    gap.mul_(torch.log_softmax(reference, dim=-1, dtype=torch.float64).exp_())  # p_ref * (...)
-    kl = gap.sum(dim=-1)  # (B, T)
-    del gap
-    kl = kl[real].clamp(min=0.0)  # (real positions,); tiny negatives are rounding
+    # A few positions at a time: the float64 distributions of all of them at once would cost several
+    # times the logits' bytes (V can be ~150k).
+    vocab = ours.shape[-1]
+    at = real.flatten().nonzero().squeeze(1)  # (real positions,): indices into the B x T positions
+    rows = max(1, _CHUNK // vocab)
+    kl = torch.cat(
+        [torch.zeros(0, dtype=torch.float64)]
+        + [
+            _kl_divergence(ours.reshape(-1, vocab)[chunk], reference.reshape(-1, vocab)[chunk])
+            for chunk in at.split(rows)
+        ]
+    ).clamp(min=0.0)  # (real positions,); tiny negatives are rounding
     positions = int(real.sum())
     return NextTokenMetrics(
         agreement=float((top1_ours == top1_reference)[real].double().mean()) if positions else 1.0,
@@ -210,3 +254,10 @@ def next_token_metrics(
         top1_ours=top1_ours.tolist(),
         top1_reference=top1_reference.tolist(),
     )
+
+
+def _kl_divergence(ours: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """KL(reference || ours) of each row's next-token distribution, in float64: (n, V) -> (n,)."""
+    log_p_ours = torch.log_softmax(ours, dim=-1, dtype=torch.float64)
+    log_p_reference = torch.log_softmax(reference, dim=-1, dtype=torch.float64)
+    return (log_p_reference.exp() * (log_p_reference - log_p_ours)).sum(dim=-1)

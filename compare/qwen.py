@@ -100,8 +100,9 @@ class QwenConfig:
         """Build and validate a config from a parsed config.json.
 
         Raises:
-            UnsupportedModelError: partial rotary (``rotary_pct`` < 1) or biases in c_proj and the
-                feed-forward block (``no_bias: false``), which the Qwen2 reference cannot hold.
+            UnsupportedModelError: partial rotary (``rotary_pct`` < 1), biases in c_proj and the
+                feed-forward block (``no_bias: false``), or unscaled attention scores
+                (``scale_attn_weights: false``), which the Qwen2 reference cannot hold.
             CompareError: a missing or inconsistent field.
         """
         fields = ConfigFields(raw)
@@ -109,6 +110,11 @@ class QwenConfig:
             raise UnsupportedModelError("Qwen with rotary_pct < 1 (partial rotary) is not supported")
         if not fields.boolean("no_bias", True):
             raise UnsupportedModelError("Qwen with no_bias: false is not supported")
+        if not fields.boolean("scale_attn_weights", True):  # every released Qwen v1 scales by 1/sqrt(d)
+            raise UnsupportedModelError(
+                "Qwen with scale_attn_weights: false (attention scores not divided by sqrt(head size)) "
+                "is not supported"
+            )
         vocab_size = fields.integer("vocab_size")
         config = cls(
             vocab_size=vocab_size,

@@ -17,6 +17,7 @@ check that both give the same stages.
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -155,15 +156,43 @@ def load_tokenizer(source: str | Path) -> Any:
         )
     from transformers import AutoTokenizer
 
+    custom = _custom_tokenizer_class(Path(source))
+    if custom is not None:
+        raise RemoteCodeError(f"the tokenizer of {source} is custom code ({custom}), which is never run")
     try:
         with _quiet_transformers():
             return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
     except Exception as error:
+        # The folder's files did not say so, but transformers found custom code all the same.
         if "trust_remote_code" in str(error) or "custom code" in str(error):
             raise RemoteCodeError(f"the tokenizer of {source} is custom code, which is never run") from error
         raise CompareError(
             f"cannot load the tokenizer of {source}: {type(error).__name__}: {error}"
         ) from error
+
+
+def _custom_tokenizer_class(folder: Path) -> str | None:
+    """The tokenizer class a folder names as its own code, or None.
+
+    A repository ships its tokenizer as code by naming it in ``auto_map["AutoTokenizer"]`` (of
+    tokenizer_config.json, or config.json) with a ``tokenizer_class`` transformers does not have
+    (Qwen v1: ``QWenTokenizer`` in ``tokenization_qwen.py``). A class transformers has is its own,
+    which it loads without the repository's code.
+    """
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            settings = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        auto_map = settings.get("auto_map") if isinstance(settings, dict) else None
+        if not isinstance(auto_map, dict) or "AutoTokenizer" not in auto_map:
+            continue
+        class_name = settings.get("tokenizer_class")
+        if not isinstance(class_name, str) or tokenizer_class_from_name(class_name) is None:
+            return str(class_name or auto_map["AutoTokenizer"])
+    return None
 
 
 @dataclass
@@ -179,7 +208,7 @@ LABELS_FROM_OFFSETS = "the text at the fast tokenizer's offsets; special tokens 
 LABELS_DECODED = "each token id decoded alone; special tokens by name"
 
 
-def tokenize(tokenizer: Any, texts: list[str], *, max_length: int, vocab_size: int) -> Tokenized:
+def tokenize(tokenizer: Any, texts: list[str], *, vocab_size: int) -> Tokenized:
     """Tokenise ``texts`` as one batch, padded on the right.
 
     Right padding keeps every real token at the position it has without padding (decoders number
@@ -197,8 +226,6 @@ def tokenize(tokenizer: Any, texts: list[str], *, max_length: int, vocab_size: i
     encoded = tokenizer(
         texts,
         padding=True,
-        truncation=True,
-        max_length=max_length,
         return_tensors="pt",
         return_offsets_mapping=tokenizer.is_fast,  # slow tokenizers have no offsets
         return_special_tokens_mask=True,

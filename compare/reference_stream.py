@@ -7,12 +7,14 @@ modules) gets its tensors from the checkpoint, runs exactly as the whole model's
 and goes back to "meta". Between the pieces the glue is transformers' own helpers: the mask from
 ``masking_utils`` (``create_causal_mask``, ``create_sliding_window_causal_mask``,
 ``create_bidirectional_mask``) and the model's rotary embedding class, called the way each model's
-``forward`` calls them (the ``_Steps`` classes below; a test checks that the stages equal those of the
-whole model, for every architecture).
+``forward`` calls them (each family's compare.reference_layout.ReferenceSteps, declared in its
+module next to its layout; a test checks that the stages equal those of the whole model, for every
+architecture).
 
 The checkpoint is read with transformers' own ``load_state_dict`` (memory-mapped, one file at a time,
 only the tensors of the piece kept), not with our compare.weights, so that a mistake in our reading
-cannot be shared by both sides; each side also makes its own float32 copy. A parameter of the
+cannot be shared by both sides; each side also makes its own float32 copy (one after the other:
+compare.streaming frees the reference's piece before ours is loaded). A parameter of the
 transformers model reads the checkpoint tensor whose canonical name (compare.architectures, e.g.
 without the ``bert.`` prefix) is its own; a tied LM head reads the embedding matrix, unless the
 checkpoint stores the head as well (then, as in from_pretrained, the stored head); for a converted
@@ -41,138 +43,6 @@ if TYPE_CHECKING:
 __all__ = ["StreamedReference"]
 
 
-# ------------------------------------------------------------------------ how each forward is strung
-
-
-class _Steps:
-    """What a transformers model's ``forward`` does between its pieces, for one family."""
-
-    def embed(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def context(self, model: nn.Module, embedded: torch.Tensor, inputs: dict[str, torch.Tensor]) -> Any:
-        raise NotImplementedError
-
-    def layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, context: Any) -> torch.Tensor:
-        raise NotImplementedError
-
-    def finish(self, model: nn.Module, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run the final modules; return the final stages no hook sees."""
-        raise NotImplementedError
-
-
-class _EncoderSteps(_Steps):
-    """BertModel / RobertaModel.forward: embeddings, a bidirectional mask, the layers, the pooler."""
-
-    def embed(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model.embeddings(input_ids=inputs["input_ids"], token_type_ids=inputs["token_type_ids"])
-
-    def context(self, model: nn.Module, embedded: torch.Tensor, inputs: dict[str, torch.Tensor]) -> Any:
-        from transformers.masking_utils import create_bidirectional_mask
-
-        return create_bidirectional_mask(
-            config=model.config, inputs_embeds=embedded, attention_mask=inputs["attention_mask"]
-        )
-
-    def layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, context: Any) -> torch.Tensor:
-        return layer(hidden, context)
-
-    def finish(self, model: nn.Module, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        if model.pooler is not None:
-            model.pooler(hidden)
-        return {"last_hidden_state": hidden}  # BertEncoder's output is its last layer's
-
-
-class _GPT2Steps(_Steps):
-    """GPT2Model.forward: token + learned position embeddings, a causal mask, the blocks, ln_f."""
-
-    def embed(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        transformer = model.transformer
-        ids = inputs["input_ids"]
-        positions = torch.arange(ids.shape[1]).unsqueeze(0)
-        return transformer.drop(transformer.wte(ids) + transformer.wpe(positions))
-
-    def context(self, model: nn.Module, embedded: torch.Tensor, inputs: dict[str, torch.Tensor]) -> Any:
-        from transformers.masking_utils import create_causal_mask
-
-        positions = torch.arange(embedded.shape[1]).unsqueeze(0)
-        return create_causal_mask(
-            config=model.config,
-            inputs_embeds=embedded,
-            attention_mask=inputs["attention_mask"],
-            cache=None,
-            position_ids=positions,
-        )
-
-    def layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, context: Any) -> torch.Tensor:
-        return layer(hidden, None, context)
-
-    def finish(self, model: nn.Module, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        model.lm_head(model.transformer.ln_f(hidden))
-        return {}
-
-
-class _LlamaSteps(_Steps):
-    """LlamaModel / MistralModel / Qwen2Model / Qwen3Model.forward: token embeddings, causal masks
-    (sliding-window ones as each model picks them), rotary cos/sin, the layers, the final norm."""
-
-    def embed(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model.model.embed_tokens(inputs["input_ids"])
-
-    def context(self, model: nn.Module, embedded: torch.Tensor, inputs: dict[str, torch.Tensor]) -> Any:
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        config = model.config
-        positions = torch.arange(embedded.shape[1]).unsqueeze(0)
-        arguments = {
-            "config": config,
-            "inputs_embeds": embedded,
-            "attention_mask": inputs["attention_mask"],
-            "cache": None,
-            "position_ids": positions,
-        }
-        layers = config.num_hidden_layers
-        if config.model_type == "mistral":  # one mask for every layer, sliding when the config says so
-            mask = (
-                create_causal_mask if config.sliding_window is None else create_sliding_window_causal_mask
-            )(**arguments)
-            masks = [mask] * layers
-        elif "sliding_attention" in (getattr(config, "layer_types", None) or ()):  # Qwen2 / Qwen3
-            by_type = {
-                "full_attention": create_causal_mask(**arguments),
-                "sliding_attention": create_sliding_window_causal_mask(**arguments),
-            }
-            masks = [by_type[kind] for kind in config.layer_types]
-        else:
-            masks = [create_causal_mask(**arguments)] * layers
-        # The rotary tables are buffers computed at construction: build the model's own class afresh.
-        rotary = type(model.model.rotary_emb)(config=config)
-        return masks, positions, rotary(embedded, positions)
-
-    def layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, context: Any) -> torch.Tensor:
-        masks, positions, position_embeddings = context
-        return layer(
-            hidden,
-            attention_mask=masks[index],
-            position_ids=positions,
-            position_embeddings=position_embeddings,
-        )
-
-    def finish(self, model: nn.Module, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        model.lm_head(model.model.norm(hidden))
-        return {}
-
-
-_STEPS: dict[str, _Steps] = {"encoder": _EncoderSteps(), "gpt2": _GPT2Steps(), "llama": _LlamaSteps()}
-
-# Non-persistent buffers of a piece are not in the checkpoint; these are rebuilt as their modules'
-# constructors make them (BertEmbeddings, RobertaEmbeddings).
-_BUFFERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "position_ids": lambda meta: torch.arange(meta.shape[-1]).expand(meta.shape),
-    "token_type_ids": lambda meta: torch.zeros(meta.shape, dtype=torch.long),
-}
-
-
 # ----------------------------------------------------------------------------------------- reference
 
 
@@ -198,7 +68,7 @@ class StreamedReference:
         from transformers.modeling_utils import load_state_dict
 
         self.layout: ReferenceLayout = architecture.reference
-        self.steps = _STEPS[self.layout.steps]
+        self.steps = self.layout.steps
         conversion = architecture.conversion
         try:
             with _quiet_transformers():
@@ -315,13 +185,12 @@ class StreamedReference:
             for _, module in present:
                 module.to("meta")
 
-    @staticmethod
-    def _rebuild_buffer(module: nn.Module, path: str, name: str, meta: torch.Tensor) -> None:
+    def _rebuild_buffer(self, module: nn.Module, path: str, name: str, meta: torch.Tensor) -> None:
         owner_path, _, short = name.rpartition(".")
-        if short not in _BUFFERS:
+        if short not in self.layout.buffers:
             raise CompareError(f"cannot rebuild the buffer {path}.{name} of the reference")
         owner = module.get_submodule(owner_path) if owner_path else module
-        owner._buffers[short] = _BUFFERS[short](meta)
+        owner._buffers[short] = self.layout.buffers[short](meta)
 
     def embeddings(
         self, inputs: dict[str, torch.Tensor]

@@ -52,23 +52,36 @@ DEFAULT_TOLERANCES = {"float32": (1e-5, 1e-5), "float64": (1e-10, 1e-10)}
 
 _ENCODER_POSITIONS = "all (padded keys are masked; padded rows are compared too)"
 _DECODER_POSITIONS = (
-    "hidden states and logits at every position, padded ones included (a padded position sees only "
-    "the real tokens before it, the same way in both); next-token agreement and KL at real positions only"
+    "hidden states and logits at every position, padded ones included (a padded position attends to the "
+    "real tokens before it; in a sliding-window layer only to those in its window, and evenly to every "
+    "position when its window holds none; the same way in both); next-token agreement and KL at real "
+    "positions only"
 )
 
 
 def random_inputs(
-    *, batch: int, seq_len: int, seed: int, vocab_size: int, type_vocab_size: int, pad_token_id: int
+    *,
+    batch: int,
+    seq_len: int,
+    seed: int,
+    vocab_size: int,
+    type_vocab_size: int,
+    pad_token_id: int,
+    sliding_window: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Random token ids with a random padding pattern, reproducible from ``seed``.
 
     Row 0 is full length; every other row keeps a random number (1..seq_len) of real tokens and is
     padded with ``pad_token_id`` after them, so the attention mask is exercised. Each row is split at a
     random point into segment 0 and segment 1 (when the model has two token types).
+
+    ``sliding_window``: a model with sliding-window layers; no row then has a run of padding as long as
+    the window (see :func:`check_padding`).
     """
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab_size, (batch, seq_len), generator=generator)  # (B, T)
-    lengths = torch.randint(1, seq_len + 1, (batch,), generator=generator)  # (B,)
+    shortest = max(1, seq_len - sliding_window + 1) if sliding_window else 1
+    lengths = torch.randint(shortest, seq_len + 1, (batch,), generator=generator)  # (B,)
     lengths[0] = seq_len
     positions = torch.arange(seq_len)[None, :]  # (1, T)
     attention_mask = (positions < lengths[:, None]).long()  # (B, T): 1 real, 0 padding
@@ -78,6 +91,35 @@ def random_inputs(
         splits = (torch.rand(batch, generator=generator) * lengths).long()  # (B,), in [0, length)
         token_type_ids = ((positions >= splits[:, None]) & attention_mask.bool()).long()
     return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+
+
+def sliding_window(config: Any) -> int | None:
+    """The window of the model's sliding-window layers (the positions a query sees, itself included),
+    or None when it has none."""
+    window = getattr(config, "sliding_window", None)
+    return window if window and "sliding" in getattr(config, "layer_types", ()) else None
+
+
+def check_padding(attention_mask: torch.Tensor, window: int | None, dtype: str) -> None:
+    """Refuse a float64 batch with a run of padding as long as a sliding window.
+
+    A padded query whose whole window is padding has every key masked. transformers' float64 masks
+    are -inf in its float32 softmax, so that query's attention is nan; the next layer multiplies the
+    nan values by zero weights and spreads nan to the real positions of the row: nothing left to
+    compare. (In float32 the mask is finite and the row stays a number.)
+
+    Raises:
+        CompareError: such a batch (texts that differ too much in length).
+    """
+    if window is None or dtype != "float64":
+        return
+    padding = int((attention_mask == 0).sum(dim=1).max())  # right padding: one run per row
+    if padding >= window:
+        raise CompareError(
+            f"the texts differ in length by {padding} tokens, at least the sliding window ({window}): in "
+            "float64, transformers gives nan where a padded token's whole window is padding; use texts "
+            "of closer lengths, one text at a time, or --dtype float32"
+        )
 
 
 @dataclass
@@ -100,8 +142,11 @@ def _tokenized(source: Path, texts: list[str], config: Any) -> tuple[Any, dict[s
     except RemoteCodeError as error:
         note = f"{error}: comparing on random token ids instead (pass --tokenizer DIR_OR_REPO to use another)"
         return None, {"texts_not_used": list(texts)}, note
-    limit, _ = config.sequence_limit()
-    tokenized = reference.tokenize(loaded_tokenizer, texts, max_length=limit, vocab_size=config.vocab_size)
+    tokenized = reference.tokenize(loaded_tokenizer, texts, vocab_size=config.vocab_size)
+    limit, why = config.sequence_limit()
+    length = tokenized.tensors["input_ids"].shape[1]
+    if length > limit:  # refused, not cut: a comparison of part of the text would not be of the text
+        raise CompareError(f"the text is {length} tokens long, longer than the model takes: {limit} ({why})")
     ids = tokenized.tensors["input_ids"].tolist()
     description = {
         "source": "text",
@@ -138,6 +183,7 @@ def _make_input(
     batch: int,
     seed: int,
     labels: bool,
+    dtype: str,
 ) -> _Input:
     """The batch: ``texts`` tokenised, or random ids. ``labels``: label random ids too (the HTML
     report shows them; text is always labelled, at no cost)."""
@@ -145,8 +191,10 @@ def _make_input(
     tokenized, description, note = None, {}, None
     if texts:
         tokenized, description, note = _tokenized(source, texts, config)
+    window = sliding_window(config)
     if tokenized is not None:
         tensors, token_labels = tokenized.tensors, tokenized.labels
+        check_padding(tensors["attention_mask"], window, dtype)
     else:
         limit, why = config.sequence_limit()
         if seq_len > limit:
@@ -158,6 +206,7 @@ def _make_input(
             vocab_size=config.vocab_size,
             type_vocab_size=getattr(config, "type_vocab_size", 1),
             pad_token_id=config.pad_token_id,
+            sliding_window=window,
         )
         description |= {"source": "random token ids", "seed": seed}
         token_labels = None
@@ -272,6 +321,7 @@ def compare_model_dir(
         batch=batch,
         seed=seed,
         labels=keep_attention,
+        dtype=dtype,
     )
     if batch_input.note and on_note is not None:
         on_note(batch_input.note)

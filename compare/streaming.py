@@ -12,8 +12,11 @@ For every piece:
    and **carried**, fed our own output of the previous piece;
 4. both are compared with the reference's stages, and everything the piece held is freed.
 
-So memory does not grow with depth: at any time it holds the runtime, at most one piece's weights
-per side, and the activations of a few stages; the stage results kept are a few numbers each. When
+So memory does not grow with depth: at any time it holds the runtime, one piece's weights (the
+reference's piece is freed before ours is loaded, so the largest piece is held once, plus its
+bfloat16 pages while it is converted), and the activations of a few stages (the logits, B x T x V,
+are the largest; compare.metrics measures them a chunk at a time); the stage results kept are a few
+numbers each. When
 attention weights are asked for (the HTML report draws them), each layer's are cut at once to the
 one input row and the tokens that are drawn (an :class:`AttentionCut`), so they too stay small.
 """
@@ -74,7 +77,9 @@ class StreamedRun:
 
     stages: list[StageResult] = field(default_factory=list)  # carried, each with its isolated result
     logits: tuple[torch.Tensor, torch.Tensor] | None = None  # (ours carried, reference), LM heads only
-    # "layer.i" -> (nh, n, n): the attention weights an AttentionCut keeps, when asked for
+    # "layer.i" -> (nh, n, n): the attention weights an AttentionCut keeps, when asked for. Ours are
+    # the isolated run's (the layer fed the reference's input), so that where they differ from the
+    # reference's it is that layer's own doing, not drift carried from the layers before it.
     attention_ours: dict[str, torch.Tensor] = field(default_factory=dict)
     attention_reference: dict[str, torch.Tensor] = field(default_factory=dict)
     timings: list[PieceTiming] = field(default_factory=list)
@@ -150,7 +155,7 @@ def compare_pieces(
     layers before them to produce their input, and the embeddings and final stages are compared only
     when the range starts at the first layer, or ends at the last.
 
-    ``attention``: keep that cut of every compared layer's attention weights, ours (carried) and the
+    ``attention``: keep that cut of every compared layer's attention weights, ours (isolated) and the
     reference's; None (the default) keeps none, and costs nothing.
     """
     pieces = _OurPieces(ours, plan, weight_map)
@@ -186,7 +191,8 @@ def compare_pieces(
         )
         middle = time.perf_counter()
         if index >= first:
-            isolated, record = Recorder(substitute=theirs), Recorder(keep_attention=keep_attention)
+            isolated = Recorder(substitute=theirs, keep_attention=keep_attention)
+            record = Recorder()
             with pieces.loaded(f"layer.{index}", tensors):
                 layer = ours.layers[index]
                 layer(hidden, context, isolated.scoped(f"layer.{index}"))
@@ -195,7 +201,7 @@ def compare_pieces(
                 )
             run.stages += _compare(record.stages, isolated.stages, theirs, atol=atol, rtol=rtol)
             if attention is not None and their_weights is not None:
-                for name, weights in record.attention.items():
+                for name, weights in isolated.attention.items():
                     run.attention_ours[name] = attention(weights)
                 run.attention_reference[f"layer.{index}"] = attention(their_weights)
             measured(f"layer.{index}", began, middle)

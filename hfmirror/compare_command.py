@@ -22,8 +22,9 @@ __all__ = ["compare"]
 
 EXIT_MISMATCH = 1  # as documented in hfmirror.cli
 
-# compare.architectures.supported_model_types(), written out so that --help needs no torch (a test
-# keeps the two equal).
+# compare.architectures.supported_model_types(), written out so that --help needs no torch: the one
+# place besides a family's module and its registry entry that a new family touches (a test keeps the
+# two equal, test_every_model_type_is_listed_in_help_and_readme).
 SUPPORTED_MODEL_TYPES = (
     "bert",
     "gpt2",

@@ -10,6 +10,7 @@ the test's own conversion, whose original logits ours must reproduce.
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 from pathlib import Path
 
@@ -22,13 +23,14 @@ import compare.layers
 import compare.llama
 import compare.model
 import compare.qwen
+import compare.reference
 import compare.roberta
 from compare.architectures import REGISTRY, prepare_model, supported_model_types
 from compare.layers import ACTIVATIONS, additive_padding_mask, gelu_exact
 from compare.model import Recorder
 from compare.runner import DEFAULT_TOLERANCES, compare_model_dir, random_inputs
 from compare.weights import Transposed
-from hfmirror.errors import CompareError, UnsupportedModelError, WeightLoadError
+from hfmirror.errors import CompareError, RemoteCodeError, UnsupportedModelError, WeightLoadError
 from tests.test_compare_support import (
     WORDS,
     assert_fails_at,
@@ -194,21 +196,29 @@ def test_logits_equal_transformers_directly(models: dict[str, Path]) -> None:
         assert logits.abs().max() > 0.5, f"{name}: O(1) logits, not a degenerate model"
 
 
-def test_float64_nan_of_the_reference_is_reproduced_exactly(models: dict[str, Path]) -> None:
+@pytest.mark.parametrize("seed", range(4))
+def test_float64_random_inputs_never_pad_a_whole_sliding_window(models: dict[str, Path], seed: int) -> None:
     """transformers' float64 softmax of a sliding-window layer runs in float32, where the float64 mask
-    is -inf: a padded query whose window holds only padding gets nan, which then spreads along its row.
-    Ours reproduces that element for element; the stages are measured on the other elements."""
+    is -inf: a padded query whose window holds only padding would get nan, which the next layer spreads
+    to the row's real positions. Random inputs keep every run of padding shorter than the window."""
     report = compare_model_dir(
-        models["mistral-gqa4to1-sliding5"], dtype="float64", seq_len=12, batch=3, seed=1
+        models["mistral-gqa4to1-sliding5"], dtype="float64", seq_len=12, batch=4, seed=seed
     )
     assert report.passed, report.render_table()
-    notes = [stage.note for stage in report.stages if stage.note]
-    assert notes and all("nan/inf at the same" in note for note in notes)
-    assert report.next_token is not None
-    assert report.next_token.positions < sum(map(sum, report.inputs["attention_mask"]))
-    # In float32 the same input has no nan at all.
-    report = compare_model_dir(models["mistral-gqa4to1-sliding5"], seq_len=12, batch=3, seed=1)
-    assert report.passed and not any(stage.note for stage in report.stages)
+    assert not any(stage.note for stage in report.stages)
+    padding = [row.count(0) for row in report.inputs["attention_mask"]]
+    assert max(padding) <= 4 and report.next_token.positions == 4 * 12 - sum(padding)
+
+
+def test_float64_texts_that_would_pad_a_whole_sliding_window_are_refused(models: dict[str, Path]) -> None:
+    texts = ["hello", "the cat sat on a mat a dog ran"]  # 1 and 9 tokens: 8 of padding, window 5
+    with pytest.raises(CompareError, match=r"differ in length by 8 tokens.*sliding window \(5\)"):
+        compare_model_dir(models["mistral-gqa4to1-sliding5"], texts=texts, dtype="float64")
+    assert compare_model_dir(models["mistral-gqa4to1-sliding5"], texts=texts).passed  # float32: no nan
+    # Shorter padding than the window is compared in float64 too.
+    assert compare_model_dir(
+        models["mistral-gqa4to1-sliding5"], texts=texts[1:] + ["hello world the cat sat"], dtype="float64"
+    ).passed
 
 
 def test_sliding_window_is_applied(models: dict[str, Path]) -> None:
@@ -412,6 +422,19 @@ def test_qwen_v1_conversion_mistake_in_the_reference_is_caught(qwen_pair, monkey
     assert_fails_at(compare_model_dir(qwen_pair[1]), "layer.0.mlp")
 
 
+def test_a_tokenizer_named_as_the_repositorys_own_code_is_known_by_its_files(qwen_pair, monkeypatch) -> None:
+    """Qwen v1's tokenizer_config.json names QWenTokenizer (not a transformers class) in auto_map: it is
+    custom code whatever transformers' error message says, and transformers is not even asked."""
+    import transformers
+
+    def never(*args, **kwargs):
+        raise ValueError("some other wording")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", never)
+    with pytest.raises(RemoteCodeError, match=r"custom code \(QWenTokenizer\)"):
+        compare.reference.load_tokenizer(qwen_pair[1])
+
+
 def test_qwen_v1_tokenizer_is_remote_code_and_never_run(qwen_pair, tmp_path: Path) -> None:
     _, qwen = qwen_pair
     notes: list[str] = []
@@ -420,7 +443,11 @@ def test_qwen_v1_tokenizer_is_remote_code_and_never_run(qwen_pair, tmp_path: Pat
     assert report.inputs["source"] == "random token ids" and report.inputs["texts_not_used"] == [
         "hello world"
     ]
-    assert len(notes) == 1 and "custom code, which is never run" in notes[0] and "--tokenizer" in notes[0]
+    assert (
+        len(notes) == 1
+        and "custom code (QWenTokenizer), which is never run" in notes[0]
+        and "--tokenizer" in notes[0]
+    )
     assert report.inputs["note"] == notes[0]
     assert not remote_code_marker(qwen).exists()
     # --tokenizer: another tokenizer's ids are used.
@@ -431,9 +458,17 @@ def test_qwen_v1_tokenizer_is_remote_code_and_never_run(qwen_pair, tmp_path: Pat
     assert report.inputs["attention_mask"] == [[1, 1], [1, 1]]
 
 
-def test_qwen_v1_refuses_inputs_longer_than_seq_length(qwen_pair) -> None:
+def test_qwen_v1_refuses_inputs_longer_than_seq_length(qwen_pair, tmp_path: Path) -> None:
     with pytest.raises(CompareError, match="seq_len 65 is longer than the model takes: 64 .seq_length"):
         compare_model_dir(qwen_pair[1], seq_len=65)
+    # A text too long is refused as well, not cut to the limit.
+    long_text = " ".join(["hello"] * 65)
+    tokenizer = save_word_tokenizer(tmp_path / "tokenizer")
+    with pytest.raises(
+        CompareError, match="the text is 65 tokens long, longer than the model takes: 64 .seq_length"
+    ):
+        compare_model_dir(qwen_pair[1], texts=[long_text], tokenizer=tokenizer)
+    assert compare_model_dir(qwen_pair[1], texts=[" ".join(["hello"] * 64)], tokenizer=tokenizer).passed
 
 
 # ------------------------------------------------------------------------------------ inputs and report
@@ -520,6 +555,27 @@ def test_attention_weights_of_the_first_row_ours_and_reference(models: dict[str,
             assert (ours[key].triu(diagonal=1) == 0).all()
     assert report.attention.tokens == report.inputs["token_labels"][0]
     assert compare_model_dir(models[name]).attention is None  # only when asked
+
+
+def test_attention_maps_are_the_isolated_runs(models: dict[str, Path], monkeypatch) -> None:
+    """With every MLP wrong, layer 1 is fed a wrong input when carried; its maps on the page are the
+    isolated run's, fed the reference's input, so they still equal the reference's, and the page says
+    which run they are."""
+    from compare.html_attention import OURS_ARE_ISOLATED, _text_and_tokens
+
+    def swapped(self, x):
+        return self.down(self.activation(self.up(x)) * self.gate(x))
+
+    monkeypatch.setattr(compare.layers.GatedFeedForward, "forward", swapped)
+    report = compare_model_dir(
+        models["qwen3-head_dim16-bias-gqa4to1"], seq_len=9, batch=2, keep_attention=True
+    )
+    assert report.first_failing_stage == "layer.0.mlp" and report.attention is not None
+    carried = {stage.name: stage for stage in report.stages}["layer.1.attention"]
+    assert not carried.passed and carried.isolated.passed  # carried, layer 1's attention inherited the slip
+    ours, theirs = report.attention.ours, report.attention.reference
+    torch.testing.assert_close(ours["layer.1"], theirs["layer.1"], rtol=1e-5, atol=1e-6)
+    assert OURS_ARE_ISOLATED in html.unescape(_text_and_tokens(report.attention.maps()))
 
 
 def test_attention_weights_for_the_html_report(models: dict[str, Path]) -> None:
@@ -782,6 +838,37 @@ def test_unsupported_variants_are_named(models, tmp_path, name, changes, error, 
         compare_model_dir(_with_config(models[name], tmp_path, **changes))
 
 
+@pytest.mark.parametrize(
+    ("model_type", "max_window_layers", "kinds"),
+    [
+        ("qwen2", 1, ["full", "sliding", "sliding"]),
+        ("qwen3", 2, ["full", "full", "sliding"]),
+        ("qwen2", None, ["full", "full", "full"]),  # absent: transformers' default, 28
+    ],
+)
+def test_sliding_layers_from_max_window_layers_without_layer_types(
+    tmp_path: Path, model_type: str, max_window_layers: int | None, kinds: list[str]
+) -> None:
+    """Checkpoints saved before transformers 5 have no layer_types: the layers from max_window_layers
+    on slide, as transformers derives it when it reads the same config.json."""
+    import transformers
+
+    fields = dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=4)
+    if max_window_layers is not None:
+        fields["max_window_layers"] = max_window_layers
+    path = save_random_decoder(tmp_path / "model", model_type, **fields)
+    config = json.loads((path / "config.json").read_text())
+    del config["layer_types"]
+    if max_window_layers is None:
+        del config["max_window_layers"]
+    (path / "config.json").write_text(json.dumps(config))
+    assert [layer.attention_kind for layer in load_whole_model(path).model.layers] == kinds
+    theirs = transformers.AutoConfig.from_pretrained(path).layer_types
+    assert [kind.removesuffix("_attention") for kind in theirs] == kinds
+    report = compare_model_dir(path, seq_len=12, batch=3)
+    assert report.passed, report.render_table()
+
+
 def test_old_style_rope_config_is_read(models, tmp_path) -> None:
     """Older configs keep rope_theta at the top level and call rope_parameters rope_scaling."""
     path = _with_config(models["llama-3layers-theta1000-gelu-untied"], tmp_path, rope_theta=1000.0)
@@ -796,6 +883,8 @@ def test_old_style_rope_config_is_read(models, tmp_path) -> None:
 def test_qwen_v1_variants_are_refused(qwen_pair, tmp_path) -> None:
     with pytest.raises(UnsupportedModelError, match="rotary_pct"):
         compare_model_dir(_with_config(qwen_pair[1], tmp_path / "a", rotary_pct=0.5))
+    with pytest.raises(UnsupportedModelError, match="scale_attn_weights: false"):
+        compare_model_dir(_with_config(qwen_pair[1], tmp_path / "c", scale_attn_weights=False))
     with pytest.raises(CompareError, match=r"kv_channels \(4\) x num_attention_heads \(4\) must equal"):
         compare_model_dir(_with_config(qwen_pair[1], tmp_path / "b", kv_channels=4))
 

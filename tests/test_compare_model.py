@@ -437,6 +437,16 @@ def test_stage_metrics_by_hand() -> None:
     assert not mismatch.passed and "shape" in mismatch.note and mismatch.max_abs_diff is None
     nan = compare_tensors("s", torch.full_like(ref, math.nan), ref, atol=1.0, rtol=1.0)
     assert not nan.passed and "nan" in nan.note
+    # nan at the same elements on both sides is measured on the others; with none left, nothing was
+    # measured, and that is not a pass.
+    half = compare_tensors(
+        "s", ours.masked_fill(ref > 1, math.nan), ref.masked_fill(ref > 1, math.nan), atol=1, rtol=0
+    )
+    assert half.passed and half.max_abs_diff == pytest.approx(2e-3) and "same 1 elements" in half.note
+    nothing = compare_tensors(
+        "s", torch.full_like(ref, math.nan), torch.full_like(ref, math.nan), atol=1, rtol=1
+    )
+    assert not nothing.passed and nothing.max_abs_diff is None and "not measured" in nothing.note
 
 
 @settings(max_examples=200, deadline=None)

@@ -82,3 +82,22 @@ def test_a_download_step_that_fails_is_reported_as_a_failure(tmp_path: Path, mon
     story = "\n".join(lines)
     assert "FAILED: the download ended (exit 1)" in story and "no hfmirror here" in story
     assert not re.search(r"killed: [\d.]+ MiB saved", story) and "4. Downloading again" not in story
+
+
+@pytest.mark.slow
+def test_a_first_download_that_writes_much_to_stderr_is_still_killed_half_way(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The child's stderr is not a pipe the demo leaves unread while it polls: 1 MiB of warnings
+    (a pipe holds 64 KiB) must not stop the download before the kill."""
+    real = demo.download_command
+    noisy = "import subprocess, sys; sys.stderr.write('w' * 2**20); sys.stderr.flush(); sys.exit(subprocess.call(sys.argv[1:]))"
+    monkeypatch.setattr(
+        demo, "download_command", lambda url, cache: [sys.executable, "-c", noisy, *real(url, cache)]
+    )
+    lines: list[str] = []
+    assert demo.run_demo(tmp_path, echo=lines.append, report_path=tmp_path / "r.html") is True, "\n".join(
+        lines
+    )
+    kept = re.search(r"killed: ([\d.]+) MiB saved", "\n".join(lines))
+    assert kept and float(kept.group(1)) > 0
