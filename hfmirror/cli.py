@@ -451,6 +451,11 @@ def verify(
     show_default=True,
     help="Most upstream connections within one file being fetched.",
 )
+@click.option(
+    "--serve-seeded-offline",
+    is_flag=True,
+    help="With the upstream unreachable, also serve snapshots another tool put in ROOT (may be gated).",
+)
 @_handle_errors
 @_needs_extras("serve")
 def serve(
@@ -466,6 +471,7 @@ def serve(
     deny: tuple[str, ...],
     max_size: str | None,
     connections: int,
+    serve_seeded_offline: bool,
 ) -> None:
     """Serve the models under ROOT with the Hugging Face Hub's HTTP API.
 
@@ -485,7 +491,12 @@ def serve(
     """
     from .server.runner import prepare_server
 
-    mirror_only = {"--allow": allow, "--deny": deny, "--max-size": max_size}
+    mirror_only = {
+        "--allow": allow,
+        "--deny": deny,
+        "--max-size": max_size,
+        "--serve-seeded-offline": serve_seeded_offline,
+    }
     if not upstreams:
         given = [name for name, value in mirror_only.items() if value]
         if given:
@@ -513,6 +524,7 @@ def serve(
             deny=list(deny),
             max_size=limit,
             connections=connections,
+            serve_seeded_offline=serve_seeded_offline,
         )
     server = prepare_server(app, host=host, port=port, max_connections=max_connections)
     _announce_repos(root, server.app.state.store.discover(), filling=bool(upstreams))

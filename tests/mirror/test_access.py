@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
+import huggingface_hub
 import pytest
 import requests
 
@@ -104,3 +106,39 @@ def test_a_request_without_a_token_never_joins_a_fill_that_came_through_one(
     client.join(60)
     assert tokened.content == (upstream.root / "gated/model/model.safetensors").read_bytes()
     assert_refused(anonymous["r"], 401)
+
+
+def seed_with_huggingface_hub(upstream: Upstream, cache: Path) -> bytes:
+    """``gated/model`` put into ``cache`` by huggingface_hub with the token, as an operator might seed
+    the mirror's ROOT from an existing cache; the weights' bytes."""
+    path = huggingface_hub.hf_hub_download(
+        "gated/model", "model.safetensors", endpoint=upstream.url, cache_dir=cache, token="hf_good"
+    )
+    return Path(path).read_bytes()
+
+
+def test_content_seeded_by_another_tool_is_classified_before_it_is_served(
+    upstream: Upstream, mirror: Callable[..., Mirror], tmp_path: Path
+) -> None:
+    upstream.plan.require_token("hf_good", path="/gated/model/resolve/*")  # gated: files need the token
+    weights = seed_with_huggingface_hub(upstream, tmp_path / "cache")
+    m = mirror(upstream.url, root=tmp_path / "cache")
+    url = m.url + "/gated/model/resolve/main/model.safetensors"
+    assert_refused(requests.get(url, timeout=30), 401)
+    assert requests.get(url, headers=GOOD, timeout=30).content == weights
+
+
+def test_with_the_upstream_down_content_the_mirror_did_not_list_is_refused_unless_the_operator_says(
+    upstream: Upstream, mirror: Callable[..., Mirror], tmp_path: Path, unused_port: int
+) -> None:
+    upstream.plan.require_token("hf_good", path="/gated/model/resolve/*")
+    weights = seed_with_huggingface_hub(upstream, tmp_path / "cache")
+    dead = f"http://127.0.0.1:{unused_port}"
+    refusing = mirror(dead, root=tmp_path / "cache", upstream_timeout=3)
+    for route in ("/gated/model/resolve/main/model.safetensors", LISTING):
+        r = requests.get(refusing.url + route, timeout=60)
+        assert_refused(r, 504)
+        assert "--serve-seeded-offline" in r.headers["X-Error-Message"]
+    trusting = mirror(dead, root=tmp_path / "cache", upstream_timeout=3, serve_seeded_offline=True)
+    served = requests.get(trusting.url + "/gated/model/resolve/main/model.safetensors", timeout=60)
+    assert served.status_code == 200 and served.content == weights

@@ -478,6 +478,7 @@ def test_tokens_never_reach_the_log(upstream: Upstream, tmp_path: Path) -> None:
     ("extra", "message"),
     [
         (["--allow", "org/*"], "--allow only apply with --upstream"),
+        (["--serve-seeded-offline"], "--serve-seeded-offline only apply with --upstream"),
         (["--upstream", "ftp://x", "--max-size", "1G"], "not an http(s) endpoint URL"),
         (["--upstream", "http://127.0.0.1:9", "--max-size", "lots"], "--max-size: not a size"),
     ],
