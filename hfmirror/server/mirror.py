@@ -344,6 +344,10 @@ class UpstreamApi(HubApi):
             )
         layout = CacheLayout(listing, self.root)
         cached = await run_in_threadpool(_is_complete, layout, file)
+        if cached:
+            # Looked at again after that wait: meanwhile a token may have fetched the file and found
+            # the repo restricted. From here to the answer nothing awaits.
+            await self._check_access(request, listing, file)
         if request.method == "HEAD":
             self._count(request, "hit" if cached else pinned.outcome)
             return Response(status_code=200, headers={**headers, "Content-Length": str(file.size)})

@@ -7,6 +7,7 @@ listing and its files need the token) or gated (only its files do), as the tests
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ import requests
 
 from hfmirror.server import mirror as mirror_module
 from tests.mirror.conftest import Mirror, Upstream
-from tests.mirror.support import wait_until
+from tests.mirror.support import MIB, wait_until
 
 GOOD = {"Authorization": "Bearer hf_good"}
 LISTING = "/api/models/gated/model"
@@ -78,22 +79,28 @@ def test_a_request_that_joined_another_tokens_refused_listing_asks_with_its_own(
     assert [r.headers.get("authorization") for r in listings] == [None, "Bearer hf_good"]
 
 
-def test_a_request_without_a_token_never_joins_a_fill_that_came_through_one(
-    upstream: Upstream, mirror: Callable[..., Mirror], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("until", ["filling", "cached"])
+def test_a_request_without_a_token_never_gets_what_a_token_fetched_meanwhile(
+    upstream: Upstream, mirror: Callable[..., Mirror], monkeypatch: pytest.MonkeyPatch, until: str
 ) -> None:
     # A gated repo: anyone may list it, only the token may read its files.
     upstream.plan.require_token("hf_good", path="/gated/model/resolve/*")
+    weights = (upstream.root / "gated/model/model.safetensors").read_bytes()
+    if until == "filling":  # the fill certainly runs while the anonymous request goes on
+        upstream.plan.stall(3, after_bytes=MIB, methods=("GET",), path="/gated/model/resolve/*", times=1)
     m = mirror(upstream.url)
     assert requests.get(m.url + LISTING, timeout=30).status_code == 200
     # Hold the anonymous request between its access check (nothing known to be restricted yet) and
-    # the moment it joins a fill, until the tokened request has classified the repo and started one:
-    # the window a busy thread pool opens.
+    # the moment it joins a fill or reads the cache, until the tokened request has classified the repo
+    # and started a fill (or finished it): the window a busy thread pool opens.
+    blob = m.root / "models--gated--model" / "blobs" / hashlib.sha256(weights).hexdigest()
     is_complete, held, fills = mirror_module._is_complete, threading.Event(), m.app.state.fills
+    ready = {"filling": lambda: fills.running() > 0, "cached": blob.exists}[until]
 
     def slow_for_the_first(layout, file):  # type: ignore[no-untyped-def]
         if not held.is_set():
             held.set()
-            wait_until(lambda: fills.running() > 0, timeout=30)
+            wait_until(ready, timeout=30)
         return is_complete(layout, file)
 
     monkeypatch.setattr(mirror_module, "_is_complete", slow_for_the_first)
@@ -104,7 +111,7 @@ def test_a_request_without_a_token_never_joins_a_fill_that_came_through_one(
     held.wait(30)
     tokened = requests.get(url, headers=GOOD, timeout=60)
     client.join(60)
-    assert tokened.content == (upstream.root / "gated/model/model.safetensors").read_bytes()
+    assert tokened.content == weights
     assert_refused(anonymous["r"], 401)
 
 
