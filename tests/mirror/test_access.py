@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from hfmirror.server import mirror as mirror_module
+from hfmirror.server.app import ServerThread, create_app
 from tests.mirror.conftest import Mirror, Upstream
 from tests.mirror.support import MIB, wait_until
 
@@ -149,3 +150,28 @@ def test_with_the_upstream_down_content_the_mirror_did_not_list_is_refused_unles
     trusting = mirror(dead, root=tmp_path / "cache", upstream_timeout=3, serve_seeded_offline=True)
     served = requests.get(trusting.url + "/gated/model/resolve/main/model.safetensors", timeout=60)
     assert served.status_code == 200 and served.content == weights
+
+
+def test_plain_serve_of_a_mirrors_cache_withholds_what_came_through_a_token(
+    upstream: Upstream, mirror: Callable[..., Mirror], tmp_path: Path
+) -> None:
+    # The mirror fetched a gated repo's weights with a token; then someone serves the same ROOT
+    # without --upstream, which cannot ask the upstream who may read them.
+    upstream.plan.require_token("hf_good", path="/gated/model/resolve/*")
+    m = mirror(upstream.url)
+    route = "/gated/model/resolve/main/model.safetensors"
+    weights = requests.get(m.url + route, headers=GOOD, timeout=60).content
+    assert weights == (upstream.root / "gated/model/model.safetensors").read_bytes()
+    assert (m.root / "models--gated--model" / ".hfmirror" / "restricted").exists()
+    requests.get(m.url + "/tiny/bert/resolve/main/config.json", timeout=60).raise_for_status()
+    plain = create_app(m.root, state_dir=tmp_path / "plain-state")
+    try:
+        with ServerThread(plain) as server:
+            for path in (route, LISTING):
+                for headers in ({}, GOOD):
+                    assert_refused(requests.get(server.url + path, headers=headers, timeout=30), 401)
+            config = requests.get(server.url + "/tiny/bert/resolve/main/config.json", timeout=30)
+            assert config.status_code == 200  # public repos of the same ROOT are served as ever
+        assert [r.repo_id for r in plain.state.store.discover()] == ["tiny/bert"]
+    finally:
+        plain.state.checksums.close()
