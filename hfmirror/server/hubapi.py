@@ -274,6 +274,10 @@ class HubApi:
         page = entries[start : start + self.page_size]
         headers = self._listing_headers(request, location, revision, snap)
         if start + self.page_size < len(entries):
+            # request.url takes the Host header only if it is a well-formed host[:port] (Starlette's
+            # parse_host_header), else the address the server is bound to: a malformed Host cannot
+            # smuggle a path or userinfo into the link. Caches in front must key on the Host
+            # (deploy/nginx.conf does), since another Host gives other links.
             next_url = request.url.include_query_params(cursor=str(start + self.page_size))
             headers["Link"] = f'<{next_url}>; rel="next"'
         return JSONResponse(page, headers=headers)
