@@ -114,6 +114,8 @@ class Upstream:
             revision=revision,
             token=token,
             session=self._sessions.get(),
+            stats=self.stats,  # a listing's retries and 429s reach /metrics as a fill's do
+            cancel=self.cancel,  # shutdown ends its waits (Retry-After, backoff) at once
         )
 
     # -- files

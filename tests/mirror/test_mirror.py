@@ -13,6 +13,7 @@ import http.client
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +28,9 @@ from huggingface_hub.errors import (
 )
 
 from hfmirror.download import download
+from hfmirror.errors import DownloadInterrupted
 from hfmirror.server.app import ServerThread, create_app
+from hfmirror.server.upstream import Upstream as UpstreamEndpoints
 from tests.mirror.conftest import BIG, Mirror, Upstream, hub
 from tests.mirror.support import MIB, REPO_ROOT, files_under, python_env, start_mirror_process, wait_until
 from tests.support import make_repo
@@ -145,6 +148,36 @@ def test_upstream_drops_429s_and_503s_are_absorbed_not_passed_on(
     assert m.counter("errors") == 0
     scraped = requests.get(f"{m.url}/metrics", timeout=10).text
     assert re.search(r"^hfmirror_upstream_rate_limited_total [1-9]", scraped, re.MULTILINE), scraped
+
+
+def test_a_listings_429_reaches_the_metrics(upstream: Upstream, mirror: Callable[..., Mirror]) -> None:
+    upstream.plan.too_many_requests(1, path="/api/models/tiny/bert/*", times=1)
+    m = mirror(upstream.url)
+    assert requests.get(f"{m.url}/api/models/tiny/bert", timeout=60).status_code == 200
+    assert [r.status for r in upstream.plan.requests("/api/models/tiny/bert/*")] == [429, 200]
+    scraped = requests.get(f"{m.url}/metrics", timeout=10).text
+    assert re.search(r"^hfmirror_upstream_rate_limited_total 1$", scraped, re.MULTILINE), scraped
+    assert re.search(r"^hfmirror_upstream_retries_total 1$", scraped, re.MULTILINE), scraped
+
+
+def test_shutdown_ends_a_listings_wait_on_the_upstream(upstream: Upstream) -> None:
+    upstream.plan.too_many_requests(240, path="/api/models/tiny/bert/*", times=1)  # "come back in 4 min"
+    up = UpstreamEndpoints([upstream.url])
+    outcome: list[BaseException] = []
+
+    def list_it() -> None:
+        try:
+            up.list("model", "tiny/bert", "main", None)
+        except BaseException as error:  # noqa: BLE001 - what ended the call is the test's verdict
+            outcome.append(error)
+
+    waiting = threading.Thread(target=list_it)
+    waiting.start()
+    wait_until(lambda: upstream.plan.requests("/api/models/tiny/bert/*"), timeout=30)
+    up.cancel.set()
+    waiting.join(60)  # a hang guard far below the announced wait
+    assert not waiting.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], DownloadInterrupted), outcome
 
 
 @pytest.mark.parametrize(
