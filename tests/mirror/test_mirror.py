@@ -528,3 +528,22 @@ def test_serve_refuses_bad_mirror_options_in_one_line(tmp_path: Path, extra: lis
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hfmirror: error:") and message in lines[0], lines
+
+
+@pytest.mark.parametrize("mode", [[], ["--upstream", "http://127.0.0.1:9"]], ids=["plain", "mirror"])
+def test_an_unusable_state_dir_is_a_storage_error_in_one_line(tmp_path: Path, mode: list[str]) -> None:
+    (tmp_path / "a-file").write_text("not a folder\n")
+    (tmp_path / "cache").mkdir()
+    state_dir = tmp_path / "a-file" / "state"  # cannot be made, even by root
+    result = subprocess.run(
+        [sys.executable, "-m", "hfmirror", "serve", str(tmp_path / "cache"), "--port", "0"]
+        + ["--state-dir", str(state_dir), *mode],
+        cwd=REPO_ROOT,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 7, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hfmirror: error:") and str(state_dir.parent) in lines[0]
