@@ -30,6 +30,7 @@ from huggingface_hub.errors import (
 from hfmirror.download import download
 from hfmirror.errors import DownloadInterrupted
 from hfmirror.server.app import ServerThread, create_app
+from hfmirror.server.upstream import FAILBACK_SECONDS
 from hfmirror.server.upstream import Upstream as UpstreamEndpoints
 from tests.mirror.conftest import BIG, Mirror, Upstream, hub
 from tests.mirror.support import MIB, REPO_ROOT, files_under, python_env, start_mirror_process, wait_until
@@ -178,6 +179,21 @@ def test_shutdown_ends_a_listings_wait_on_the_upstream(upstream: Upstream) -> No
     waiting.join(60)  # a hang guard far below the announced wait
     assert not waiting.is_alive()
     assert len(outcome) == 1 and isinstance(outcome[0], DownloadInterrupted), outcome
+
+
+def test_a_renewed_upstream_pool_goes_back_to_the_first_endpoint_with_the_same_governors() -> None:
+    # No request is sent: the pool is renewed on the (fake) clock alone.
+    now = [0.0]
+    up = UpstreamEndpoints(["http://127.0.0.1:1", "http://127.0.0.1:2"], clock=lambda: now[0])
+    old = up.pool
+    assert old.fail_over(old.endpoints[0], "kept failing") and old.current is old.endpoints[1]
+    assert old.endpoints[1].governor.acquire()  # a fill holding the old pool has a connection open
+    now[0] = FAILBACK_SECONDS + 1
+    new = up.pool
+    assert new is not old and new.current.url == old.endpoints[0].url and new.current.abandoned is None
+    # One cap, one pause, one quota per endpoint, whichever pool a fill holds.
+    assert [e.governor for e in new.endpoints] == [e.governor for e in old.endpoints]
+    assert new.endpoints[1].governor.in_flight == 1
 
 
 @pytest.mark.parametrize(
