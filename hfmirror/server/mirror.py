@@ -352,28 +352,34 @@ class UpstreamApi(HubApi):
             self._count(request, "hit" if cached else pinned.outcome)
             return Response(status_code=200, headers={**headers, "Content-Length": str(file.size)})
         if cached:
-            return self._from_cache(
+            answer = self._from_cache(
                 request, layout, file, headers, "stale" if pinned.outcome == "stale" else "hit"
             )
+            if answer is not None:
+                return answer  # else evicted a moment ago (by another replica): a miss after all
         if pinned.outcome == "stale":
             raise HubError(504, f"upstream unreachable and {path} of {listing.repo_id} is not cached")
         return await self._from_upstream(request, listing, file, headers)
 
     def _from_cache(
         self, request: Request, layout: CacheLayout, file: RemoteFile, headers: dict[str, str], outcome: str
-    ) -> Response:
+    ) -> Response | None:
+        """The cached blob (opened here, before any header is sent), or None if it is gone."""
         blob = layout.blob_path(file)
+        unchanged = not_modified(request, headers)
+        if unchanged is None:
+            try:
+                opened = open(blob, "rb")  # the response closes it once sent
+            except FileNotFoundError:  # evicted by another replica since it was found
+                return None
+            except OSError as error:
+                raise HubError(503, f"{file.path} cannot be read from the cache: {error.strerror}") from None
         self._count(request, outcome)
         self.budget.touch(blob)
-        unchanged = not_modified(request, headers)
         if unchanged is not None:
             return unchanged
-        try:
-            stat_result = os.stat(blob)
-        except OSError:  # evicted by another replica a moment ago
-            raise HubError(503, f"{file.path} is being replaced in the cache; try again") from None
         answer = WholeFileResponse if was_cut(blob) else BigChunkFileResponse
-        return answer(blob, headers=headers, stat_result=stat_result)
+        return answer(blob, headers=headers, stat_result=os.fstat(opened.fileno()), opened=opened)
 
     async def _from_upstream(
         self, request: Request, listing: RepoListing, file: RemoteFile, headers: dict[str, str]

@@ -29,6 +29,7 @@ from huggingface_hub.errors import (
 
 from hfmirror.download import download
 from hfmirror.errors import DownloadInterrupted
+from hfmirror.server import mirror as mirror_module
 from hfmirror.server.app import ServerThread, create_app
 from hfmirror.server.upstream import FAILBACK_SECONDS
 from hfmirror.server.upstream import Upstream as UpstreamEndpoints
@@ -194,6 +195,40 @@ def test_a_renewed_upstream_pool_goes_back_to_the_first_endpoint_with_the_same_g
     # One cap, one pause, one quota per endpoint, whichever pool a fill holds.
     assert [e.governor for e in new.endpoints] == [e.governor for e in old.endpoints]
     assert new.endpoints[1].governor.in_flight == 1
+
+
+@pytest.mark.parametrize("when", ["before the open", "after the headers are made"])
+def test_a_blob_evicted_by_another_replica_while_it_is_answered_is_still_answered_whole(
+    upstream: Upstream, mirror: Callable[..., Mirror], monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    m = mirror(upstream.url)
+    url = f"{m.url}/evict/three/resolve/main/a.bin"
+    content = (upstream.root / "evict/three/a.bin").read_bytes()
+    assert requests.get(url, timeout=60).content == content  # cached now
+    blob = m.root / "models--evict--three" / "blobs" / hashlib.sha256(content).hexdigest()
+    assert blob.is_file()
+    if when == "before the open":  # found cached, then unlinked: a miss after all, fetched again
+        is_complete = mirror_module._is_complete
+
+        def then_evicted(layout, file):  # type: ignore[no-untyped-def]
+            found = is_complete(layout, file)
+            blob.unlink()
+            return found
+
+        monkeypatch.setattr(mirror_module, "_is_complete", then_evicted)
+    else:  # unlinked once the answer is made, before Starlette sends it
+
+        class EvictedFirst(mirror_module.BigChunkFileResponse):
+            async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
+                blob.unlink()
+                await super().__call__(scope, receive, send)
+
+        monkeypatch.setattr(mirror_module, "BigChunkFileResponse", EvictedFirst)
+    sent_before = upstream.sent("*/a.bin")
+    answer = requests.get(url, timeout=60)
+    assert answer.status_code == 200 and answer.content == content
+    assert (upstream.sent("*/a.bin") > sent_before) == (when == "before the open")
+    assert m.counter("errors") == 0
 
 
 @pytest.mark.parametrize(
