@@ -37,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--endpoint", action="append", help="Explicit endpoint URL (repeatable, failover order)."
     )
-    parser.add_argument("--token", default=None, help="Access token for gated or private repos.")
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="Access token for gated or private repos, sent to the mirror too. Without it, HF_TOKEN or "
+        "the `hf auth login` token is used, and sent only to huggingface.co and to --endpoint URLs.",
+    )
     parser.add_argument(
         "--local_dir", default=None, help="Target folder (default: dataroot/models/<repo_id>)."
     )

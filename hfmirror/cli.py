@@ -227,7 +227,11 @@ _cache_dir_option = click.option(
     help="Mirror to use; repeat for failover order "
     "[default: HF_ENDPOINT, else https://hf-mirror.com then https://huggingface.co].",
 )
-@click.option("--token", help="Access token [default: HF_TOKEN, else huggingface_hub's stored token].")
+@click.option(
+    "--token",
+    help="Access token, sent to every endpoint of the run [default: HF_TOKEN, else huggingface_hub's "
+    "stored token, sent only to huggingface.co and to endpoints you name with --endpoint or HF_ENDPOINT].",
+)
 @click.option(
     "--max-workers", type=click.IntRange(1, 64), default=8, show_default=True, help="Files at once."
 )
@@ -337,7 +341,11 @@ def download(
     metavar="URL",
     help="With --repair: mirror to use; repeat for failover order [default: as for download].",
 )
-@click.option("--token", help="With --repair: access token [default: HF_TOKEN, else the stored token].")
+@click.option(
+    "--token",
+    help="With --repair: access token [default: HF_TOKEN, else the stored token; either is sent only "
+    "to huggingface.co and to endpoints you name].",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only problems and errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict on every file as JSON.")
 @_handle_errors

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The Hub itself: where a token found on this machine (HF_TOKEN, `hf auth login`) is meant to go.
+HUB_ENDPOINT = "https://huggingface.co"
 # Mirrors first: our users often cannot reach huggingface.co, or reach it slowly.
-DEFAULT_ENDPOINTS: tuple[str, ...] = ("https://hf-mirror.com", "https://huggingface.co")
+DEFAULT_ENDPOINTS: tuple[str, ...] = ("https://hf-mirror.com", HUB_ENDPOINT)
 
 USER_AGENT = "hfmirror/0.1.0"
 
@@ -34,20 +36,18 @@ RAMP_PROBE_SECONDS = 0.03
 RAMP_WINDOW_SECONDS = 1.0
 # How much one read from the socket asks for (also the most a connection holds unwritten in memory,
 # lost if the process is killed). A connection judged fast enough alone reads FAST_READ_BLOCK at a time:
-# large reads cost less CPU per byte (a 1 GiB body takes ~0.1 s less of it in 1 MiB reads than in
-# 256 KiB ones), and there CPU is what the download waits for. Several slow connections read
-# READ_BLOCK: there the network is the limit, and each connection's unwritten block is lost to a kill
-# (eight 1 MiB blocks, with the unbounded hash steps HASH_STEP now prevents, lost 1-2% of a 1 GiB
-# file). While the first connection is on probation, reads are PROBE_READ_BLOCK, so that even a slow
-# link has been heard from by the end of RAMP_PROBE_SECONDS.
+# large reads cost less CPU per byte, and there CPU is what the download waits for. Several slow
+# connections read READ_BLOCK: there the network is the limit, and each connection's unwritten block is
+# lost to a kill, so smaller blocks keep what a resume fetches again small. While the first connection
+# is on probation, reads are PROBE_READ_BLOCK, so that even a slow link has been heard from by the end
+# of RAMP_PROBE_SECONDS. The measurements behind these sizes: bench/RESULTS.md, Analysis.
 READ_BLOCK = 256 * 1024
 FAST_READ_BLOCK = 1024 * 1024
 PROBE_READ_BLOCK = 64 * 1024
 
 # The coordinator hashes at most this much at a time before it looks for errors and Ctrl-C again,
-# and a step ends early once a save falls due. Long steps held saves back: 32 MiB steps (20-40 ms of
-# sha256 on a busy 2-core machine) let 8-9 MiB arrive unsaved from eight capped connections, and a
-# kill at 50% of a 1 GiB file lost up to 1.1% of it; 8 MiB steps lost at most 0.59% in 10 runs.
+# and a step ends early once a save falls due. A long step holds saves back while the connections keep
+# bringing bytes, and what arrives unsaved is what a kill loses (bench/RESULTS.md, Analysis: resume).
 HASH_STEP = 8 * 1024 * 1024
 # Hashed bytes are dropped from the page cache this far behind the hash (by then they are on disk).
 DROP_PAGES_LAG = 32 * 1024 * 1024
@@ -123,5 +123,10 @@ def default_cache_dir() -> Path:
 
 def default_endpoints() -> list[str]:
     """HF_ENDPOINT if set (a single endpoint, as huggingface_hub reads it), else the mirror-first list."""
-    env = os.environ.get("HF_ENDPOINT", "").strip()
+    env = chosen_endpoint()
     return [env] if env else list(DEFAULT_ENDPOINTS)
+
+
+def chosen_endpoint() -> str:
+    """The endpoint the user chose with HF_ENDPOINT ("" if none)."""
+    return os.environ.get("HF_ENDPOINT", "").strip()

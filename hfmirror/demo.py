@@ -28,8 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import constants
-
 __all__ = ["run_demo"]
 
 REPO_ID = "demo/bert-small"
@@ -138,6 +136,8 @@ def run_demo(
 
     from .download import download
     from .hashing import sha256_of_file
+    from .layout import CacheLayout
+    from .listing import RemoteFile, RepoListing
     from .resume import ResumeState
     from .server.app import ServerThread, create_app
     from .server.faults import FaultInjector, FaultPlan
@@ -161,12 +161,10 @@ def run_demo(
                 f"3. Downloading {REPO_ID} in another process, and killing it (kill -9) at about "
                 f"{KILL_AT:.0%} of {WEIGHTS} ({_mib(size)})"
             )
-            state_file = (
-                cache
-                / ("models--" + REPO_ID.replace("/", "--"))
-                / "blobs"
-                / (oid + constants.PARTIAL_SUFFIX + constants.STATE_SUFFIX)
-            )
+            # Where the download keeps the weights' resume state: a blob's place needs no commit id.
+            weights = RemoteFile(WEIGHTS, size, oid)
+            pinned = RepoListing(REPO_ID, "model", "main", "", (weights,), server.url)
+            state_file = CacheLayout(pinned, cache).state_path(weights)
             process = subprocess.Popen(
                 download_command(server.url, cache),
                 stdout=subprocess.DEVNULL,

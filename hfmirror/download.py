@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import requests
 from filelock import FileLock, Timeout
 
 from . import constants
@@ -49,10 +48,12 @@ from .errors import (
 from .layout import CacheLayout, Layout, LocalDirLayout, storage_errors
 from .listing import RemoteFile, filter_files, list_repo, validate_repo_id, validate_revision
 from .offline import offline_answer
+from .policy import TransferStats
 from .progress import Progress
-from .transfer import FileTransfer, TransferOptions, TransferStats
+from .sessions import SessionFactory
+from .transfer import FileTransfer, TransferOptions
 
-__all__ = ["DownloadResult", "FileOutcome", "download"]
+__all__ = ["DownloadResult", "FileOutcome", "download", "token_audience"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,14 +146,12 @@ def _size(count: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _resolve_token(token: str | None) -> str | None:
-    """The token given, else huggingface_hub's (HF_TOKEN, OIDC, the login token file, Colab secrets).
+def _stored_token() -> str | None:
+    """huggingface_hub's token (HF_TOKEN, OIDC, the login token file, Colab secrets), if any.
 
     Importing huggingface_hub costs 30 ms at start, so when none of its sources can hold a token,
     the answer (None) is given without asking it.
     """
-    if token:
-        return token
     from huggingface_hub import constants as hub_constants  # a small module, unlike huggingface_hub.utils
 
     sources = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE")
@@ -162,6 +161,18 @@ def _resolve_token(token: str | None) -> str | None:
     from huggingface_hub import get_token
 
     return get_token()
+
+
+def token_audience(pool: EndpointPool, *, stored: bool, chosen: bool) -> None:
+    """Decide which endpoints of the run the token goes to (``Endpoint.sends_token``).
+
+    A token given for this run (``--token``) goes to every endpoint of the run. A token found on this
+    machine (``stored``: HF_TOKEN, ``hf auth login``) was meant for huggingface.co: it goes there, and
+    to endpoints the user ``chosen`` (``--endpoint``, HF_ENDPOINT), never to a built-in default mirror
+    the user did not name, which would otherwise receive every user's Hub token.
+    """
+    for endpoint in pool.endpoints:
+        endpoint.sends_token = not stored or chosen or endpoint.url == constants.HUB_ENDPOINT
 
 
 def download(
@@ -194,8 +205,10 @@ def download(
         local_dir: write plain files here instead of the Hugging Face cache.
         cache_dir: the cache folder (default HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub).
         endpoints: base URLs in failover order (default HF_ENDPOINT, else hf-mirror.com, huggingface.co).
-        token: access token (default HF_TOKEN or huggingface_hub's stored token). Never printed; sent
-            only to the endpoints (and dropped by ``requests`` on a redirect to another host).
+        token: access token, sent to every endpoint of the run. Without one, HF_TOKEN or
+            huggingface_hub's stored token is used, and sent only to huggingface.co and to endpoints
+            the caller chose (``endpoints``, HF_ENDPOINT), never to a default mirror (see
+            :func:`token_audience`). Never printed; dropped by ``requests`` on a redirect to another host.
         max_workers: files fetched at once.
         connections: connections at once within one large file.
         max_connections: connections (requests in flight) at once to one endpoint, shared by every
@@ -218,14 +231,16 @@ def download(
         raise BadInputError(f"repo type must be 'model' or 'dataset', not {repo_type!r}")
     if max_workers < 1 or connections < 1 or max_connections < 1:
         raise BadInputError("max_workers, connections and max_connections must be at least 1")
-    token = _resolve_token(token)
+    stored = not token
+    token = token or _stored_token()
     pool = EndpointPool.from_urls(
         endpoints or constants.default_endpoints(),
         max_concurrency=max_connections,
         failover_after=constants.FAILOVER_AFTER,
     )
+    token_audience(pool, stored=stored, chosen=bool(endpoints or constants.chosen_endpoint()))
 
-    sessions = _SessionFactory(pool_size=max_connections)
+    sessions = SessionFactory(pool_size=max_connections)
     cache_base = (
         Path(cache_dir).expanduser() if cache_dir is not None else constants.default_cache_dir()
     ).absolute()
@@ -498,32 +513,3 @@ def _ensure_space(folder: Path, needed: int) -> None:
         raise InsufficientSpaceError(
             f"not enough disk space in {folder}: need {_size(needed)} more, {_size(free)} free"
         )
-
-
-class _SessionFactory:
-    """One requests.Session per thread (sessions are not thread-safe), all over one connection pool.
-
-    The pool (urllib3's, behind one shared adapter) is thread-safe and keeps at most ``pool_size``
-    connections per host: idle keep-alive connections are reused by whichever thread asks next, so the
-    sockets open to an endpoint stay within its connection budget instead of piling up, one set per
-    thread, as threads come and go with the files.
-    """
-
-    def __init__(self, pool_size: int) -> None:
-        self._local = threading.local()
-        self._adapter = requests.adapters.HTTPAdapter(
-            pool_connections=8,  # hosts kept: the endpoints, and the CDNs they redirect to
-            pool_maxsize=pool_size,
-            max_retries=0,
-        )
-
-    def get(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.mount("http://", self._adapter)
-            session.mount("https://", self._adapter)
-            # identity: a compressed body would break byte ranges and lengths.
-            session.headers.update({"User-Agent": constants.USER_AGENT, "Accept-Encoding": "identity"})
-            self._local.session = session
-        return session

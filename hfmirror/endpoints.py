@@ -274,6 +274,9 @@ class Endpoint:
     failures: int = 0  # connection-level failures and 5xx answers
     rate_limit_streak: int = 0  # pauses in a row with no success between them
     abandoned: str | None = None  # why the run stopped using it, if it did
+    # Whether the run's token may be sent to it: not when the token was found on this machine and the
+    # endpoint is one the user never chose (see download.token_audience).
+    sends_token: bool = True
 
     @property
     def host(self) -> str:

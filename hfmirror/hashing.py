@@ -27,19 +27,19 @@ __all__ = [
     "sha256_of_file",
 ]
 
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX40 = re.compile(r"[0-9a-f]{40}")  # fullmatch: "$" would let a trailing newline through
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 _READ_BLOCK = 8 * 1024 * 1024
 
 
 def is_git_sha1(value: str) -> bool:
     """True for 40 lowercase hex digits (a git blob or commit id)."""
-    return bool(_HEX40.match(value))
+    return bool(_HEX40.fullmatch(value))
 
 
 def is_sha256(value: str) -> bool:
     """True for 64 lowercase hex digits (an LFS object id)."""
-    return bool(_HEX64.match(value))
+    return bool(_HEX64.fullmatch(value))
 
 
 class ContentHasher:

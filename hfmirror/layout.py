@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import constants
-from .errors import HfMirrorError, StorageError
-from .hashing import file_digest, is_sha256
+from .errors import HfMirrorError, StorageError, UnsafePathError
+from .hashing import file_digest, is_git_sha1, is_sha256
 from .listing import RemoteFile, RepoListing
 from .paths import MAX_SEGMENT_BYTES, safe_join
 
@@ -50,6 +50,7 @@ __all__ = [
     "CacheLayout",
     "Layout",
     "LocalDirLayout",
+    "cached_commit",
     "fitting_name",
     "local_dir_bookkeeping",
     "recorded_path",
@@ -69,6 +70,27 @@ _LONGEST_SUFFIX = constants.PARTIAL_SUFFIX + constants.STATE_SUFFIX + ".tmp"
 def repo_folder_name(repo_id: str, repo_type: str) -> str:
     """``models--org--name``, as huggingface_hub names a repo's folder in the cache."""
     return f"{repo_type}s--" + repo_id.replace("/", "--")
+
+
+# A ref holds a 40-character commit id and a newline; more is not a ref, and is not read.
+_MAX_REF_BYTES = 100
+
+
+def cached_commit(repo_dir: Path, revision: str) -> str | None:
+    """The commit ``revision`` names in a repo's cache folder, as huggingface_hub reads it:
+    ``refs/<revision>`` if there is such a ref, else ``revision`` itself if it is a commit id.
+
+    A ref that cannot be read, or whose path would leave ``repo_dir`` (a crafted revision, a symlink
+    out), is no ref; a ref that does not hold a commit id names nothing (None). The one reader of
+    ``refs/``: the downloader offline, ``verify``, and both servers ask it.
+    """
+    fallback = revision if is_git_sha1(revision) else None
+    try:
+        with open(safe_join(repo_dir, f"refs/{revision}"), "rb") as f:
+            content = f.read(_MAX_REF_BYTES).decode("ascii", errors="replace").strip()
+    except (OSError, UnsafePathError):
+        return fallback
+    return content if is_git_sha1(content) else None
 
 
 def snapshot_origin(folder: Path) -> tuple[str, str] | None:

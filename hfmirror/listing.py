@@ -10,7 +10,6 @@ inside the repo, sizes must be sane, checksums must be hex.
 from __future__ import annotations
 
 import fnmatch
-import http.client
 import json
 import logging
 import re
@@ -20,7 +19,6 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 import requests
-import urllib3
 
 from . import constants
 from .endpoints import Endpoint, EndpointPool
@@ -34,6 +32,7 @@ from .errors import (
 from .hashing import is_git_sha1, is_sha256
 from .paths import validate_relative_path
 from .policy import (
+    TRANSPORT_ERRORS,
     Action,
     Asked,
     BodyLimitExceeded,
@@ -82,7 +81,7 @@ class RepoListing:
     revision: str
     commit: str
     files: tuple[RemoteFile, ...]
-    endpoint: str
+    endpoint: str  # where it came from, as shown to people: any user name and password masked
 
 
 # The Hub's rule for repo ids, as huggingface_hub.utils.validate_repo_id applies it (tests check that the
@@ -209,7 +208,8 @@ def list_repo(
     """Ask the endpoints, in failover order, what the repository holds at ``revision``.
 
     The call is the one ``HfApi.repo_info(files_metadata=True)`` makes, sent with the same session
-    (proxies, certificates, rate governor) as the downloads, and judged by the same rules
+    (proxies, certificates, rate governor) as the downloads, with ``token`` to the endpoints that may
+    have it (``Endpoint.sends_token``), and judged by the same rules
     (:mod:`hfmirror.policy`). An endpoint that cannot be reached, keeps failing, says it does not have
     the repository, or answers something that is not a Hub listing is passed over for the next; the
     one that answers becomes the pool's current endpoint, for the rest of the run. Access denied is
@@ -220,14 +220,15 @@ def list_repo(
         UnsafeListingError, NetworkError, DownloadInterrupted.
     """
     stats = stats if stats is not None else TransferStats()
-    headers = {"Accept": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
     refusals: list[tuple[Endpoint, Verdict]] = []
     endpoint = pool.current
     attempts = 0  # on this endpoint
     while True:
-        asked = Asked(repo_id, revision, endpoint.shown)
+        headers = {"Accept": "application/json"}
+        if token and endpoint.sends_token:
+            headers["Authorization"] = f"Bearer {token}"
+        withheld = bool(token) and not endpoint.sends_token
+        asked = Asked(repo_id, revision, endpoint.shown, withheld_token=withheld)
         outcome = _ask_for_listing(endpoint, session, headers, asked, repo_type, cancel)
         if isinstance(outcome, RepoListing):
             endpoint.governor.on_success()
@@ -289,7 +290,7 @@ def _ask_for_listing(
                 stream=True,
                 timeout=(constants.CONNECT_TIMEOUT, constants.LISTING_TIMEOUT),
             )
-        except _TRANSPORT_ERRORS as error:
+        except TRANSPORT_ERRORS as error:
             return judge_transport_error(error, asked, timeout=constants.LISTING_TIMEOUT)
         with response:
             verdict = judge_status(response.status_code, response.headers, asked)
@@ -306,7 +307,7 @@ def _ask_for_listing(
                 )
             except BodyLimitExceeded as problem:
                 return not_a_hub_answer(f"listing cut off: {problem}", asked)
-            except _TRANSPORT_ERRORS as error:
+            except TRANSPORT_ERRORS as error:
                 return Verdict(
                     Action.RETRY,
                     f"connection lost in the listing ({type(error).__name__})",
@@ -316,14 +317,6 @@ def _ask_for_listing(
     finally:
         silence.cancel()
         endpoint.governor.release()
-
-
-_TRANSPORT_ERRORS = (
-    requests.RequestException,
-    urllib3.exceptions.HTTPError,
-    http.client.HTTPException,
-    OSError,
-)
 
 
 def _parse_listing(body: bytes, endpoint: Endpoint, asked: Asked, repo_type: str) -> RepoListing | Verdict:
@@ -355,5 +348,5 @@ def _parse_listing(body: bytes, endpoint: Endpoint, asked: Asked, repo_type: str
         revision=asked.revision,
         commit=commit,
         files=files,
-        endpoint=endpoint.url,
+        endpoint=endpoint.shown,
     )

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from .errors import EntryNotFoundError, NetworkError, UnsafePathError
 from .hashing import is_git_sha1
-from .layout import local_dir_bookkeeping, repo_folder_name, tree_listing_path
+from .layout import cached_commit, local_dir_bookkeeping, repo_folder_name, tree_listing_path
 from .listing import RemoteFile, filter_files
-from .paths import safe_join
 
 __all__ = ["OfflineAnswer", "offline_answer"]
 
@@ -63,7 +62,7 @@ def offline_answer(
     """
     if local_dir is None:
         repo_dir = cache_dir / repo_folder_name(repo_id, repo_type)
-        commit = _cached_commit(repo_dir, revision)
+        commit = cached_commit(repo_dir, revision) or ""
         root = repo_dir / "snapshots" / commit if commit else None
         if root is None or not root.is_dir():
             raise NetworkError(f"{reason}, and the cache has no copy of {repo_id} at {revision!r}")
@@ -98,17 +97,6 @@ def offline_answer(
     if not chosen and listed is None:
         raise NetworkError(f"{reason}, and the copy of {where} here holds no file matching what was asked")
     return OfflineAnswer(path=root, commit=commit, files=[(f.path, f.size) for f in chosen], missing=[])
-
-
-def _cached_commit(repo_dir: Path, revision: str) -> str:
-    """The commit ``revision`` names in the cache (itself if it is one, else from ``refs/``), or ""."""
-    if is_git_sha1(revision):
-        return revision
-    try:
-        commit = safe_join(repo_dir / "refs", revision).read_text().strip()
-    except (OSError, UnsafePathError):
-        return ""
-    return commit if is_git_sha1(commit) else ""
 
 
 def _files_under(root: Path) -> dict[str, int]:

@@ -50,8 +50,10 @@ from .errors import (
 )
 from .hashing import is_git_sha1, is_sha256
 from .retry import RETRYABLE_STATUS, backoff_delay, server_requested_delay
+from .text import printable
 
 __all__ = [
+    "TRANSPORT_ERRORS",
     "Action",
     "Asked",
     "BodyLimitExceeded",
@@ -72,6 +74,17 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# What sending a request, or reading its answer, raises when the connection fails (refused, reset,
+# timed out, cut mid-body): requests' and urllib3's wrappers, http.client's own, and any socket OSError
+# (a read can fail with any errno, EHOSTUNREACH included). Our own NetworkError and StorageError are
+# OSErrors too, so a ``try`` that catches these must hold network calls only, never a disk write.
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    OSError,
+)
 
 TOKEN_HINT = "if it is private or gated, pass --token or set HF_TOKEN"
 # The Hub's X-Error-Message for a token it does not know: a 401 that is about the token, not the repo.
@@ -107,6 +120,9 @@ class Asked:
     revision: str
     endpoint: str  # as shown: credentials masked
     filename: str | None = None  # None: the listing
+    # A token was held back from this endpoint (found on this machine; the user did not choose this
+    # endpoint): its "no" says nothing about what the token may read, so another endpoint is asked.
+    withheld_token: bool = False
 
     @property
     def what(self) -> str:
@@ -135,14 +151,8 @@ class TransferStats:
 
 def _server_said(status: int, headers: Mapping[str, str]) -> str:
     """``RepoNotFound (HTTP 401)``, or ``HTTP 404`` when the server gave no Hub error code."""
-    code = _printable(headers.get("X-Error-Code", ""), 40)
+    code = printable(headers.get("X-Error-Code", ""), 40)
     return f"{code} (HTTP {status})" if code else f"HTTP {status}"
-
-
-def _printable(text: str, limit: int) -> str:
-    """A header value fit for a one-line message: printable ASCII only, at most ``limit`` characters."""
-    cleaned = "".join(ch for ch in text if " " <= ch <= "~").strip()
-    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
 
 
 def error_for_answer(status: int, headers: Mapping[str, str], asked: Asked) -> HfMirrorError:
@@ -155,7 +165,10 @@ def error_for_answer(status: int, headers: Mapping[str, str], asked: Asked) -> H
     code = headers.get("X-Error-Code", "")
     message = headers.get("X-Error-Message", "")
     where = f"on {asked.endpoint}"
+    hint = _withheld_hint(asked) if asked.withheld_token else TOKEN_HINT
     if code == "GatedRepo":
+        if asked.withheld_token:
+            return AccessDeniedError(f"{asked.repo_id} is gated {where} ({hint})")
         return AccessDeniedError(f"{asked.repo_id} is gated {where}: accept its terms, then pass --token")
     if code == "RevisionNotFound":
         return RevisionNotFoundError(f"revision {asked.revision!r} not found in {asked.repo_id} {where}")
@@ -164,12 +177,17 @@ def error_for_answer(status: int, headers: Mapping[str, str], asked: Asked) -> H
     if status == 401 and not code and message == _INVALID_CREDENTIALS:
         return AccessDeniedError(f"{asked.endpoint} refused the token (invalid credentials): check --token")
     if code == "RepoNotFound" or (not code and status in (401, 404, 410)):
-        return RepoNotFoundError(f"repository {asked.repo_id!r} not found {where} ({TOKEN_HINT})")
+        return RepoNotFoundError(f"repository {asked.repo_id!r} not found {where} ({hint})")
     if status in (401, 403, 451):
-        return AccessDeniedError(
-            f"access to {asked.what} denied by {asked.endpoint} (HTTP {status}; {TOKEN_HINT})"
-        )
+        return AccessDeniedError(f"access to {asked.what} denied by {asked.endpoint} (HTTP {status}; {hint})")
     return RemoteError(f"{asked.endpoint} answered HTTP {status} for {asked.what}")
+
+
+def _withheld_hint(asked: Asked) -> str:
+    return (
+        "the token found on this machine is sent only to huggingface.co and to endpoints you name with "
+        f"--endpoint or HF_ENDPOINT; pass --token to send it to {asked.endpoint} too"
+    )
 
 
 def not_a_hub_answer(reason: str, asked: Asked) -> Verdict:
@@ -186,8 +204,9 @@ def judge_status(status: int, headers: Mapping[str, str], asked: Asked) -> Verdi
 
     429 and 503 back off as the server asks, unless it asks for longer than ``MAX_RETRY_AFTER``: then
     the endpoint is given up for this run (see that constant for why). Not-found answers, and answers no
-    Hub gives, fail over: another endpoint may well have what this one lacks. Access denied is final:
-    every endpoint gets the same token.
+    Hub gives, fail over: another endpoint may well have what this one lacks. Access denied is final
+    (every endpoint that gets the token gets the same one), unless this endpoint was not sent the
+    token (``asked.withheld_token``): then another endpoint, which may be sent it, is asked.
     """
     if status in (429, 503):
         delay = server_requested_delay(headers)
@@ -203,7 +222,7 @@ def judge_status(status: int, headers: Mapping[str, str], asked: Asked) -> Verdi
         return not_a_hub_answer(f"HTTP {status} without a usable Location", asked)
     if status >= 400 and status != 416:
         error = error_for_answer(status, headers, asked)
-        if isinstance(error, AccessDeniedError):
+        if isinstance(error, AccessDeniedError) and not asked.withheld_token:
             return Verdict(Action.FAIL, _server_said(status, headers), error=error)
         return Verdict(Action.FAIL_OVER, _server_said(status, headers), error=error)
     if status < 200:
@@ -257,11 +276,11 @@ def judge_file_answer(
         total = content_range.rsplit("/", 1)[-1]
         if total not in (str(size), "*"):
             return not_a_hub_answer(
-                f"a part of a {_printable(total, 20) or '?'}-byte file, listed as {size}", asked
+                f"a part of a {printable(total, 20) or '?'}-byte file, listed as {size}", asked
             )
         if not content_range.startswith(f"bytes {start}-"):
             return Verdict(
-                Action.RETRY, f"Content-Range {_printable(content_range, 60)!r} for {sent.get('Range')}"
+                Action.RETRY, f"Content-Range {printable(content_range, 60)!r} for {sent.get('Range')}"
             )
         return None
     if status == 200:
@@ -273,7 +292,7 @@ def judge_file_answer(
         length = response.headers.get("Content-Length")
         if length is not None and length.strip() != str(size):
             html = "text/html" in response.headers.get("Content-Type", "")
-            what = "an HTML page" if html else f"{_printable(length, 20)} bytes"
+            what = "an HTML page" if html else f"{printable(length, 20)} bytes"
             return not_a_hub_answer(f"{what} instead of the {size}-byte file", asked)
         return None
     return not_a_hub_answer(f"HTTP {status}", asked)
@@ -461,5 +480,5 @@ def drain_error_body(response: requests.Response) -> None:
     """
     try:
         read_body(response, limit=constants.ERROR_BODY_MAX, seconds=constants.ERROR_BODY_DEADLINE)
-    except (BodyLimitExceeded, OSError, http.client.HTTPException, urllib3.exceptions.HTTPError):
+    except (BodyLimitExceeded, *TRANSPORT_ERRORS):
         pass

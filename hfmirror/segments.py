@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from . import constants
 
-__all__ = ["ConnectionRamp", "Progress", "Segment", "SegmentTable", "cut_into_pieces"]
+__all__ = ["ConnectionRamp", "Segment", "SegmentTable", "WriteOutcome", "cut_into_pieces"]
 
 
 @dataclass
@@ -120,7 +120,7 @@ class ConnectionRamp:
 
 
 @dataclass(frozen=True)
-class Progress:
+class WriteOutcome:
     """What one recorded write changed, so that its connection knows whom to wake."""
 
     finished: bool  # its segment is complete: the hashed prefix may grow
@@ -307,7 +307,7 @@ class SegmentTable:
         with self._cond:
             return segment.pos, max(0, min(count, segment.remaining))
 
-    def written(self, segment: Segment, count: int, now: float) -> Progress:
+    def written(self, segment: Segment, count: int, now: float) -> WriteOutcome:
         """Record ``count`` bytes written at ``segment.pos``; cut for more connections if that makes
         the ramp open them."""
         with self._cond:
@@ -321,7 +321,7 @@ class SegmentTable:
             crossed = self._unsaved - count < constants.CHECKPOINT_BYTES <= self._unsaved
             finished = segment.remaining <= 0
             all_in = finished and self.prefix_end() == self.size
-            return Progress(finished=finished, all_in=all_in, opened=opened, save_due=crossed)
+            return WriteOutcome(finished=finished, all_in=all_in, opened=opened, save_due=crossed)
 
     def observe_time(self, now: float) -> bool:
         """Let the ramp judge a first connection that has brought nothing (a stall is slow too);

@@ -70,6 +70,7 @@ from .hashing import PrefixHasher
 from .listing import RemoteFile, RepoListing
 from .pagecache import PageRecycler
 from .policy import (
+    TRANSPORT_ERRORS,
     Action,
     Asked,
     TransferStats,
@@ -81,20 +82,10 @@ from .policy import (
     judge_transport_error,
     settle,
 )
-from .resume import CheckpointClock, ResumeState, boot_id
-from .segments import ConnectionRamp, Segment, SegmentTable, cut_into_pieces
+from .resume import CheckpointClock, ResumeState
+from .segments import Segment, SegmentTable
 
-__all__ = [
-    "ConnectionRamp",
-    "FileTransfer",
-    "ResumeState",
-    "Segment",
-    "SegmentTable",
-    "TransferOptions",
-    "TransferStats",
-    "boot_id",
-    "cut_into_pieces",
-]
+__all__ = ["FileTransfer", "TransferOptions"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +94,7 @@ logger = logging.getLogger(__name__)
 class TransferOptions:
     connections: int = 8
     stall_timeout: float = constants.DEFAULT_STALL_TIMEOUT
-    token: str | None = None
+    token: str | None = None  # sent to the endpoints whose ``sends_token`` allows it
 
 
 class _Judged(Exception):
@@ -125,9 +116,6 @@ class _StartOver(Exception):
     def __init__(self, message: str, *, ranges_supported: bool = True) -> None:
         super().__init__(message)
         self.ranges_supported = ranges_supported
-
-
-_TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
 
 
 class FileTransfer:
@@ -278,7 +266,9 @@ class FileTransfer:
         raise combine_refusals(refusals, self.asked(endpoint))
 
     def asked(self, endpoint: Endpoint) -> Asked:
-        return Asked(self.listing.repo_id, self.listing.commit, endpoint.shown, filename=self.file.path)
+        withheld = bool(self.options.token) and not endpoint.sends_token
+        listing = self.listing
+        return Asked(listing.repo_id, listing.commit, endpoint.shown, self.file.path, withheld_token=withheld)
 
     def remember_validator(self, state: ResumeState, host: str, etag: str) -> None:
         """Keep the strong ETag ``host`` gave, for If-Range on a resume (the first one wins)."""
@@ -397,7 +387,7 @@ class _Pass:
         """Hash the finished prefix as far as it reaches now (one bounded step of the PrefixHasher).
 
         Bounded so that the coordinator's loop saves checkpoints between steps: hashing a whole wave
-        of pieces at once (250 MiB, 0.2 s) held back the checkpoints a kill -9 relies on.
+        of pieces at once would hold back the checkpoints a kill -9 relies on.
         """
         before = self.hasher.hashed
         try:
@@ -533,7 +523,7 @@ class _Connection:
             validator = state.validators.get(endpoint.host)
             if validator:
                 headers["If-Range"] = validator
-        if transfer.options.token:
+        if transfer.options.token and endpoint.sends_token:
             headers["Authorization"] = f"Bearer {transfer.options.token}"
         session = transfer.session_for()
         endpoint.requests += 1
@@ -545,7 +535,7 @@ class _Connection:
                 timeout=(constants.CONNECT_TIMEOUT, transfer.options.stall_timeout),
                 allow_redirects=True,
             )
-        except _TRANSPORT_ERRORS as error:
+        except TRANSPORT_ERRORS as error:
             verdict = judge_transport_error(
                 error, transfer.asked(endpoint), timeout=transfer.options.stall_timeout
             )
@@ -555,10 +545,7 @@ class _Connection:
             first_hop = response.history[0] if response.history else response
             endpoint.governor.observe(first_hop.headers, sent_at)
             self._check_answer(endpoint, response, start, headers)
-            try:
-                return self._stream_into(response, segment)
-            except _TRANSPORT_ERRORS as error:
-                raise _retry(f"connection lost at byte {segment.pos} ({type(error).__name__})") from None
+            return self._stream_into(response, segment)
 
     def _check_answer(self, endpoint: Endpoint, response: requests.Response, start: int, sent: dict) -> None:
         """Raise unless the answer's body is the bytes asked for (the policy judges; this acts)."""
@@ -596,9 +583,9 @@ class _Connection:
             want = self.table.next_read(segment)
             if want <= 0 or self._stopped():
                 break
-            try:
+            try:  # the network read alone: a failing disk write below must not look like a lost connection
                 count = body.readinto(buffer[:want])
-            except (OSError, http.client.HTTPException) as error:
+            except TRANSPORT_ERRORS as error:
                 raise _retry(f"connection lost at byte {segment.pos} ({type(error).__name__})") from None
             if not count:
                 raise _retry(f"body ended early at byte {segment.pos}")
@@ -637,10 +624,10 @@ def _body_reader(response: requests.Response) -> http.client.HTTPResponse | urll
     """What to call ``readinto`` on for the raw body: the http.client response inside urllib3's.
 
     urllib3's own ``read``/``readinto`` return a fresh bytes object per block after copying it twice;
-    http.client's ``readinto`` receives straight into the caller's buffer. Over loopback a 1 GiB body
-    took 0.45 s of CPU that way against 1.1 s through urllib3 (2.0 s through its ``readinto``). Content
-    decoding is off either way: the bytes must hash to the listed checksum as sent. Should urllib3 ever
-    stop wrapping an http.client response, its own (slower) ``readinto`` is used.
+    http.client's ``readinto`` receives straight into the caller's buffer, for a fraction of the CPU
+    (bench/RESULTS.md, Analysis: session 3). Content decoding is off either way: the bytes must hash to
+    the listed checksum as sent. Should urllib3 ever stop wrapping an http.client response, its own
+    (slower) ``readinto`` is used.
     """
     inner = getattr(response.raw, "_fp", None)
     return inner if isinstance(inner, http.client.HTTPResponse) else response.raw

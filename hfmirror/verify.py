@@ -32,7 +32,7 @@ from filelock import FileLock
 from . import constants
 from .errors import BadInputError, RepoNotFoundError, RevisionNotFoundError, UnsafePathError
 from .hashing import ContentHasher, is_git_sha1, is_sha256
-from .layout import CacheLayout, LocalDirLayout, recorded_path, repo_folder_name
+from .layout import CacheLayout, LocalDirLayout, cached_commit, recorded_path, repo_folder_name
 from .listing import RemoteFile, RepoListing, validate_repo_id, validate_revision
 from .paths import safe_join
 from .progress import Progress
@@ -216,13 +216,8 @@ def _verify_cache(
 def _cached_commit(repo_dir: Path, repo_id: str, revision: str) -> str:
     """The commit a revision names in the cache: a snapshot folder, or ``refs/<revision>``."""
     snapshots = repo_dir / "snapshots"
-    if is_git_sha1(revision) and (snapshots / revision).is_dir():
-        return revision
-    try:
-        commit = safe_join(repo_dir / "refs", revision).read_text().strip()
-    except (OSError, UnsafePathError):
-        commit = ""
-    if is_git_sha1(commit) and (snapshots / commit).is_dir():
+    commit = cached_commit(repo_dir, revision)
+    if commit is not None and (snapshots / commit).is_dir():
         return commit
     refs = sorted(
         p.relative_to(repo_dir / "refs").as_posix() for p in (repo_dir / "refs").rglob("*") if p.is_file()

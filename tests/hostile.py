@@ -63,6 +63,7 @@ class Seen:
     query: str
     headers: dict[str, str]  # lower-case names
     started: float
+    peer: int = 0  # the client's port: requests with the same peer came over one connection
     rule: str = ""  # the pattern of the rule that answered ("" for the fallback)
     status: int | None = None
     bytes_sent: int = 0
@@ -129,11 +130,12 @@ def html(text: str = "<html><body>Please sign in to the network</body></html>", 
     return status(code, {"Content-Type": "text/html; charset=utf-8"}, text.encode())
 
 
-def endless(chunk: bytes = b" " * 65536, content_type: str = "application/json") -> Answer:
-    """A 200 whose body never ends (up to SEND_LIMIT): no Content-Length, bytes as fast as they go."""
+def endless(chunk: bytes = b" " * 65536, content_type: str = "application/json", code: int = 200) -> Answer:
+    """A ``code`` answer whose body never ends (up to SEND_LIMIT): no Content-Length, bytes as fast as
+    they go (after the start of a listing, for a 200)."""
 
     def answer(exchange: Exchange) -> None:
-        exchange.start(200, {"Content-Type": content_type})
+        exchange.start(code, {"Content-Type": content_type})
         exchange.write(b'{"sha": "' + b"1" * 40 + b'", "siblings": [')
         while not exchange.stopping.is_set():
             exchange.write(chunk)
@@ -141,11 +143,13 @@ def endless(chunk: bytes = b" " * 65536, content_type: str = "application/json")
     return answer
 
 
-def trickle(content: bytes, every: float = 1.0, content_type: str = "application/json") -> Answer:
-    """A 200 with a true Content-Length whose body comes one byte every ``every`` seconds."""
+def trickle(
+    content: bytes, every: float = 1.0, content_type: str = "application/json", code: int = 200
+) -> Answer:
+    """A ``code`` answer with a true Content-Length whose body comes one byte every ``every`` seconds."""
 
     def answer(exchange: Exchange) -> None:
-        exchange.start(200, {"Content-Type": content_type}, length=len(content))
+        exchange.start(code, {"Content-Type": content_type}, length=len(content))
         for index in range(len(content)):
             if not exchange.sleep(every):
                 return
@@ -322,6 +326,7 @@ class HostileServer:
             query=query,
             headers={k.lower(): v for k, v in handler.headers.items()},
             started=time.monotonic(),
+            peer=handler.client_address[1],
         )
         with self._lock:
             self.seen.append(seen)

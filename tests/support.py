@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -116,3 +117,27 @@ def download_command(url: str, repo_id: str, cache: str | os.PathLike[str], *ext
     """The command line of ``hfmirror download`` from ``url`` into ``cache``, run as users run it."""
     command = [sys.executable, "-m", "hfmirror", "download", repo_id, "--endpoint", url]
     return [*command, "--cache-dir", str(cache), *extra]
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python -m hfmirror ARGS`` in a subprocess (what users run), with ``env`` added to ours."""
+    return subprocess.run(
+        [sys.executable, "-m", "hfmirror", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    """Every regular file under ``folder`` (links followed) by relative path, skipping dot-folders."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and not any(part.startswith(".") for part in rel.split("/")[:-1]):
+            found[rel] = path.read_bytes()
+    return found

@@ -7,6 +7,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -218,12 +219,19 @@ _REPO_ID_CHARS = "aZ09-_./ é\n"
     st.one_of(
         st.text(alphabet=_REPO_ID_CHARS, max_size=12),
         st.builds("/".join, st.lists(st.text(alphabet="ab-_.", min_size=0, max_size=100), max_size=3)),
-        st.sampled_from(["Qwen/Qwen-7B", "bert-base-uncased", "a" * 96, "a" * 97, "x/y.git", "-a", "a_"]),
+        st.sampled_from(
+            ["Qwen/Qwen-7B", "bert-base-uncased", "a" * 96, "a" * 97, "x/y.git", "-a", "a_", "a-", "_a/b"]
+        ),
     )
 )
 def test_repo_ids_are_judged_as_huggingface_hub_judges_them(repo_id: str) -> None:
-    """Our copy of the Hub's rule (kept to spare the import at start) must agree with the original."""
-    assert _ours_accepts(repo_id) == _hub_accepts(repo_id), repo_id
+    """Our copy of the Hub's rule (kept to spare the import at start) must agree with the original,
+    in the downloader and in the servers alike (the servers had a rule of their own, which let
+    ``x/y.git`` and ``a-`` through)."""
+    from hfmirror.server.repos import is_valid_repo_id
+
+    hub = _hub_accepts(repo_id)
+    assert _ours_accepts(repo_id) == hub and is_valid_repo_id(repo_id) == hub, repo_id
 
 
 def test_filter_files_by_name_and_globs() -> None:
@@ -349,3 +357,32 @@ def test_help_imports_no_torch_transformers_or_server_stack() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_sessions_of_different_threads_share_their_connections() -> None:
+    """Each thread has its own session, but a socket one thread finished with carries the next
+    thread's request: one pool for the downloader and the mirror's upstream side alike (each thread
+    used to open sockets of its own in the mirror, which never reused them)."""
+    from hfmirror.listing import RepoListing
+    from hfmirror.server.upstream import Upstream
+    from hfmirror.sessions import SessionFactory
+    from tests.hostile import HostileServer, status
+
+    def one_request_per_thread(send) -> None:
+        for _ in range(2):
+            thread = threading.Thread(target=send)
+            thread.start()
+            thread.join(30)
+            assert not thread.is_alive()
+
+    with HostileServer() as server:
+        server.answer("/plain", status(200, {}, b"hello"))
+        factory = SessionFactory(pool_size=4)
+        one_request_per_thread(lambda: factory.get().get(f"{server.url}/plain", timeout=10).content)
+        upstream = Upstream([server.url])
+        listing = RepoListing("org/x", "model", "main", "1" * 40, (), server.url)
+        file = RemoteFile("w.bin", 5, "2" * 40)
+        one_request_per_thread(lambda: upstream.may_read(listing, file, None))  # a 404 here: False
+        direct, probes = server.requests("/plain"), server.requests("*/resolve/*")
+    assert len(direct) == 2 and len({seen.peer for seen in direct}) == 1, direct
+    assert len(probes) == 2 and len({seen.peer for seen in probes}) == 1, probes

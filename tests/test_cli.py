@@ -88,3 +88,35 @@ def test_model_download_py_debug_keeps_the_exit_code_too(hub_server, tmp_path: P
     assert plain.returncode == debug.returncode == 3, (plain.stderr, debug.stderr)
     assert "Traceback" not in plain.stderr and "Traceback (most recent call last)" in debug.stderr
     assert "not found" in debug.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("entry", ["hfmirror download", "model_download.py"])
+def test_a_real_download_imports_neither_torch_nor_transformers(
+    hub_server, tmp_path: Path, entry: str
+) -> None:
+    """Not only --help: a whole download of a model (weights, config, tokenizer), as users run it,
+    never imports torch or transformers (the downloader must work where they are not installed, and
+    they would cost it seconds of start-up)."""
+    model = tmp_path / "model"
+    if entry == "hfmirror download":
+        command = ["-m", "hfmirror", "download", "tiny/bert", "--endpoint", hub_server.url, "--quiet"]
+        command += ["--local-dir", str(model)]
+    else:
+        command = [str(REPO / "model_download.py"), "--repo_id", "tiny/bert", "--endpoint", hub_server.url]
+        command += ["--quiet", "--local_dir", str(model)]
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", *command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (model / "model.safetensors").is_file() and (model / "config.json").is_file()
+    # -X importtime writes "import time: self | cumulative | module" on stderr for every import.
+    imported = {
+        line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")
+    }
+    assert {"hfmirror.download", "requests"} <= imported  # the list is the download's own
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "transformers"))
+    assert heavy == [], heavy

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,40 +27,10 @@ from hfmirror.errors import (
     RepoNotFoundError,
     RevisionNotFoundError,
 )
-from tests.support import make_repo
+from tests.servers import free_port
+from tests.support import files_under, make_repo, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def repo_files(folder: Path) -> dict[str, bytes]:
-    """Every regular file under ``folder`` (following links), by relative path, skipping dot-folders."""
-    found = {}
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if path.is_file() and not any(part.startswith(".") for part in rel.split("/")[:-1]):
-            found[rel] = path.read_bytes()
-    return found
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess:
-    """Run the real console entry point in a subprocess (what users run)."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "hfmirror", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=cwd,
-        timeout=300,
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------ layouts
@@ -72,7 +41,7 @@ def test_cache_layout_is_the_hubs_and_transformers_loads_it_offline(hub_server, 
     cache = tmp_path / "hub"
     result = download("tiny/bert", endpoints=[hub_server.url], cache_dir=cache, progress=False)
     source = hub_server.root / "tiny" / "bert"
-    assert repo_files(result.path) == repo_files(source)
+    assert files_under(result.path) == files_under(source)
     repo_dir = cache / "models--tiny--bert"
     assert result.path == repo_dir / "snapshots" / result.commit
     assert (repo_dir / "refs" / "main").read_text() == result.commit
@@ -90,14 +59,14 @@ def test_cache_layout_is_the_hubs_and_transformers_loads_it_offline(hub_server, 
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["BertModel", str(len(repo_files(source))), "0"]
+    assert out.stdout.split() == ["BertModel", str(len(files_under(source))), "0"]
 
 
 def test_local_dir_gets_plain_files_and_hub_metadata(hub_server, tmp_path: Path) -> None:
     target = tmp_path / "plain"
     result = download("tiny/nested", endpoints=[hub_server.url], local_dir=target, progress=False)
     assert result.path == target
-    assert repo_files(target) == repo_files(hub_server.root / "tiny" / "nested")
+    assert files_under(target) == files_under(hub_server.root / "tiny" / "nested")
     assert not any(p.is_symlink() for p in target.rglob("*"))
     meta = target / ".cache" / "huggingface" / "download" / "a" / "b" / "c.txt.metadata"
     commit, etag, _ = meta.read_text().splitlines()
@@ -118,10 +87,10 @@ def test_dataset_repo_and_filters(hub_server, tmp_path: Path) -> None:
     )
     expected = {
         k: v
-        for k, v in repo_files(hub_server.root / "datasets" / "tiny" / "data").items()
+        for k, v in files_under(hub_server.root / "datasets" / "tiny" / "data").items()
         if (k.endswith((".json", ".csv")))
     }
-    assert expected and repo_files(result.path) == expected
+    assert expected and files_under(result.path) == expected
     assert (tmp_path / "datasets--tiny--data").is_dir()
 
 
@@ -157,7 +126,7 @@ def test_huggingface_hub_reuses_our_cache_without_downloading(fault_server, faul
     download("tiny/bert", endpoints=[fault_server.url], cache_dir=tmp_path, progress=False)
     gets_before = len(faults.requests("*.safetensors", "GET"))
     path = snapshot_download("tiny/bert", cache_dir=tmp_path, endpoint=fault_server.url)
-    assert repo_files(Path(path)) == repo_files(fault_server.root / "tiny" / "bert")
+    assert files_under(Path(path)) == files_under(fault_server.root / "tiny" / "bert")
     assert len(faults.requests("*.safetensors", "GET")) == gets_before
 
 
@@ -212,7 +181,7 @@ def test_fails_over_from_a_dead_endpoint(hub_server, tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     result = download("tiny/nested", endpoints=[dead, hub_server.url], cache_dir=tmp_path, progress=False)
     assert result.endpoint == hub_server.url
-    assert repo_files(result.path) == repo_files(hub_server.root / "tiny" / "nested")
+    assert files_under(result.path) == files_under(hub_server.root / "tiny" / "nested")
 
 
 def test_no_endpoint_reachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -287,7 +256,7 @@ def test_cli_prints_the_path_last_and_a_json_summary(hub_server, tmp_path: Path)
     out = run_cli("download", "tiny/nested", "--endpoint", hub_server.url, "--cache-dir", str(tmp_path), "-q")
     assert out.returncode == 0, out.stderr
     path = Path(out.stdout.strip().splitlines()[-1])
-    assert repo_files(path) == repo_files(hub_server.root / "tiny" / "nested")
+    assert files_under(path) == files_under(hub_server.root / "tiny" / "nested")
 
     out = run_cli(
         "download", "tiny/nested", "--endpoint", hub_server.url, "--cache-dir", str(tmp_path), "--json"
@@ -366,8 +335,8 @@ def test_the_login_token_is_used_and_no_token_means_no_header(fault_server, faul
     home = tmp_path / "hf_home"
     home.mkdir()
     probe = (
-        "import sys; from hfmirror.download import _resolve_token; "
-        "print(_resolve_token(None), 'huggingface_hub.utils' in sys.modules)"
+        "import sys; from hfmirror.download import _stored_token; "
+        "print(_stored_token(), 'huggingface_hub.utils' in sys.modules)"
     )
     env = {**clean, "HF_HOME": str(home)}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
@@ -431,7 +400,7 @@ def test_model_download_py_with_a_qwen_stand_in(hub_server, tmp_path: Path) -> N
     assert out.returncode == 0, out.stderr
     target = tmp_path / "dataroot" / "models" / "Qwen" / "Qwen-7B"
     assert out.stdout.strip().splitlines()[-1] == str(target)
-    assert repo_files(target) == repo_files(hub_server.root / "Qwen" / "Qwen-7B")
+    assert files_under(target) == files_under(hub_server.root / "Qwen" / "Qwen-7B")
 
     bad = subprocess.run(
         [

@@ -28,8 +28,8 @@ from hfmirror.errors import (
     StorageError,
     UnsafeListingError,
 )
+from hfmirror.segments import cut_into_pieces
 from hfmirror.server.app import ServerThread
-from hfmirror.transfer import cut_into_pieces
 from tests.support import make_repo
 
 LARGE = 6 * 1024 * 1024 + 12345  # several segments with the small MIN_SEGMENT below

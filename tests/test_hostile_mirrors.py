@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from click.testing import CliRunner
 
 from hfmirror import constants
 from hfmirror.cli import cli
 from hfmirror.download import download
-from hfmirror.endpoints import redact_url
+from hfmirror.endpoints import EndpointPool, redact_url
 from hfmirror.errors import (
     EntryNotFoundError,
     NetworkError,
@@ -31,6 +31,7 @@ from hfmirror.errors import (
     UnsafeListingError,
     UnsafePathError,
 )
+from hfmirror.listing import list_repo
 from hfmirror.paths import validate_relative_path
 from hfmirror.policy import Asked, error_for_answer
 from hfmirror.verify import verify
@@ -45,7 +46,8 @@ from tests.hostile import (
     status,
     trickle,
 )
-from tests.support import make_repo
+from tests.servers import free_port
+from tests.support import files_under, make_repo, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 NESTED = "tiny/nested"  # README.md, a/b/c.txt, a/top.txt, config.json, data/big.bin (see conftest)
@@ -55,12 +57,6 @@ NESTED = "tiny/nested"  # README.md, a/b/c.txt, a/top.txt, config.json, data/big
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(constants, "BACKOFF_BASE", 0.01)
     monkeypatch.setattr(constants, "BACKOFF_MAX", 0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def finishes(call: Callable[[], Any], within: float = 60.0) -> Any:
@@ -84,28 +80,6 @@ def finishes(call: Callable[[], Any], within: float = 60.0) -> Any:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
-
-
-def files_of(folder: Path) -> dict[str, bytes]:
-    """Regular files under ``folder`` (links followed), skipping dot-folders."""
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts[:-1])
-    }
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "hfmirror", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-        timeout=300,
-    )
 
 
 def run_model_download(
@@ -196,6 +170,10 @@ def test_endpoint_credentials_are_never_shown(hub_server, tmp_path: Path) -> Non
     summary = json.loads(out.stdout)
     assert summary["endpoint"] == redact_url(with_password) and "***@127.0.0.1" in summary["endpoint"]
     assert secret not in out.stdout + out.stderr
+    pool = EndpointPool.from_urls([with_password], max_concurrency=2, failover_after=3)
+    with requests.Session() as session:
+        listing = list_repo(pool, NESTED, repo_type="model", revision="main", token=None, session=session)
+    assert listing.endpoint == redact_url(with_password) and secret not in repr(listing)
 
     # The summary line, and the notice of a failover from an endpoint with a password.
     out = run_cli("download", NESTED, "--endpoint", dead, "--endpoint", with_password, "--cache-dir", cache)
@@ -207,6 +185,57 @@ def test_endpoint_credentials_are_never_shown(hub_server, tmp_path: Path) -> Non
     assert out.returncode == 5 and "***@127.0.0.1" in out.stderr and secret not in out.stderr, out.stderr
     out = run_cli("download", NESTED, "--endpoint", f"ftp://user:{secret}@host", "--cache-dir", cache)
     assert out.returncode == 2 and secret not in out.stderr, out.stderr
+
+
+def test_a_token_found_on_this_machine_goes_only_where_the_user_chose(
+    hub_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HF_TOKEN and the login token are for huggingface.co: a default mirror the user never named
+    must not receive them (every user's Hub token would reach it). A --token, or a mirror the user
+    chose, is another matter."""
+    from huggingface_hub import constants as hub_constants
+
+    secret = "hf_stored_token_meant_for_the_hub"
+
+    def tokens_since(server: HostileServer, first: int) -> set[str | None]:
+        return {seen.headers.get("authorization") for seen in server.requests()[first:]}
+
+    with HostileServer(behind=hub_server.url) as mirror, HostileServer(behind=hub_server.url) as hub:
+        monkeypatch.setattr(constants, "DEFAULT_ENDPOINTS", (mirror.url, hub.url))  # as if hf-mirror.com
+        monkeypatch.setattr(constants, "HUB_ENDPOINT", hub.url)  # as if huggingface.co
+
+        # HF_TOKEN, the default endpoints: the mirror serves the whole run, and never sees the token.
+        monkeypatch.setenv("HF_TOKEN", secret)
+        result = download(NESTED, cache_dir=tmp_path / "a", progress=False)
+        assert result.endpoint == mirror.url and len(mirror.requests()) > 1
+        assert tokens_since(mirror, 0) == {None} and not hub.requests()
+
+        # A mirror the user chose (HF_ENDPOINT, or --endpoint) gets it; any endpoint gets a --token.
+        asked = len(mirror.requests())
+        chosen = CliRunner().invoke(
+            cli,
+            ["download", NESTED, "--cache-dir", str(tmp_path / "b"), "-q"],
+            env={"HF_ENDPOINT": mirror.url},
+        )
+        assert chosen.exit_code == 0, chosen.output
+        assert tokens_since(mirror, asked) == {f"Bearer {secret}"}
+        asked = len(mirror.requests())
+        download(NESTED, token="hf_given", cache_dir=tmp_path / "c", progress=False)
+        assert tokens_since(mirror, asked) == {"Bearer hf_given"}
+
+        # The login token file, and the default mirror says the repo is gated: its "no" to a request
+        # without the token is not final; huggingface.co is asked, with the token.
+        monkeypatch.delenv("HF_TOKEN")
+        token_file = tmp_path / "stored-token"
+        token_file.write_text(secret)
+        monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(token_file))
+        mirror.answer("/api/*", json_body({"error": "gated"}, 403, {"X-Error-Code": "GatedRepo"}))
+        asked = len(mirror.requests())
+        result = download(NESTED, cache_dir=tmp_path / "d", progress=False)
+        assert result.endpoint == hub.url and files_under(result.path) == files_under(
+            hub_server.root / NESTED
+        )
+        assert tokens_since(hub, 0) == {f"Bearer {secret}"} and tokens_since(mirror, asked) == {None}
 
 
 # ======================================================================== bounded listings
@@ -223,7 +252,7 @@ def test_a_listing_that_never_ends_is_cut_off(hub_server, tmp_path: Path, monkey
     assert result.endpoint == hub_server.url and result.failovers == 1
     # What went out before we hung up: the cap, plus what socket buffers hold; not the endless rest.
     assert sent < 32 * 1024 * 1024, sent
-    assert files_of(result.path) == files_of(hub_server.root / NESTED)
+    assert files_under(result.path) == files_under(hub_server.root / NESTED)
 
 
 def test_a_listing_trickled_a_byte_at_a_time_is_cut_off(hub_server, tmp_path: Path, monkeypatch) -> None:
@@ -237,6 +266,28 @@ def test_a_listing_trickled_a_byte_at_a_time_is_cut_off(hub_server, tmp_path: Pa
     assert result.endpoint == hub_server.url
     left = {e["url"]: e["abandoned"] for e in result.endpoints}[bad.url]
     assert "did not arrive within 1 s" in left, result.endpoints
+
+
+@pytest.mark.parametrize("body", ["endless", "trickled"])
+@pytest.mark.parametrize("asked", ["/api/*", "*/resolve/*/a/top.txt"], ids=["listing", "file"])
+def test_an_error_answer_whose_body_never_ends_is_given_up(
+    hub_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, asked: str, body: str
+) -> None:
+    """A 503's body is read only so that its connection can serve again: bounded in size and time,
+    then the connection is dropped and the request retried on a new one."""
+    monkeypatch.setattr(constants, "ERROR_BODY_DEADLINE", 0.5)
+    if body == "endless":
+        answer = endless(code=503)
+    else:
+        answer = trickle(b"x" * 10_000, every=0.05, code=503)  # 500 s to send in full
+    with HostileServer(behind=hub_server.url) as bad:
+        bad.answer(asked, answer, methods=("GET",), times=1)
+        result = finishes(lambda: download(NESTED, endpoints=[bad.url], cache_dir=tmp_path, progress=False))
+        seen = bad.requests(asked, "GET")
+    assert files_under(result.path) == files_under(hub_server.root / NESTED)
+    assert [s.status for s in seen[:2]] == [503, 200] and seen[1].peer != seen[0].peer, seen
+    # What went out before we hung up: ERROR_BODY_MAX plus what socket buffers hold, not the rest.
+    assert seen[0].bytes_sent < 32 * 1024 * 1024, seen[0].bytes_sent
 
 
 # ======================================================================== failover that sticks
@@ -254,7 +305,7 @@ def test_a_mirror_answering_429_to_everything_is_left_for_the_whole_run(
         )
         listings_asked = len(bad.requests("/api/*"))
         files_asked = len(bad.requests("*/resolve/*"))
-    assert files_of(result.path) == files_of(fault_server.root / NESTED)
+    assert files_under(result.path) == files_under(fault_server.root / NESTED)
     assert listings_asked == constants.RATE_LIMITED_FAILOVER_AFTER and files_asked == 0
     assert result.failovers == 1 and result.endpoint == fault_server.url
     assert result.rate_limited == listings_asked
@@ -268,7 +319,7 @@ def test_a_dead_first_endpoint_costs_only_the_listing_its_tries(fault_server, fa
         bad.answer("*", close())
         result = download(NESTED, endpoints=[bad.url, fault_server.url], cache_dir=tmp_path, progress=False)
         asked = len(bad.requests())
-    assert files_of(result.path) == files_of(fault_server.root / NESTED)
+    assert files_under(result.path) == files_under(fault_server.root / NESTED)
     # The listing failed over after FAILOVER_AFTER tries; no file asked the dead endpoint again.
     assert asked == constants.FAILOVER_AFTER, asked
     assert result.endpoint == fault_server.url and result.failovers == 1
@@ -283,10 +334,11 @@ def test_a_dead_first_endpoint_costs_only_the_listing_its_tries(fault_server, fa
         (html(), "an HTML page"),
         (status(200, {"Content-Type": "application/json"}, b"{not json"), "not JSON"),
         (json_body({"id": "x", "siblings": []}), "without a valid commit id"),
+        (json_body({"sha": "1" * 40 + "\n", "siblings": []}), "without a valid commit id"),  # a folder name
         (json_body([1, 2, 3]), "not a JSON object"),
         (json_body({"sha": "1" * 40, "siblings": "all of them"}), "not a list"),
     ],
-    ids=["html", "not-json", "no-commit", "not-an-object", "siblings-not-a-list"],
+    ids=["html", "not-json", "no-commit", "commit-and-a-newline", "not-an-object", "siblings-not-a-list"],
 )
 def test_a_listing_that_is_not_a_hub_answer_fails_over(hub_server, tmp_path: Path, answer, said: str) -> None:
     with HostileServer() as bad:
@@ -310,7 +362,7 @@ def test_a_file_of_another_size_is_not_the_file(fault_server, faults, tmp_path: 
     with HostileServer(behind=fault_server.url) as bad:
         bad.answer("*/resolve/*/config.json", html("<html>login</html>"))
         result = download(NESTED, endpoints=[bad.url, fault_server.url], cache_dir=tmp_path, progress=False)
-    assert files_of(result.path) == files_of(fault_server.root / NESTED)
+    assert files_under(result.path) == files_under(fault_server.root / NESTED)
     assert result.failovers == 1 and result.verify_failures == 0
 
 
@@ -326,7 +378,7 @@ def test_a_repo_missing_on_the_first_mirror_is_asked_of_the_next(hub_server, tmp
         bad.answer("/api/*", REPO_NOT_FOUND)
         result = download(NESTED, endpoints=[bad.url, hub_server.url], cache_dir=tmp_path, progress=False)
     assert result.endpoint == hub_server.url
-    assert files_of(result.path) == files_of(hub_server.root / NESTED)
+    assert files_under(result.path) == files_under(hub_server.root / NESTED)
 
 
 def test_a_file_missing_on_the_first_mirror_is_asked_of_the_next(fault_server, faults, tmp_path) -> None:
@@ -334,7 +386,7 @@ def test_a_file_missing_on_the_first_mirror_is_asked_of_the_next(fault_server, f
         bad.answer("*/resolve/*/a/top.txt", ENTRY_NOT_FOUND)
         result = download(NESTED, endpoints=[bad.url, fault_server.url], cache_dir=tmp_path, progress=False)
         through_bad = {s.path.rsplit("/resolve/", 1)[1].split("/", 1)[1] for s in bad.requests("*/resolve/*")}
-    assert files_of(result.path) == files_of(fault_server.root / NESTED)
+    assert files_under(result.path) == files_under(fault_server.root / NESTED)
     # Only that file went elsewhere: the run stayed with the first mirror for every other one.
     assert result.failovers == 0 and result.endpoint == bad.url
     assert through_bad == {"README.md", "a/b/c.txt", "a/top.txt", "config.json", "data/big.bin"}
@@ -551,7 +603,7 @@ def test_names_up_to_the_hubs_limit_work_in_both_layouts(hub_server, tmp_path: P
     make_repo(hub_server.root, "limits/long-names", LONG_NAMES)
     where = {"cache_dir": tmp_path} if layout == "cache" else {"local_dir": tmp_path / "plain"}
     result = download("limits/long-names", endpoints=[hub_server.url], progress=False, **where)
-    assert files_of(result.path) == LONG_NAMES
+    assert files_under(result.path) == LONG_NAMES
     again = download("limits/long-names", endpoints=[hub_server.url], progress=False, **where)
     assert {f.status for f in again.files} == {"present"}
     # verify finds each of them by its record, hashed name or not, and finds them right.

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import http.client
+import ssl
+
 import pytest
 import requests
+import urllib3
 
 from hfmirror import constants
 from hfmirror.endpoints import EndpointPool, RateGovernor, redact_url
@@ -17,6 +22,7 @@ from hfmirror.errors import (
 )
 from hfmirror.layout import fitting_name
 from hfmirror.policy import (
+    TRANSPORT_ERRORS,
     Action,
     Asked,
     TransferStats,
@@ -27,6 +33,7 @@ from hfmirror.policy import (
     judge_transport_error,
     settle,
 )
+from hfmirror.text import printable
 
 LISTING = Asked("org/x", "main", "http://e")
 FILE = Asked("org/x", "1" * 40, "http://e", filename="w.bin")
@@ -87,6 +94,36 @@ def test_content_decides_for_2xx_and_a_long_retry_after_says_why() -> None:
     assert f"3600 s (HTTP 429), more than the {constants.MAX_RETRY_AFTER:.0f} s" in str(verdict.error)
     backing_off = judge_status(429, {"Retry-After": "7"}, LISTING)
     assert backing_off is not None and backing_off.delay == 7.0
+
+
+def test_what_a_server_says_is_shown_escaped_on_one_line() -> None:
+    """A terminal escape or a newline in a header must neither act on the terminal nor vanish unseen."""
+    verdict = judge_status(404, {"X-Error-Code": "Entry\x1b[2J\nNotFound"}, FILE)
+    assert verdict is not None and verdict.reason == "Entry\\x1b[2J\\x0aNotFound (HTTP 404)"
+    assert printable("  caf\u00e9 \u65e5 ", 40) == "caf\\xe9 \\u65e5"
+    assert printable("x" * 50, 10) == "xxxxxxx..." and printable("", 5) == ""
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        requests.ConnectionError("refused"),
+        urllib3.exceptions.ProtocolError("reset"),
+        http.client.IncompleteRead(b"", 10),
+        ConnectionResetError(errno.ECONNRESET, "reset"),
+        TimeoutError("timed out"),
+        ssl.SSLError("bad record mac"),
+        OSError(errno.EHOSTUNREACH, "No route to host"),
+    ],
+    ids=lambda failure: type(failure).__name__,
+)
+def test_one_set_of_transport_errors_for_the_listing_the_transfers_and_the_mirror(failure) -> None:
+    """Each way a connection fails is a transport error everywhere; before, the transfer's own set
+    left out a plain socket OSError and http.client's errors, the mirror's access check all but
+    requests' (a disk error is kept out by where the set is caught, test_disk_full_midway_keeps_partial_data_and_resumes)."""
+    assert isinstance(failure, TRANSPORT_ERRORS)
+    verdict = judge_transport_error(failure, FILE, timeout=30)
+    assert verdict.action in (Action.RETRY, Action.FAIL_OVER)
 
 
 def test_what_each_transport_failure_calls_for() -> None:

@@ -24,19 +24,9 @@ from hfmirror.server.app import create_app
 from hfmirror.server.checksums import GIT_SHA1, SHA256, ChecksumCache
 from hfmirror.server.repos import is_lfs_file
 from tests.conftest import RunningServer
-from tests.support import make_repo
+from tests.support import files_under, make_repo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def files_on_disk(folder: Path) -> dict[str, bytes]:
-    """Every non-hidden file under ``folder`` (relative path -> bytes)."""
-    result = {}
-    for path in folder.rglob("*"):
-        rel = path.relative_to(folder).as_posix()
-        if path.is_file() and not any(part.startswith(".") for part in rel.split("/")[:-1]):
-            result[rel] = path.read_bytes()
-    return result
 
 
 def raw_get(url: str, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
@@ -65,7 +55,7 @@ def test_repo_info_lists_every_file_with_hub_checksums(hub_server: RunningServer
     assert re.fullmatch(r"[0-9a-f]{40}", info["sha"])
     assert info["private"] is False and info["gated"] is False and info["disabled"] is False
     siblings = {s["rfilename"]: s for s in info["siblings"]}
-    assert set(siblings) == set(files_on_disk(repo))
+    assert set(siblings) == set(files_under(repo))
     weights = siblings["model.safetensors"]
     assert weights["size"] == (repo / "model.safetensors").stat().st_size
     assert weights["lfs"]["sha256"] == sha256_of_file(repo / "model.safetensors")
@@ -143,7 +133,7 @@ def test_tree_via_huggingface_hub_matches_disk(hub_server: RunningServer) -> Non
     api = huggingface_hub.HfApi(endpoint=hub_server.url)
     entries = list(api.list_repo_tree("tiny/nested", recursive=True))
     files = {e.path: e for e in entries if isinstance(e, huggingface_hub.hf_api.RepoFile)}
-    on_disk = files_on_disk(hub_server.root / "tiny" / "nested")
+    on_disk = files_under(hub_server.root / "tiny" / "nested")
     assert set(files) == set(on_disk)
     assert files["a/b/c.txt"].blob_id == git_blob_sha1(on_disk["a/b/c.txt"])
     assert files["data/big.bin"].lfs is not None
@@ -273,15 +263,15 @@ def test_huggingface_hub_raises_its_errors(hub_server: RunningServer, tmp_path: 
 def test_snapshot_download_is_byte_identical(
     hub_server: RunningServer, tmp_path: Path, repo_id: str, repo_type: str, folder: str
 ) -> None:
-    expected = files_on_disk(hub_server.root / folder)
+    expected = files_under(hub_server.root / folder)
     snapshot = huggingface_hub.snapshot_download(
         repo_id, repo_type=repo_type, endpoint=hub_server.url, cache_dir=tmp_path / "cache"
     )
-    assert files_on_disk(Path(snapshot)) == expected
+    assert files_under(Path(snapshot)) == expected
     local = huggingface_hub.snapshot_download(
         repo_id, repo_type=repo_type, endpoint=hub_server.url, local_dir=tmp_path / "local"
     )
-    assert files_on_disk(Path(local)) == expected
+    assert files_under(Path(local)) == expected
 
 
 def test_hf_hub_download_one_file(hub_server: RunningServer, tmp_path: Path) -> None:
@@ -434,12 +424,12 @@ def test_serving_a_hugging_face_cache(
     missing = requests.get(f"{url}/api/models/tiny/bert/revision/{'0' * 40}", timeout=10)
     assert missing.headers["X-Error-Code"] == "RevisionNotFound"
     again = huggingface_hub.snapshot_download("tiny/bert", endpoint=url, cache_dir=tmp_path / "cache2")
-    assert files_on_disk(Path(again)) == files_on_disk(hub_server.root / "tiny/bert")
+    assert files_under(Path(again)) == files_under(hub_server.root / "tiny/bert")
     assert Path(again).name == commit
     data = huggingface_hub.snapshot_download(
         "tiny/data", repo_type="dataset", endpoint=url, local_dir=tmp_path / "data"
     )
-    assert files_on_disk(Path(data)) == files_on_disk(hub_server.root / "datasets/tiny/data")
+    assert files_under(Path(data)) == files_under(hub_server.root / "datasets/tiny/data")
 
 
 # ------------------------------------------------------------------------------ checksums

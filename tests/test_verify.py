@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from click.testing import CliRunner
 from hfmirror.cli import cli
 from hfmirror.download import download
 from hfmirror.verify import MISMATCH, MISSING, OK, UNCHECKED, verify
+from tests.servers import free_port
 from tests.support import make_repo
 
 REPO_ID = "verify/model"
@@ -74,9 +74,7 @@ def truncate(path: Path) -> None:
 
 
 def dead_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def fetch_to_cache(url: str, cache: Path) -> Path:
@@ -310,3 +308,95 @@ def test_the_default_cache_is_verified_and_repaired_in_place(hub_server, source,
     code, _, err = run("verify", REPO_ID, "--repair", "--endpoint", hub_server.url, "-q")
     assert code == 0, err
     assert same_as_source(snapshot, source) and run("verify", REPO_ID, "-q") == (0, "", "")
+
+
+COMMIT = "a" * 40
+
+
+@pytest.mark.parametrize(
+    ("ref", "expected"),
+    [
+        (f"{COMMIT}\n", COMMIT),
+        (None, None),  # no refs/main, and "main" is not a commit id
+        ("not a commit\n", None),
+        (f"{COMMIT}-and-more", None),  # the mirror's reader took the first 40 characters of anything
+        (f"{COMMIT}\n{'b' * 40}\n", None),
+        ("link outside the repo's folder", None),  # the plain server's reader followed it anywhere in ROOT
+    ],
+    ids=["commit", "no-ref", "junk", "commit-with-a-tail", "two-lines", "link-out-of-the-repo"],
+)
+def test_every_reader_of_refs_reads_a_ref_alike(
+    tmp_path: Path, ref: str | None, expected: str | None
+) -> None:
+    """The downloader offline, verify, the team mirror and the plain server all take a revision's
+    commit from refs/ the same way (layout.cached_commit): each used to have its own reader."""
+    from hfmirror.errors import NetworkError, RevisionNotFoundError
+    from hfmirror.hashing import git_blob_sha1
+    from hfmirror.layout import cached_commit
+    from hfmirror.listing import RemoteFile, RepoListing
+    from hfmirror.offline import offline_answer
+    from hfmirror.server.checksums import ChecksumCache
+    from hfmirror.server.repos import RepoStore
+    from hfmirror.server.revisions import ListingStore, RevisionPins
+
+    root = tmp_path / "cache"
+    repo_dir = root / "models--org--x"
+    (repo_dir / "snapshots" / COMMIT).mkdir(parents=True)
+    (repo_dir / "snapshots" / COMMIT / "config.json").write_bytes(b"{}")
+    (repo_dir / "refs").mkdir()
+    if ref == "link outside the repo's folder":
+        (root / "elsewhere").write_text(COMMIT)  # inside ROOT, outside the repo's folder
+        (repo_dir / "refs" / "main").symlink_to(root / "elsewhere")
+    elif ref is not None:
+        (repo_dir / "refs" / "main").write_text(ref)
+    store = ListingStore(root)
+    file = RemoteFile("config.json", 2, git_blob_sha1(b"{}"))
+    store.save(RepoListing("org/x", "model", COMMIT, COMMIT, (file,), "cache"))
+
+    def offline() -> str | None:
+        try:
+            return offline_answer(
+                "org/x",
+                repo_type="model",
+                revision="main",
+                filenames=None,
+                include=None,
+                exclude=None,
+                cache_dir=root,
+                local_dir=None,
+                reason="offline",
+            ).commit
+        except NetworkError:
+            return None
+
+    def verified() -> str | None:
+        try:
+            return verify("org/x", cache_dir=root, revision="main").commit
+        except RevisionNotFoundError:
+            return None
+
+    def mirror() -> str | None:
+        listing = RevisionPins(root, store, upstream=None, ttl=1.0).cached("model", "org/x", "main")  # type: ignore[arg-type]
+        return listing.commit if listing is not None else None
+
+    def served() -> str | None:
+        checksums = ChecksumCache(tmp_path / "state")
+        try:
+            repos = RepoStore(root, checksums)
+            location = repos.find("model", "org/x")
+            assert location is not None
+            return repos.snapshot(location, "main").commit
+        except RevisionNotFoundError:
+            return None
+        finally:
+            checksums.close()
+
+    found = {
+        "layout": cached_commit(repo_dir, "main"),
+        "offline": offline(),
+        "verify": verified(),
+        "mirror": mirror(),
+        "serve": served(),
+    }
+    assert found == dict.fromkeys(found, expected)
+    assert cached_commit(repo_dir, COMMIT) == COMMIT and cached_commit(repo_dir, "../../x") is None

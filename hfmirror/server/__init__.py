@@ -10,7 +10,8 @@
   safely), :mod:`.access` (gated content), :mod:`.repo_filter` (``--allow``/``--deny``),
   :mod:`.eviction` (``--max-size``) and :mod:`.metrics` (``/metrics``).
 * :mod:`.runner` runs either with uvicorn behind :mod:`.guard` (stalled connections) and :mod:`.logs`
-  (a bounded request log); :mod:`.faults` wraps any of them to inject network faults, for tests.
+  (a bounded request log; :mod:`.tally` counts what each answer sent); :mod:`.faults` wraps any of
+  them to inject network faults, for tests.
 
 Needs the ``serve`` extra (starlette, uvicorn).
 """

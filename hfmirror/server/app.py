@@ -30,9 +30,9 @@ from .hubapi import (
     repo_not_found,
 )
 from .repos import RepoLocation, RepoStore, Snapshot
-from .runner import ServerThread, prepare_server
+from .runner import ServerThread
 
-__all__ = ["DEFAULT_PAGE_SIZE", "LocalApi", "ServerThread", "create_app", "run_server"]
+__all__ = ["DEFAULT_PAGE_SIZE", "LocalApi", "ServerThread", "create_app"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,17 +107,3 @@ def create_app(
     app.state.store = store
     app.state.checksums = checksums
     return app
-
-
-# ------------------------------------------------------------------------------------------ running
-
-
-def run_server(
-    root: str | os.PathLike[str],
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    state_dir: str | os.PathLike[str] | None = None,
-) -> None:
-    """Serve ``root`` until Ctrl-C (or SIGTERM), logging one line per request; then return normally."""
-    prepare_server(create_app(root, state_dir=state_dir), host=host, port=port).run()

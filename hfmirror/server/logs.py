@@ -6,8 +6,8 @@ cannot forge a line; only a traceback spans lines, each indented) and cut to
 :data:`MAX_RECORD_CHARS`, and the handler spends from a byte budget that refills at
 :data:`LOG_BYTES_PER_SECOND`: past it, records are counted instead of written, and one line says how
 many were dropped once the budget allows writing again. Whatever arrives, the log grows by at most
-256 KB at once and 32 KB a second after that (before this, 1,100 stalled connections wrote 61 MB in
-10 seconds).
+:data:`LOG_BURST_BYTES` at once and :data:`LOG_BYTES_PER_SECOND` after that: a flood of requests, or
+of errors from connections past the open-file limit, cannot fill the disk.
 
 :class:`AccessLog` is the ASGI middleware that writes the per-request line.
 """
@@ -19,9 +19,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TextIO
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .tally import ResponseTally
 
 __all__ = [
     "LOG_BURST_BYTES",
@@ -156,21 +158,13 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         started = time.monotonic()
-        outcome: dict[str, Any] = {"status": None, "bytes": 0}
-
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                outcome["status"] = message["status"]
-            elif message["type"] == "http.response.body":
-                outcome["bytes"] += len(message.get("body", b""))
-            await send(message)
-
+        tally = ResponseTally(send)
         try:
-            await self.app(scope, receive, counting_send)
+            await self.app(scope, receive, tally.send)
         finally:
-            self._log(scope, outcome, time.monotonic() - started)
+            self._log(scope, tally, time.monotonic() - started)
 
-    def _log(self, scope: Scope, outcome: dict[str, Any], seconds: float) -> None:
+    def _log(self, scope: Scope, tally: ResponseTally, seconds: float) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
             return
         raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8", "replace")
@@ -183,8 +177,8 @@ class AccessLog:
             f"{client[0]}:{client[1]}" if client else "-",
             scope["method"],
             printable(target.decode("latin-1"), MAX_PATH_CHARS),
-            outcome["status"] if outcome["status"] is not None else "-",
-            outcome["bytes"],
+            tally.status if tally.status is not None else "-",
+            tally.body_bytes,
             seconds,
             f" {printable(str(extra), 40)}" if extra else "",
         )

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .tally import ResponseTally
 
 __all__ = ["COUNTERS", "CountingMiddleware", "Metrics"]
 
@@ -85,20 +86,12 @@ class CountingMiddleware:
         if scope["type"] != "http" or scope["path"] == "/metrics":
             await self.app(scope, receive, send)
             return
-        seen: dict[str, Any] = {"status": None, "bytes": 0}
-
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                seen["status"] = message["status"]
-            elif message["type"] == "http.response.body":
-                seen["bytes"] += len(message.get("body", b""))
-            await send(message)
-
+        tally = ResponseTally(send)
         try:
-            await self.app(scope, receive, counting_send)
+            await self.app(scope, receive, tally.send)
         finally:
             self.metrics.add("requests")
-            self.metrics.add("served_bytes", seen["bytes"])
+            self.metrics.add("served_bytes", tally.body_bytes)
             outcome = str((scope.get("state") or {}).get("log", ""))
-            if seen["status"] is None or seen["status"] >= 500 or "cut" in outcome:
+            if tally.status is None or tally.status >= 500 or "cut" in outcome:
                 self.metrics.add("errors")

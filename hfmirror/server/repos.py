@@ -27,15 +27,15 @@ import collections
 import functools
 import hashlib
 import os
-import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import RevisionNotFoundError, UnsafePathError
+from ..errors import BadInputError, RevisionNotFoundError
 from ..hashing import git_blob_sha1, is_git_sha1, is_sha256
-from ..paths import validate_relative_path
+from ..layout import cached_commit
+from ..listing import validate_repo_id
 from .checksums import GIT_SHA1, SHA256, ChecksumCache
 from .scan import Confinement, FolderIndex, ScannedFile
 
@@ -68,17 +68,17 @@ RESTRICTED_MARKER = ".hfmirror/restricted"
 # Listings kept at once (one per plain repo, one per cached commit); the least recently used goes first.
 MAX_LISTINGS = 1024
 
-# One segment of a repo id: letters, digits, '-', '_' and '.', not starting with '.' or '-'.
-_REPO_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,95}$")
 _CACHE_PREFIX = {"model": "models", "dataset": "datasets"}
 
 
 def is_valid_repo_id(repo_id: str) -> bool:
-    """True for ``name`` or ``org/name`` made of safe segments (no ``..``, no ``--``, nothing hidden)."""
-    parts = repo_id.split("/")
-    return 1 <= len(parts) <= 2 and all(
-        _REPO_SEGMENT.match(p) and ".." not in p and "--" not in p for p in parts
-    )
+    """True for ``name`` or ``org/name`` as the Hub allows it (the downloader's rule: nothing hidden,
+    no ``..`` or ``--``, a word character at either end of each part)."""
+    try:
+        validate_repo_id(repo_id)
+    except BadInputError:
+        return False
+    return True
 
 
 def is_lfs_file(path: str, size: int) -> bool:
@@ -311,19 +311,8 @@ class RepoStore:
     def _cache_commit(self, location: RepoLocation, revision: str) -> str:
         """Map a branch (``refs/<revision>``) or a commit id to a snapshot folder name, inside ROOT."""
         missing = RevisionNotFoundError(f"revision {revision!r} not found in {location.repo_id}")
-        try:
-            validate_relative_path(revision)
-        except UnsafePathError:
-            raise missing from None
-        commit = revision
-        ref = self.confinement.real(location.base / "refs" / revision)
-        if ref is not None and ref.is_file():
-            try:
-                with open(ref, "rb") as f:
-                    commit = f.read(100).decode("ascii", errors="replace").strip()
-            except OSError:
-                raise missing from None
-        if not is_git_sha1(commit):
+        commit = cached_commit(location.base, revision)  # a ref inside the repo's folder, or a commit id
+        if commit is None:
             raise missing
         snapshot_dir = location.base / "snapshots" / commit
         if not self.confinement.contains(snapshot_dir) or not snapshot_dir.is_dir():

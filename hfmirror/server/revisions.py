@@ -26,9 +26,9 @@ from pathlib import Path
 
 from ..errors import NetworkError, UnsafePathError
 from ..hashing import is_git_sha1, is_sha256
-from ..layout import CacheLayout, repo_folder_name
+from ..layout import CacheLayout, cached_commit, repo_folder_name
 from ..listing import RemoteFile, RepoListing
-from ..paths import safe_join, validate_relative_path
+from ..paths import validate_relative_path
 from .access import AccessGate
 from .upstream import Upstream
 
@@ -183,11 +183,5 @@ class RevisionPins:
 
     def cached(self, repo_type: str, repo_id: str, revision: str) -> RepoListing | None:
         """The last known listing of ``revision`` from the cache alone (``refs/`` and the stored listing)."""
-        commit = revision
-        if not is_git_sha1(revision):
-            try:
-                ref = safe_join(self.root / repo_folder_name(repo_id, repo_type) / "refs", revision)
-                commit = ref.read_text(encoding="ascii", errors="replace").strip()[:40]
-            except (OSError, UnsafePathError):
-                return None
-        return self.store.load(repo_type, repo_id, commit)
+        commit = cached_commit(self.root / repo_folder_name(repo_id, repo_type), revision)
+        return self.store.load(repo_type, repo_id, commit) if commit is not None else None

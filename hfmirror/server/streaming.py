@@ -10,6 +10,12 @@ again) or the fill fails, the connection is cut: a client may see a short body, 
 wrong file. A client that resumes after the cut (huggingface_hub resumes with a bare ``Range``) would
 join bytes of the discarded attempt to verified ones, so for a day after a cut, range requests for
 that file get the whole file (200), which makes such clients start over.
+
+The filler's checksum vouches for the bytes it wrote, not for the bytes this process reads back: a
+replica on NFS may read stale pages of a partial file another replica is writing. So a whole-file
+answer also hashes exactly the bytes it sends, and its last block leaves only once that hash matches
+the listing (else the connection is cut). A range answer cannot be checked that way (it holds only
+part of the file); its client has to check the file it assembles.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from ..hashing import ContentHasher
 from ..listing import RemoteFile
-from ..transfer import ResumeState
+from ..resume import ResumeState
 from .eviction import InUse
 from .fills import Fill
 from .hubapi import CHUNK_SIZE, HubError
@@ -225,19 +232,25 @@ class FillingFileResponse(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         hold_from = min(end, max(start, self.file.size - HOLD_BACK))  # the file's last block waits
+        # A whole-file answer hashes what it sends: its last block also waits for that hash to match.
+        hasher = ContentHasher(self.file.oid, self.file.size) if (start, end) == (0, self.file.size) else None
         pos, last_progress = start, time.monotonic()
         while pos < end and not gone.is_set():
             state = reader.state()
             if state is FillState.REPLACED:
                 return self._cut("the partial file was discarded (a checksum mismatch, or a restart)")
             if state is FillState.VERIFIED:
-                limit = end
+                if hasher is not None and pos == hold_from:
+                    return await self._send_checked_tail(reader, hasher, pos, send)
+                limit = end if hasher is None else hold_from
             elif self._failed():
                 return self._cut(f"the fill failed: {self.fill.error}")
             else:
                 limit = min(await run_in_threadpool(reader.written_from, pos), hold_from)
             if limit > pos:
-                chunk = await run_in_threadpool(reader.read, pos, min(CHUNK_SIZE, limit - pos))
+                chunk = await run_in_threadpool(
+                    _read_hashed, reader, hasher, pos, min(CHUNK_SIZE, limit - pos)
+                )
                 if not chunk:
                     return self._cut("the partial file is shorter than its table says")
                 pos += len(chunk)
@@ -247,6 +260,20 @@ class FillingFileResponse(Response):
                 return self._cut(f"no new bytes for {self.stall_timeout:.0f} s")
             else:
                 await asyncio.sleep(POLL_SECONDS)
+
+    async def _send_checked_tail(
+        self, reader: FillReader, hasher: ContentHasher, pos: int, send: Send
+    ) -> None:
+        """Send the held-back last block (from ``pos``) only if the whole answer then hashes to the
+        listing's checksum: the filler verified what it wrote, this checks what this process read."""
+        count = self.file.size - pos  # at most HOLD_BACK, so it is held in memory while it is checked
+        tail = await run_in_threadpool(_read_hashed, reader, hasher, pos, count)
+        if len(tail) != count:
+            return self._cut("the file is shorter than the listing says")
+        digest = hasher.hexdigest()
+        if digest != self.file.oid:
+            return self._cut(f"the bytes read hash to {digest}, not to the listed {self.file.oid}")
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
 
     def _raw_headers(self) -> list[tuple[bytes, bytes]]:
         start, end = self._span
@@ -266,6 +293,15 @@ class FillingFileResponse(Response):
         except OSError as error:
             logger.warning("could not record the cut answer for %s: %s", self.file.path, error)
         self.on_cut(reason)
+
+
+def _read_hashed(reader: FillReader, hasher: ContentHasher | None, pos: int, count: int) -> bytes:
+    """Up to ``count`` bytes at ``pos``, fed to ``hasher`` too (on a worker thread: sha256 of 1 MiB
+    takes milliseconds, which the event loop's other clients should not wait for)."""
+    chunk = reader.read(pos, count)
+    if hasher is not None:
+        hasher.update(chunk)
+    return chunk
 
 
 async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:

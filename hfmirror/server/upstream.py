@@ -21,15 +21,24 @@ import threading
 import time
 from collections.abc import Callable
 
-import requests
-
 from .. import constants
 from ..endpoints import Endpoint, EndpointPool
 from ..errors import NetworkError, RemoteError
 from ..layout import CacheLayout
 from ..listing import RemoteFile, RepoListing, list_repo
-from ..policy import Action, Asked, Verdict, judge_status, judge_transport_error, pause, settle
-from ..transfer import FileTransfer, TransferOptions, TransferStats
+from ..policy import (
+    TRANSPORT_ERRORS,
+    Action,
+    Asked,
+    TransferStats,
+    Verdict,
+    judge_status,
+    judge_transport_error,
+    pause,
+    settle,
+)
+from ..sessions import SessionFactory
+from ..transfer import FileTransfer, TransferOptions
 
 __all__ = ["FAILBACK_SECONDS", "Upstream"]
 
@@ -37,26 +46,6 @@ logger = logging.getLogger(__name__)
 
 FAILBACK_SECONDS = 600.0  # a failed-over pool goes back to the first endpoint after this long
 _PROBE_ATTEMPTS = 3  # per endpoint, for an access check
-
-
-class _Sessions:
-    """One requests.Session per thread (sessions are not thread-safe; their pools are per session)."""
-
-    def __init__(self, pool_size: int) -> None:
-        self._local = threading.local()
-        self._pool_size = pool_size
-
-    def get(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            adapter = requests.adapters.HTTPAdapter(pool_maxsize=self._pool_size, max_retries=0)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            # identity: a compressed body would break byte ranges and lengths.
-            session.headers.update({"User-Agent": constants.USER_AGENT, "Accept-Encoding": "identity"})
-            self._local.session = session
-        return session
 
 
 class Upstream:
@@ -77,7 +66,7 @@ class Upstream:
         self.max_concurrency = max_concurrency
         self.stats = TransferStats()  # every fill's and listing's counters (bytes fetched, retries, 429s)
         self.cancel = threading.Event()  # set at shutdown: waits end, transfers stop (keeping their state)
-        self._sessions = _Sessions(pool_size=connections * 2)
+        self._sessions = SessionFactory(pool_size=max_concurrency)  # sockets within the governors' budget
         self._clock = clock
         self._pool_lock = threading.Lock()
         self._pool = self._new_pool()  # checks the URLs now, so a bad one fails at start
@@ -199,7 +188,7 @@ class Upstream:
                 response = self._sessions.get().head(
                     url, headers=headers, allow_redirects=False, timeout=(constants.CONNECT_TIMEOUT,) * 2
                 )
-            except requests.RequestException as error:
+            except TRANSPORT_ERRORS as error:
                 return judge_transport_error(error, asked, timeout=constants.CONNECT_TIMEOUT)
             if response.is_redirect:
                 return None

@@ -13,7 +13,9 @@ from typing import Any
 
 import requests
 
+from hfmirror.resume import ResumeState
 from tests.servers import REPO_ROOT, Process, free_port, python_env, start_process, wait_until
+from tests.support import files_under
 
 __all__ = [
     "MIB",
@@ -31,16 +33,6 @@ __all__ = [
 ]
 
 MIB = 1024 * 1024
-
-
-def files_under(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` outside hidden folders (relative path -> bytes)."""
-    result = {}
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if path.is_file() and not any(part.startswith(".") for part in rel.split("/")[:-1]):
-            result[rel] = path.read_bytes()
-    return result
 
 
 def start_mirror_process(root: Path, upstream_url: str, workdir: Path, *extra: str, port: int = 0) -> Process:
@@ -79,14 +71,6 @@ def bytes_for(stats: dict[str, Any], suffix: str) -> int:
 
 
 def partial_fraction(root: Path, repo_folder: str, size: int) -> float:
-    """How much of a file being filled into ``root`` its resume state says is written (0 if none yet)."""
-    import json
-
-    total = 0
-    for state in (root / repo_folder / "blobs").glob("*.hfmirror.json"):
-        try:
-            table = json.loads(state.read_text())["segments"]
-        except (OSError, ValueError, KeyError):
-            continue
-        total = max(total, sum(pos - start for start, pos, _ in table))
-    return total / size
+    """How much of a file being filled into ``root`` its resume state vouches for (0 if none yet)."""
+    states = (root / repo_folder / "blobs").glob("*.hfmirror.json")
+    return max((ResumeState.saved_bytes(state) for state in states), default=0) / size

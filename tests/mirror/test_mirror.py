@@ -11,8 +11,6 @@ import concurrent.futures
 import hashlib
 import http.client
 import re
-import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -31,11 +29,12 @@ from hfmirror.download import download
 from hfmirror.errors import DownloadInterrupted
 from hfmirror.server import mirror as mirror_module
 from hfmirror.server.app import ServerThread, create_app
+from hfmirror.server.streaming import HOLD_BACK
 from hfmirror.server.upstream import FAILBACK_SECONDS
 from hfmirror.server.upstream import Upstream as UpstreamEndpoints
 from tests.mirror.conftest import BIG, Mirror, Upstream, hub
-from tests.mirror.support import MIB, REPO_ROOT, files_under, python_env, start_mirror_process, wait_until
-from tests.support import make_repo
+from tests.mirror.support import MIB, REPO_ROOT, files_under, start_mirror_process, wait_until
+from tests.support import make_repo, run_cli
 
 # ------------------------------------------------------------------------------------ cold and warm
 
@@ -113,22 +112,30 @@ def test_four_concurrent_cold_clients_cost_one_upstream_transfer(
 def test_a_range_of_a_file_being_filled_is_served_from_what_is_there(
     upstream: Upstream, mirror: Callable[..., Mirror]
 ) -> None:
-    upstream.plan.limit_bandwidth(MIB, path="*/weights.bin")  # 8 connections: ~3 s for the file
-    m = mirror(upstream.url, connections=8)
+    # The upstream stops halfway through the file for a minute; the mirror gives up on that
+    # connection after its 5 s stall timeout and fetches the rest. Until then the file can only be
+    # read from its partial copy, however fast or slow this machine is.
+    stall = upstream.plan.stall(60, after_bytes=BIG // 2, path="*/weights.bin", times=1)
+    m = mirror(upstream.url, connections=1, stall_timeout=5, upstream_timeout=60)
     data = (upstream.root / "big" / "one" / "weights.bin").read_bytes()
-    url = f"{m.url}/big/one/resolve/main/weights.bin"
+    blob = m.root / "models--big--one" / "blobs" / hashlib.sha256(data).hexdigest()
+    commit = requests.get(f"{m.url}/api/models/big/one", timeout=30).json()["sha"]
+    url = f"{m.url}/big/one/resolve/{commit}/weights.bin"
     with requests.get(url, stream=True, timeout=60) as first:  # starts the fill
         assert first.status_code == 200
         head = requests.get(url, headers={"Range": "bytes=0-99"}, timeout=60)
         assert head.status_code == 206 and head.content == data[:100]
         assert head.headers["Content-Range"] == f"bytes 0-99/{BIG}"
+        assert not blob.exists()  # answered from the partial file
         # A range far ahead waits for its bytes; the file's last block waits for the checksum.
-        tail = requests.get(url, headers={"Range": f"bytes={BIG - 5000}-"}, timeout=60)
+        tail = requests.get(url, headers={"Range": f"bytes={BIG - 5000}-"}, timeout=90)
         assert tail.status_code == 206 and tail.content == data[-5000:]
-        blob = m.root / "models--big--one" / "blobs" / hashlib.sha256(data).hexdigest()
         assert blob.is_file()  # the last block came only once the file was verified and in place
         body = first.raw.read()
     assert body == data
+    # All three answers came through the fill (a cached blob would have counted as a hit).
+    assert (m.counter("cache_misses"), m.counter("cache_hits")) == (1 + 3, 0)  # the listing, the files
+    assert stall.applied == 1 and len(upstream.plan.requests("*/weights.bin", method="GET")) >= 2
     assert upstream.sent("*/weights.bin") <= BIG + 4 * MIB
 
 
@@ -343,11 +350,14 @@ def test_a_corrupted_upstream_body_never_reaches_a_client_as_a_complete_file(
     upstream.plan.corrupt(path="*/weights.bin")  # every answer, every attempt
     upstream.plan.limit_bandwidth(4 * MIB, path="*/weights.bin")
     m = mirror(upstream.url, connections=2)
-    url = f"{m.url}/big/one/resolve/main/weights.bin"
-    received = _read_until_closed(url)
-    assert len(received) < BIG  # cut short: the last block never left before a checksum that never matched
+    commit = requests.get(f"{m.url}/api/models/big/one", timeout=30).json()["sha"]
+    url = f"{m.url}/big/one/resolve/{commit}/weights.bin"  # "main" would answer 302 to this URL
+    status, received = _read_until_closed(url)
+    # Streamed, then cut short: the last block never left before a checksum that never matched.
+    assert status == 200 and 0 < len(received) <= BIG - HOLD_BACK
     assert not list((m.root / "models--big--one" / "blobs").glob("[0-9a-f]" * 64))
-    assert len(_read_until_closed(url)) < BIG  # a new fill, the same: never the whole wrong file
+    status, received = _read_until_closed(url)  # a new fill, the same: never the whole wrong file
+    assert status == 200 and 0 < len(received) <= BIG - HOLD_BACK
 
 
 @pytest.mark.slow
@@ -366,8 +376,9 @@ def test_a_client_resuming_after_a_cut_starts_over_and_gets_the_right_file(
     )
 
 
-def _read_until_closed(url: str) -> bytes:
-    """GET ``url`` and read whatever comes until the server closes (a cut shows as a short body)."""
+def _read_until_closed(url: str) -> tuple[int, bytes]:
+    """GET ``url``: the status and whatever body comes until the server closes (a cut shows as a
+    short body)."""
     host, port = url.removeprefix("http://").split("/", 1)[0].split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
     try:
@@ -379,7 +390,7 @@ def _read_until_closed(url: str) -> bytes:
                 chunks.append(chunk)
         except (http.client.IncompleteRead, ConnectionError) as error:
             chunks.append(getattr(error, "partial", b""))
-        return b"".join(chunks)
+        return response.status, b"".join(chunks)
     finally:
         conn.close()
 
@@ -416,9 +427,8 @@ def test_gated_content_goes_only_to_tokens_the_upstream_accepts(
     for token, status in ((None, 401), ("hf_bad", 403)):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         for route in ("/gated/model/resolve/main/model.safetensors", "/api/models/gated/model"):
-            r = requests.get(m.url + route, headers=headers, timeout=30)
+            r = _refused(m, route, headers)
             assert r.status_code == status and r.headers["X-Error-Code"] == "GatedRepo", (token, route)
-            assert weights[:1000] not in r.content
     with pytest.raises(GatedRepoError):
         huggingface_hub.hf_hub_download(
             "gated/model", "model.safetensors", **hub(endpoint=m.url, cache_dir=tmp_path / "anon")
@@ -432,10 +442,19 @@ def test_gated_content_goes_only_to_tokens_the_upstream_accepts(
     # With the upstream gone, nobody's token can be checked: nobody gets the cached copy.
     cut_off = mirror(f"http://127.0.0.1:{unused_port}", root=m.root, upstream_timeout=3)
     for headers in ({"Authorization": "Bearer hf_good"}, {}):
-        r = requests.get(
-            f"{cut_off.url}/gated/model/resolve/main/model.safetensors", headers=headers, timeout=60
-        )
-        assert r.status_code in (401, 403, 504) and weights[:1000] not in r.content
+        r = _refused(cut_off, "/gated/model/resolve/main/model.safetensors", headers)
+        assert r.status_code == 504, headers
+
+
+def _refused(m: Mirror, route: str, headers: dict[str, str]) -> requests.Response:
+    """GET ``route`` of mirror ``m``, which must refuse it: by its own count, the only body bytes that
+    went out are those of the JSON error (none of the file)."""
+    requests_before, bytes_before = m.counter("requests"), m.counter("served_bytes")
+    r = requests.get(m.url + route, headers=headers, timeout=60)
+    # A request is counted as its handler returns, a moment after its last byte went out.
+    wait_until(lambda: m.counter("requests") > requests_before, timeout=10)
+    assert m.counter("served_bytes") - bytes_before == len(r.content) and r.json()["error"], route
+    return r
 
 
 # ------------------------------------------------------------------------------------ operators
@@ -568,14 +587,7 @@ def test_tokens_never_reach_the_log(upstream: Upstream, tmp_path: Path) -> None:
     ],
 )
 def test_serve_refuses_bad_mirror_options_in_one_line(tmp_path: Path, extra: list[str], message: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "hfmirror", "serve", str(tmp_path / "cache"), "--port", "0", *extra],
-        cwd=REPO_ROOT,
-        env=python_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli("serve", str(tmp_path / "cache"), "--port", "0", *extra, cwd=REPO_ROOT)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hfmirror: error:") and message in lines[0], lines
@@ -586,14 +598,8 @@ def test_an_unusable_state_dir_is_a_storage_error_in_one_line(tmp_path: Path, mo
     (tmp_path / "a-file").write_text("not a folder\n")
     (tmp_path / "cache").mkdir()
     state_dir = tmp_path / "a-file" / "state"  # cannot be made, even by root
-    result = subprocess.run(
-        [sys.executable, "-m", "hfmirror", "serve", str(tmp_path / "cache"), "--port", "0"]
-        + ["--state-dir", str(state_dir), *mode],
-        cwd=REPO_ROOT,
-        env=python_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run_cli(
+        "serve", str(tmp_path / "cache"), "--port", "0", "--state-dir", str(state_dir), *mode, cwd=REPO_ROOT
     )
     assert result.returncode == 7, result.stderr
     lines = result.stderr.strip().splitlines()

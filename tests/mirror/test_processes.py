@@ -24,6 +24,7 @@ from tests.mirror.support import (
     start_upstream_process,
     wait_until,
 )
+from tests.support import run_cli
 
 WEIGHTS = "/big/one/resolve/main/weights.bin"
 
@@ -89,25 +90,7 @@ def test_the_mirror_killed_mid_fill_resumes_after_a_restart(upstream: Upstream, 
 
 def _download(url: str, cache: Path) -> bytes:
     """`hfmirror download big/one` through ``url`` (the command users run); the weights' bytes."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hfmirror",
-            "download",
-            "big/one",
-            "--endpoint",
-            url,
-            "--cache-dir",
-            str(cache),
-            "-q",
-        ],
-        cwd=REPO_ROOT,
-        env=python_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_cli("download", "big/one", "--endpoint", url, "--cache-dir", str(cache), "-q", cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     return (Path(result.stdout.strip().splitlines()[-1]) / "weights.bin").read_bytes()
 

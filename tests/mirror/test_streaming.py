@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,12 +13,13 @@ import pytest
 
 from hfmirror.layout import CacheLayout
 from hfmirror.listing import RemoteFile, RepoListing
+from hfmirror.resume import ResumeState
+from hfmirror.segments import Segment
 from hfmirror.server.app import ServerThread
 from hfmirror.server.eviction import InUse
 from hfmirror.server.fills import Fill
 from hfmirror.server.hubapi import HubError
 from hfmirror.server.streaming import HOLD_BACK, FillingFileResponse, FillReader, parse_range
-from hfmirror.transfer import ResumeState, Segment
 
 SIZE = 3 * HOLD_BACK + 777
 
@@ -142,8 +142,19 @@ def test_the_reader_follows_the_segment_table(filling: Fill) -> None:
     assert reader.written_from(third + 50) == third + 100
     assert reader.written_from(third + 100) == third + 100  # not there yet
     assert reader.written_from(2 * third) == 2 * third
-    threading.Thread(target=os.replace, args=(filling.partial, filling.blob)).start()
-    assert reader.written_from(third + 100) in (third + 100, SIZE)
+    os.replace(filling.partial, filling.blob)  # verified: the file being read is now the blob
+    assert reader.written_from(third + 100) == SIZE  # every byte, whatever the table said
+    reader.close()
+
+
+def test_the_reader_trusts_no_table_once_its_file_was_discarded(filling: Fill) -> None:
+    write_table(filling, [Segment(0, SIZE // 2, SIZE)])
+    reader = FillReader(filling.file, filling.blob, filling.partial, filling.state)
+    assert reader.open() and reader.written_from(0) == SIZE // 2
+    filling.partial.unlink()  # a mismatch: the downloader throws the attempt away...
+    filling.partial.write_bytes(b"\0" * SIZE)  # ...and a new attempt writes another file
+    write_table(filling, [Segment(0, SIZE, SIZE)])  # whose table says more
+    assert reader.written_from(0) == 0  # the table is not of the file being read
     reader.close()
 
 
