@@ -29,6 +29,7 @@ from .gpt2 import GPT2_REFERENCE, GPT2_STAGE_FUNCTIONS, GPT2Config, GPT2Model, g
 from .llama import LLAMA_REFERENCE, LLAMA_STAGE_FUNCTIONS, LlamaConfig, LlamaModel, llama_weight_map
 from .model import TransformerModel
 from .qwen import (
+    QWEN_IGNORED,
     QWEN_REFERENCE,
     QWEN_STAGE_FUNCTIONS,
     QwenConfig,
@@ -39,22 +40,13 @@ from .qwen import (
 )
 from .reference_layout import ReferenceConversion, ReferenceLayout
 from .roberta import RobertaConfig, RobertaModel
-from .weights import (
-    CheckpointReader,
-    TensorCache,
-    WeightMap,
-    checkpoint_files,
-    load_piece,
-    plan_weights,
-    tie_like_transformers,
-)
+from .weights import CheckpointReader, WeightMap, checkpoint_files, plan_weights, tie_like_transformers
 
 __all__ = [
     "REGISTRY",
     "Architecture",
     "LoadedModel",
     "architecture_for",
-    "load_model",
     "prepare_model",
     "supported_model_types",
 ]
@@ -86,10 +78,16 @@ class Architecture:
     # Set when transformers cannot load the checkpoint as it is (see compare.qwen).
     conversion: ReferenceConversion | None = None
     uses_token_types: bool = False  # the input carries segment ids (encoders)
-    has_lm_head: bool = False  # the final stage is next-token logits
-    # The checkpoint name of the LM head's weight (after canonical_name): a checkpoint may store it
-    # even when config.json ties it to the embeddings (see compare.weights.tie_like_transformers).
+    causal: bool = False  # a decoder: each position attends to itself and the positions before it
+    # The checkpoint name of the LM head's weight (after canonical_name), for models whose last stage
+    # is next-token logits: a checkpoint may store it even when config.json ties it to the
+    # embeddings (see compare.weights.tie_like_transformers).
     lm_head: str | None = None
+
+    @property
+    def has_lm_head(self) -> bool:
+        """Whether the model ends in next-token logits (then next-token agreement is measured)."""
+        return self.lm_head is not None
 
     def canonical_name(self, name: str) -> str | None:
         """A checkpoint tensor name as the weight map spells it, or None for a tensor to ignore."""
@@ -152,7 +150,7 @@ def _llama_family(model_type: str) -> Architecture:
         base_prefix="model.",
         head_prefixes=("score.",),
         ignored=(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),  # old checkpoints saved it
-        has_lm_head=True,
+        causal=True,
         lm_head="lm_head.weight",
     )
 
@@ -188,7 +186,7 @@ REGISTRY: dict[str, Architecture] = {
         head_prefixes=("score.", "multiple_choice_head."),
         # The causal mask, saved as a buffer by old versions of transformers (the hub's gpt2 has it).
         ignored=(r"h\.\d+\.attn\.(bias|masked_bias)",),
-        has_lm_head=True,
+        causal=True,
         lm_head="lm_head.weight",
     ),
     **{model_type: _llama_family(model_type) for model_type in ("llama", "mistral", "qwen2", "qwen3")},
@@ -200,9 +198,9 @@ REGISTRY: dict[str, Architecture] = {
         reference=QWEN_REFERENCE,
         stage_functions=QWEN_STAGE_FUNCTIONS,
         base_prefix="transformer.",
-        ignored=(r"h\.\d+\.attn\.(masked_bias|rotary_emb\.inv_freq)",),
+        ignored=QWEN_IGNORED,
         conversion=QWEN_CONVERSION,
-        has_lm_head=True,
+        causal=True,
         lm_head="lm_head.weight",
     ),
 }
@@ -231,16 +229,15 @@ def architecture_for(raw_config: dict[str, Any]) -> Architecture:
 class LoadedModel:
     """A from-scratch model, what it was built from, and how its weights are read.
 
-    Made by :func:`prepare_model`, the model is on the "meta" device (shapes only) and its pieces are
-    loaded as they are needed; :func:`load_model` loads all of it at once.
+    Made by :func:`prepare_model`, the model is on the "meta" device (shapes only); its pieces get
+    their weights as they are needed (compare.weights.load_piece, by ``plan``).
     """
 
     model: TransformerModel
     config: Any
     architecture: Architecture
     options: dict[str, Any]
-    files: list[Path] = field(default_factory=list)  # the checkpoint's weight files
-    reader: CheckpointReader | None = None
+    reader: CheckpointReader  # the checkpoint's weight files (reader.files), read one tensor at a time
     weight_map: WeightMap = field(default_factory=dict)
     plan: dict[str, str] = field(default_factory=dict)  # our parameter -> checkpoint tensor name
 
@@ -257,8 +254,7 @@ def prepare_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32) 
     raw_config = read_config_json(model_dir)
     architecture = architecture_for(raw_config)
     config = architecture.parse_config(raw_config)
-    files = checkpoint_files(model_dir)
-    reader = CheckpointReader(files)
+    reader = CheckpointReader(checkpoint_files(model_dir))
     names = {name for name in map(architecture.canonical_name, reader.names()) if name is not None}
     options = architecture.detect_options(names)
 
@@ -277,24 +273,7 @@ def prepare_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32) 
         config=config,
         architecture=architecture,
         options=options,
-        files=files,
         reader=reader,
         weight_map=weight_map,
         plan=plan,
     )
-
-
-def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Build our implementation of the checkpoint in ``model_dir`` and load all its weights, in eval mode.
-
-    Raises:
-        CompareError: no or malformed config.json.
-        UnsupportedModelError: a model_type (or variant) we do not implement.
-        WeightLoadError: a missing, unexpected or wrongly shaped tensor.
-    """
-    loaded = prepare_model(model_dir, dtype=dtype)
-    assert loaded.reader is not None
-    tensors = TensorCache(loaded.reader, dtype)
-    load_piece(loaded.model, "", loaded.plan, loaded.weight_map, tensors)
-    tensors.clear()  # the parameters keep what they hold
-    return loaded

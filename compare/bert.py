@@ -49,7 +49,7 @@ class BertEmbeddings(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
-        # input_ids, token_type_ids: (B, T); positions: (B, T) or (T,)
+        # input_ids, token_type_ids: (B, T); positions: (B, T) or (1, T)
         x = self.token(input_ids) + self.token_type(token_type_ids)  # (B, T, C)
         x = x + self.position(positions)  # (B, T, C) + (B or 1, T, C)
         return self.norm(x)  # (B, T, C)
@@ -105,7 +105,7 @@ class BertModel(TransformerModel):
 
     def positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Position ids: 0, 1, ..., T-1 for every row, padding or not."""
-        return torch.arange(input_ids.size(1))  # (T,), broadcast over the batch
+        return torch.arange(input_ids.size(1))[None]  # (1, T), broadcast over the batch
 
     def make_context(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None

@@ -27,7 +27,16 @@ from pathlib import Path
 from hfmirror.errors import CompareError, HfMirrorError, WeightLoadError
 from hfmirror.paths import validate_relative_path
 
-__all__ = ["WEIGHT_FILES", "CheckpointFiles", "choose_files", "fetch_checkpoint", "shard_names"]
+__all__ = [
+    "TOKENIZER_FILES",
+    "WEIGHT_FILES",
+    "CheckpointFiles",
+    "choose_files",
+    "fetch_checkpoint",
+    "fetch_tokenizer",
+    "is_tokenizer_file",
+    "shard_names",
+]
 
 # (single file, index of its shards), in order of preference, like transformers: safetensors first,
 # the pickle format as a fallback.
@@ -36,7 +45,8 @@ WEIGHT_FILES = (
     ("pytorch_model.bin", "pytorch_model.bin.index.json"),
 )
 # What AutoTokenizer may read: the fast tokenizer, its settings, and the vocabularies of the slow ones
-# (WordPiece, BPE, SentencePiece, tiktoken).
+# (WordPiece, BPE, SentencePiece; tiktoken's are any "*.tiktoken"). The one list: what is fetched for
+# a checkpoint or for --tokenizer REPO, and what counts as a tokenizer in a folder.
 TOKENIZER_FILES = frozenset(
     {
         "tokenizer.json",
@@ -51,6 +61,11 @@ TOKENIZER_FILES = frozenset(
         "sentencepiece.bpe.model",
     }
 )
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """Whether a file name (no folder) is one AutoTokenizer may read."""
+    return name in TOKENIZER_FILES or name.endswith(".tiktoken")
 
 
 @dataclass(frozen=True)
@@ -73,7 +88,7 @@ def choose_files(names: Iterable[str]) -> CheckpointFiles:
     """
     top = sorted(name for name in names if "/" not in name)
     present = set(top)
-    tokenizer = tuple(name for name in top if name in TOKENIZER_FILES or name.endswith(".tiktoken"))
+    tokenizer = _tokenizer_files(top)
     for single, index in WEIGHT_FILES:
         if single in present:
             return CheckpointFiles(single, False, tokenizer)
@@ -82,6 +97,11 @@ def choose_files(names: Iterable[str]) -> CheckpointFiles:
     readable = ", ".join(name for pair in WEIGHT_FILES for name in pair)
     shown = ", ".join(top[:12]) + (", ..." if len(top) > 12 else "")
     raise WeightLoadError(f"no weights compare can read ({readable}); the repository has: {shown}")
+
+
+def _tokenizer_files(names: Iterable[str]) -> tuple[str, ...]:
+    """The tokenizer files among a repository's file names (at its top only, as for the weights)."""
+    return tuple(sorted(name for name in names if "/" not in name and is_tokenizer_file(name)))
 
 
 def shard_names(index_path: Path) -> list[str]:
@@ -150,3 +170,28 @@ def fetch_checkpoint(
         index = fetch([chosen.weights], plan.commit).path / chosen.weights
         weights += shard_names(index)
     return fetch(["config.json", *weights, *chosen.tokenizer], revision).path
+
+
+def fetch_tokenizer(
+    repo_id: str,
+    *,
+    endpoints: list[str] | None,
+    token: str | None,
+    cache_dir: str | None,
+    progress: bool,
+) -> Path:
+    """Download the tokenizer files of ``repo_id`` (``--tokenizer REPO``), not its weights or anything
+    else; return the snapshot folder.
+
+    Raises:
+        CompareError: the repository has no tokenizer files.
+        Any error of :func:`hfmirror.download.download`.
+    """
+    from hfmirror.download import download
+
+    options = {"endpoints": endpoints, "token": token, "cache_dir": cache_dir, "progress": progress}
+    plan = download(repo_id, dry_run=True, **options)
+    names = _tokenizer_files(f.path for f in plan.files)
+    if not names:
+        raise CompareError(f"{repo_id} has no tokenizer files ({', '.join(sorted(TOKENIZER_FILES))})")
+    return download(repo_id, filenames=list(names), **options).path

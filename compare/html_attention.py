@@ -28,9 +28,8 @@ from hfmirror.errors import CompareError
 __all__ = ["MAX_DRAWN_CELLS", "AttentionMaps", "attention_section", "drawn_token_limit"]
 
 # The most (query, key) cells drawn per kind of picture (ours, reference, difference), over all layers
-# and heads, so that a page stays under 5 MB: random attention (the worst case for PNG) costs up to
-# ~0.9 bytes per cell over the three kinds, base64 included, and the rest of a 28-layer page ~0.2 MB.
-# A 28-layer, 16-head model draws up to 53 tokens.
+# and heads, so that a page stays under 5 MB even for random attention, the worst case for PNG (the
+# tests check a 28-layer, 16-head page, drawn at this budget, against that bound).
 MAX_DRAWN_CELLS = 1_300_000
 
 

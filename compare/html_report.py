@@ -6,12 +6,11 @@ browser's own, and a Content-Security-Policy forbids any request (so a mistake h
 blocked load, not as a silent one). Pictures come from compare.html_figures (matplotlib, the
 optional ``report`` extra, imported only when a page is rendered).
 
-What the page is made from (the integration builds these; nothing here runs a model):
+What the page is made from (compare.runner's results; nothing here runs a model):
 
-- ``report``: ``ComparisonReport.to_dict()``. Keys that later comparisons add are shown when present:
-  per stage ``isolated`` (``{max_abs_diff, mean_abs_diff, rel_error, cosine_similarity, passed}``),
-  ``nmse`` and ``p99_abs_diff``; top level ``repo_id`` and ``commit`` (where the checkpoint came
-  from), and any other number, or dict of numbers, such as next-token agreement or a KL divergence.
+- ``report``: ``ComparisonReport.to_dict()``: per stage its carried measurement and its
+  ``isolated`` one; top level ``repo_id`` and ``commit`` when the checkpoint came from a cache, and
+  any other number, or dict of numbers (``next_token``: agreement, KL divergence), as a header fact.
 - ``attention``: an :class:`AttentionMaps` for the first input text.
 - ``sources``: stage name -> where it is computed, as ``"compare/layers.py:123"`` text (see
   :func:`source_location`). A key may use ``{i}`` for the layer number (``"layer.{i}.attention"``).
@@ -30,7 +29,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -41,7 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 from hfmirror.errors import CompareError, StorageError
 
-from .html_attention import AttentionMaps, attention_section
+from .html_attention import AttentionMaps, _e, attention_section
+from .report import _cosine_gap, _sci, float64_hint, stage_passes, stage_result, verdict_line
 
 if TYPE_CHECKING:
     from .report import ComparisonReport
@@ -51,7 +50,6 @@ __all__ = [
     "render_html",
     "source_location",
     "stage_anchor",
-    "verdict_sentence",
     "write_html",
     "write_report",
 ]
@@ -131,31 +129,6 @@ def write_report(path: str | Path, report: ComparisonReport) -> Path:
     return write_html(path, report.to_dict(), attention=attention, sources=sources)
 
 
-def verdict_sentence(report: Mapping[str, Any]) -> str:
-    """The verdict in one sentence: that every stage matches, or which stage fails first."""
-    stages = list(report.get("stages") or [])
-    tolerance = f"atol={report['atol']:g}, rtol={report['rtol']:g}"
-    if not stages:
-        return "No stages were compared."
-    if report.get("passed"):
-        return (
-            f"All {len(stages)} stages match the reference within {tolerance}; "
-            f"the largest difference is {_sci(report.get('max_abs_diff'))}."
-        )
-    carried = sum(1 for stage in stages if not stage.get("passed"))
-    first = report.get("first_failing_stage")
-    if _has_isolated(stages):
-        isolated = sum(1 for stage in stages if not (stage.get("isolated") or {}).get("passed", True))
-        return (
-            f"{first} is the first stage whose own (isolated) error is outside {tolerance}: "
-            f"{isolated} of {len(stages)} stages fail in isolation, {carried} with the error carried."
-        )
-    return (
-        f"{first} is the first stage that differs from the reference: "
-        f"{carried} of {len(stages)} stages are outside {tolerance}."
-    )
-
-
 # ----------------------------------------------------------------------------------------- helpers
 
 
@@ -179,27 +152,9 @@ def _import_figures() -> ModuleType:
     return html_figures
 
 
-def _sci(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2e}"
-
-
-def _cosine_gap(value: float | None) -> str:
-    # 1 - cosine: near-1 cosines all print as 1.0000; their distance from 1 is what tells them apart.
-    return "-" if value is None else f"{max(1.0 - value, 0.0):.2e}"
-
-
-def _e(value: Any) -> str:
-    """HTML-escaped text (quotes too, so it is safe in attributes)."""
-    return html.escape(str(value), quote=True)
-
-
 def stage_anchor(name: str) -> str:
     """The id of a stage's table row: ``stage-`` and the name with anything unusual replaced."""
     return "stage-" + re.sub(r"[^A-Za-z0-9_.-]", "-", name)
-
-
-def _has_isolated(stages: Sequence[Mapping[str, Any]]) -> bool:
-    return any(isinstance(stage.get("isolated"), Mapping) for stage in stages)
 
 
 def _source_for(name: str, sources: Mapping[str, str]) -> str | None:
@@ -260,9 +215,11 @@ def _header(report: Mapping[str, Any]) -> str:
         *_other_measures(report),
     ]
     rows = "\n".join(f"<dt>{_e(key)}</dt><dd>{value}</dd>" for key, value in facts)
+    hint = float64_hint(report)
     return f"""<header>
 <h1>hfmirror compare: {_e(report.get("model", ""))}</h1>
-<p class="verdict {verdict_class}" id="verdict">{_e(verdict_sentence(report))}</p>
+<p class="verdict {verdict_class}" id="verdict">{_e(verdict_line(report))}</p>
+{f'<p class="hint" id="hint">{_e(hint)}</p>' if hint else ""}
 <dl class="facts">
 {rows}
 </dl>
@@ -367,21 +324,18 @@ def _error_chart(report: Mapping[str, Any], stages: list[Mapping[str, Any]], fig
     if not stages:
         return '<section id="chart"><h2>Error down the depth</h2><p>No stages were compared.</p></section>'
     names = [stage["name"] for stage in stages]
+    isolated = [stage.get("isolated") or {} for stage in stages]  # {} for a stage only one side has
     series = [
         figures.ErrorSeries(
             "carried", [s.get("max_abs_diff") for s in stages], [bool(s.get("passed")) for s in stages]
-        )
+        ),
+        figures.ErrorSeries(
+            "isolated",
+            [i.get("max_abs_diff") for i in isolated],
+            [bool(i.get("passed", True)) for i in isolated],
+            isolated=True,
+        ),
     ]
-    if _has_isolated(stages):
-        isolated = [stage.get("isolated") or {} for stage in stages]
-        series.append(
-            figures.ErrorSeries(
-                "isolated",
-                [i.get("max_abs_diff") for i in isolated],
-                [bool(i.get("passed", True)) for i in isolated],
-                isolated=True,
-            )
-        )
     svg = figures.error_chart_svg(
         names,
         series,
@@ -407,32 +361,22 @@ def _allowance(stage: Mapping[str, Any], atol: float, rtol: float) -> float | No
 # ------------------------------------------------------------------------------------- stage table
 
 
-def _stage_columns(
-    stages: Sequence[Mapping[str, Any]],
-) -> list[tuple[str, Callable[[Mapping[str, Any]], str]]]:
-    """(header, cell text) per column; optional columns only when some stage carries the value."""
-    columns: list[tuple[str, Callable[[Mapping[str, Any]], str]]] = [
+def _stage_columns() -> list[tuple[str, Callable[[Mapping[str, Any]], str]]]:
+    """(header, cell text) per column: the stage's own fields are its carried measurement, then its
+    isolated one ("-" for a stage that only one side produced)."""
+    return [
         ("shape", lambda s: "×".join(str(n) for n in s.get("shape") or []) or "-"),
-        ("max abs diff", lambda s: _sci(s.get("max_abs_diff"))),
-        ("mean abs diff", lambda s: _sci(s.get("mean_abs_diff"))),
-        ("rel error", lambda s: _sci(s.get("rel_error"))),
-        ("1 − cosine", lambda s: _cosine_gap(s.get("cosine_similarity"))),
-        ("budget used", lambda s: _sci(s.get("tolerance_used"))),
+        ("carried max abs diff", lambda s: _sci(s.get("max_abs_diff"))),
+        ("carried mean abs diff", lambda s: _sci(s.get("mean_abs_diff"))),
+        ("carried rel error", lambda s: _sci(s.get("rel_error"))),
+        ("carried 1 − cosine", lambda s: _cosine_gap(s.get("cosine_similarity"))),
+        ("carried budget used", lambda s: _sci(s.get("tolerance_used"))),
+        ("carried NMSE", lambda s: _sci(s.get("nmse"))),
+        ("carried p99 abs diff", lambda s: _sci(s.get("p99_abs_diff"))),
+        ("isolated max abs diff", lambda s: _sci((s.get("isolated") or {}).get("max_abs_diff"))),
+        ("isolated 1 − cosine", lambda s: _cosine_gap((s.get("isolated") or {}).get("cosine_similarity"))),
+        ("isolated result", lambda s: _result((s.get("isolated") or {}).get("passed"))),
     ]
-    if any("nmse" in s for s in stages):
-        columns.append(("NMSE", lambda s: _sci(s.get("nmse"))))
-    if any("p99_abs_diff" in s for s in stages):
-        columns.append(("p99 abs diff", lambda s: _sci(s.get("p99_abs_diff"))))
-    if _has_isolated(stages):
-        columns += [
-            ("isolated max abs diff", lambda s: _sci((s.get("isolated") or {}).get("max_abs_diff"))),
-            (
-                "isolated 1 − cosine",
-                lambda s: _cosine_gap((s.get("isolated") or {}).get("cosine_similarity")),
-            ),
-            ("isolated result", lambda s: _result((s.get("isolated") or {}).get("passed"))),
-        ]
-    return columns
 
 
 def _result(passed: bool | None) -> str:
@@ -442,14 +386,15 @@ def _result(passed: bool | None) -> str:
 def _stage_table(
     report: Mapping[str, Any], stages: list[Mapping[str, Any]], sources: Mapping[str, str]
 ) -> str:
-    columns = _stage_columns(stages)
+    columns = _stage_columns()
     headers = "".join(f"<th>{_e(title)}</th>" for title, _ in columns)
     first = report.get("first_failing_stage")
-    rows = "\n".join(_stage_row(stage, columns, sources, first) for stage in stages)
+    rows = "\n".join(_stage_row(stage, report["dtype"], columns, sources, first) for stage in stages)
     return f"""<section id="stages">
 <h2>Stage by stage</h2>
 <p>"budget used" is the largest |ours − reference| / (atol + rtol·|reference|): 1 is the limit.
-"computed in" is where our model computes the stage.</p>
+"result" is the stage's verdict (the one at the top of the page). "computed in" is where our model
+computes the stage.</p>
 <div class="table-wrap"><table class="stages">
 <thead><tr><th>stage</th>{headers}<th>result</th><th>computed in</th></tr></thead>
 <tbody>
@@ -461,14 +406,16 @@ def _stage_table(
 
 def _stage_row(
     stage: Mapping[str, Any],
+    dtype: str,
     columns: list[tuple[str, Callable[[Mapping[str, Any]], str]]],
     sources: Mapping[str, str],
     first_failing: str | None,
 ) -> str:
     name = stage["name"]
-    classes = ["pass" if stage.get("passed") else "fail"] + (["first"] if name == first_failing else [])
+    verdict = "pass" if stage_passes(stage, dtype) else "fail"
+    classes = [verdict] + (["first"] if name == first_failing else [])
     cells = "".join(f'<td class="num">{_e(cell(stage))}</td>' for _, cell in columns)
-    result = _result(stage.get("passed")) + (f" ({stage['note']})" if stage.get("note") else "")
+    result = stage_result(stage, dtype)
     source = _source_for(name, sources)
     where = f"<code>{_e(source)}</code>" if source else "-"
     return (

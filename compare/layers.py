@@ -148,9 +148,12 @@ class RMSNorm(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- masks
 # A mask is *added* to the attention scores before softmax: 0 where a query may look at a key, and
-# the most negative finite number of the dtype where it may not (as transformers does; not -inf, so a
-# row can never become all -inf and softmax never returns NaN). softmax then gives blocked keys a
-# weight of exactly 0.
+# the most negative finite number of the dtype where it may not (as transformers does). softmax then
+# gives blocked keys a weight of exactly 0. Not -inf, so that a row whose keys are all blocked (a
+# padded query whose sliding window holds only padding) stays finite in the mask's dtype: softmax
+# spreads it evenly over every key. One exception, in transformers as here: a float64 mask whose
+# scores take their softmax in float32 (the Llama family's, in a float64 run) turns into -inf there,
+# and such a row becomes NaN (compare.runner keeps its inputs clear of that case).
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -288,8 +291,9 @@ def scaled_dot_product_attention(
     Dividing by sqrt(d) keeps the dot products' spread independent of the head width, so softmax
     does not saturate for wide heads (``scale`` overrides it; GPT-2 can scale by layer too). Inputs
     are (B, nh, T, hd); ``mask`` is added to the scores. ``softmax_dtype``: Llama-family models take
-    the softmax in float32 (vital in bfloat16, where exp overflows early), BERT and GPT-2 in the
-    input's dtype.
+    the softmax in float32, BERT and GPT-2 in the input's dtype. That matters in 16-bit runs:
+    bfloat16 has float32's range but 8 bits of precision, too few for the exponentials and their
+    sum (and float16 overflows beyond 65504).
     """
     scale = query.size(-1) ** -0.5 if scale is None else scale
     scores = torch.matmul(query, key.transpose(-2, -1)) * scale  # (B, nh, T, T)

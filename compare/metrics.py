@@ -41,7 +41,7 @@ __all__ = ["ISOLATED_FIELDS", "NextTokenMetrics", "StageResult", "compare_tensor
 
 
 # The fields of an isolated measurement in the JSON report.
-ISOLATED_FIELDS = ("max_abs_diff", "mean_abs_diff", "rel_error", "cosine_similarity", "passed")
+ISOLATED_FIELDS = ("max_abs_diff", "mean_abs_diff", "rel_error", "cosine_similarity", "passed", "note")
 
 
 @dataclass

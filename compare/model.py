@@ -48,7 +48,8 @@ class Context:
 
     ``masks`` maps an attention kind to an additive mask, (B, 1, 1, T) for encoders (padding only) or
     (B, 1, T, T) for decoders (causal and padding): "full", and "sliding" for layers that only look at
-    the last ``sliding_window`` positions. ``positions`` are the position ids, (B, T) or (1, T).
+    the last ``sliding_window`` positions. ``positions`` are the position ids: (B, T) where they
+    depend on the row (RoBERTa's skip padding), else (1, T), the same for every row.
     ``rotary`` is the (cos, sin) pair of rotary position embedding, each (B or 1, T, hd), or None for
     models that add positions at the bottom instead.
     """
@@ -69,6 +70,10 @@ class Recorder:
     """Collects each stage's tensor and decides what the forward pass continues with (see the module
     docstring for carried and isolated runs).
 
+    Both are copies: what a stage recorded is what our code produced at that point, and the
+    reference's tensor handed to an isolated run is its own, so that a forward pass working in place
+    on what it is handed (``x += ...``) changes neither the record nor the reference's stage.
+
     Args:
         substitute: stage name -> the reference's tensor; None for a carried run.
         keep_attention: keep every layer's attention weights in ``self.attention``.
@@ -86,18 +91,18 @@ class Recorder:
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Record our ``tensor`` as stage ``name``; return the tensor the forward pass continues with."""
         full_name = self._prefix + name
-        self.stages[full_name] = tensor.detach()
+        self.stages[full_name] = tensor.detach().clone()
         if self._substitute is not None:
             theirs = self._substitute.get(full_name)
             # A shape mismatch is reported by the comparison; continuing with ours keeps the run going.
             if theirs is not None and theirs.shape == tensor.shape:
-                return theirs
+                return theirs.clone()
         return tensor
 
     def scoped(self, scope: str) -> Recorder:
         """A recorder for one piece: ``scoped("layer.3")("mlp", x)`` records stage ``layer.3.mlp``."""
-        child = object.__new__(type(self))
-        child.__dict__.update(self.__dict__)  # shares the stage and attention dicts with its parent
+        child = Recorder(substitute=self._substitute, keep_attention=self.keep_attention)
+        child.stages, child.attention = self.stages, self.attention  # shared with the parent
         child._prefix = f"{self._prefix}{scope}."
         return child
 
@@ -164,14 +169,6 @@ class TransformerModel(nn.Module):
     def dtype(self) -> torch.dtype:
         """The floating-point dtype of the parameters (masks and rotary tables are built in it)."""
         return next(self.parameters()).dtype
-
-    def piece_prefixes(self) -> dict[str, tuple[str, ...]]:
-        """Each piece's name -> the parameter-name prefixes of its weights, in forward order."""
-        pieces: dict[str, tuple[str, ...]] = {"embeddings": ("embeddings.",)}
-        for i in range(len(self.layers)):
-            pieces[f"layer.{i}"] = (f"layers.{i}.",)
-        pieces["final"] = tuple(f"{name}." for name in self.final_modules)
-        return pieces
 
     def piece_modules(self, piece: str) -> list[tuple[str, nn.Module]]:
         """(parameter-name prefix, module) of each module of ``piece`` ("embeddings", "layer.i",

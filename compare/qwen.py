@@ -32,6 +32,7 @@ transformers.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -215,6 +216,10 @@ def qwen2_reference_config(config: QwenConfig) -> dict[str, Any]:
     }
 
 
+# Non-learned buffers some Qwen v1 checkpoints carry (regular expressions, without "transformer."):
+# neither side reads them (the registry entry ignores them; the conversion drops them).
+QWEN_IGNORED = (r"h\.\d+\.attn\.(masked_bias|rotary_emb\.inv_freq)",)
+
 _QWEN2_NAMES = {  # Qwen v1 name within layer N -> Qwen2's (c_attn is split separately)
     "ln_1.weight": "input_layernorm.weight",
     "attn.c_proj.weight": "self_attn.o_proj.weight",
@@ -253,7 +258,7 @@ def qwen2_reference_tensors(
                 )
             elif rest in _QWEN2_NAMES:
                 yield f"{layer}.{_QWEN2_NAMES[rest]}", tensor
-            elif rest not in ("attn.masked_bias", "attn.rotary_emb.inv_freq"):
+            elif not any(re.fullmatch(pattern, base) for pattern in QWEN_IGNORED):
                 raise CompareError(f"no Qwen2 counterpart for tensor {name!r}")
         else:
             raise CompareError(f"no Qwen2 counterpart for tensor {name!r}")

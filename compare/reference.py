@@ -28,6 +28,7 @@ from torch import nn
 
 from hfmirror.errors import CompareError, RemoteCodeError
 
+from .fetch import TOKENIZER_FILES, is_tokenizer_file
 from .reference_layout import ReferenceLayout, StagePoint
 from .weights import checkpoint_files, iter_checkpoint_tensors
 
@@ -39,17 +40,16 @@ __all__ = [
     "LABELS_FROM_OFFSETS",
     "ReferenceRun",
     "Tokenized",
+    "attention_hook",
     "has_tokenizer",
     "load_reference",
     "load_tokenizer",
     "reference_stages",
+    "stage_hooks",
     "token_labels",
     "tokenize",
     "versions",
 ]
-
-# Files any one of which means the folder carries a tokenizer AutoTokenizer can load.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
 
 
 def versions() -> dict[str, str]:
@@ -134,8 +134,11 @@ def load_reference(
 
 
 def has_tokenizer(model_dir: str | Path) -> bool:
-    """Whether the folder carries tokenizer files."""
-    return any((Path(model_dir) / name).is_file() for name in _TOKENIZER_FILES)
+    """Whether the folder carries tokenizer files (compare.fetch.TOKENIZER_FILES)."""
+    folder = Path(model_dir)
+    return folder.is_dir() and any(
+        is_tokenizer_file(path.name) for path in folder.iterdir() if path.is_file()
+    )
 
 
 def load_tokenizer(source: str | Path) -> Any:
@@ -147,7 +150,7 @@ def load_tokenizer(source: str | Path) -> Any:
     """
     if not has_tokenizer(source):
         raise CompareError(
-            f"--text was given but {source} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
+            f"--text was given but {source} has no tokenizer files ({', '.join(sorted(TOKENIZER_FILES))}); "
             "run without texts to compare on random token ids"
         )
     from transformers import AutoTokenizer
@@ -298,13 +301,50 @@ def _submodule(root: nn.Module, point: StagePoint) -> nn.Module | None:
     return module
 
 
-def _hook_points(model: nn.Module, layout: ReferenceLayout) -> list[tuple[str, StagePoint, nn.Module]]:
-    """(stage name, where, module) for every stage of the layout, in forward order."""
-    points = [(point.stage, point, _submodule(model, point)) for point in layout.embeddings]
-    for i, layer in enumerate(model.get_submodule(layout.layers)):
-        points += [(f"layer.{i}.{point.stage}", point, _submodule(layer, point)) for point in layout.layer]
-    points += [(point.stage, point, _submodule(model, point)) for point in layout.final]
-    return [(name, point, module) for name, point, module in points if module is not None]
+@contextlib.contextmanager
+def stage_hooks(
+    root: nn.Module, points: tuple[StagePoint, ...], prefix: str, stages: dict[str, torch.Tensor]
+) -> Iterator[None]:
+    """While the block runs, every stage of ``points`` (paths relative to ``root``) that ``root``
+    computes is copied into ``stages`` as ``prefix + stage`` (in the order they are computed): the
+    submodule's output, or its first input (``take="input"``)."""
+    handles = []
+    for point in points:
+        module = _submodule(root, point)
+        if module is None:
+            continue  # an optional module (BERT's pooler) this model does not have
+
+        def keep(tensor: torch.Tensor, name: str = prefix + point.stage) -> None:
+            stages[name] = tensor.detach().clone()
+
+        if point.take == "input":
+            handles.append(module.register_forward_pre_hook(lambda _m, args, keep=keep: keep(args[0])))
+        else:
+            handles.append(
+                module.register_forward_hook(lambda _m, _a, out, keep=keep: keep(_first_tensor(out)))
+            )
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def attention_hook(
+    layer: nn.Module, layout: ReferenceLayout, name: str, attention: dict[str, torch.Tensor]
+) -> Iterator[None]:
+    """While the block runs, the attention weights (B, nh, T, T) of ``layer`` are copied into
+    ``attention[name]`` (the attention module returns (output, weights))."""
+
+    def keep(_m: nn.Module, _a: Any, output: Any) -> None:
+        attention[name] = output[1].detach().clone()
+
+    handle = layer.get_submodule(layout.attention).register_forward_hook(keep)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def reference_stages(
@@ -316,31 +356,13 @@ def reference_stages(
 ) -> ReferenceRun:
     """Run the reference once and return every stage's tensor (and, if asked, its attention weights)."""
     run = ReferenceRun(stages={}, attention={})
-    handles = []
-
-    def keep(name: str, tensor: torch.Tensor) -> None:
-        run.stages[name] = tensor.detach().clone()
-
-    for name, point, module in _hook_points(model, layout):
-        if point.take == "input":
-            handles.append(module.register_forward_pre_hook(lambda _m, args, name=name: keep(name, args[0])))
-        else:
-            handles.append(
-                module.register_forward_hook(
-                    lambda _m, _a, output, name=name: keep(name, _first_tensor(output))
-                )
-            )
-    if keep_attention:
+    with contextlib.ExitStack() as hooks:
+        hooks.enter_context(stage_hooks(model, layout.embeddings, "", run.stages))
         for i, layer in enumerate(model.get_submodule(layout.layers)):
-
-            def keep_weights(_m: nn.Module, _a: Any, output: Any, i: int = i) -> None:
-                run.attention[f"layer.{i}"] = output[1].detach().clone()
-
-            handles.append(layer.get_submodule(layout.attention).register_forward_hook(keep_weights))
-    try:
+            hooks.enter_context(stage_hooks(layer, layout.layer, f"layer.{i}.", run.stages))
+            if keep_attention:
+                hooks.enter_context(attention_hook(layer, layout, f"layer.{i}", run.attention))
+        hooks.enter_context(stage_hooks(model, layout.final, "", run.stages))
         with torch.no_grad():
             model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
     return run

@@ -22,8 +22,8 @@ with the same hooks and the same ReferenceLayout as the whole-model reference (c
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,8 +32,8 @@ from torch import nn
 
 from hfmirror.errors import CompareError
 
-from .reference import ReferenceRun, _first_tensor, _quiet_transformers, _submodule
-from .reference_layout import ReferenceLayout, StagePoint
+from .reference import ReferenceRun, _quiet_transformers, attention_hook, stage_hooks
+from .reference_layout import ReferenceLayout
 
 if TYPE_CHECKING:
     from .architectures import Architecture
@@ -276,7 +276,7 @@ class StreamedReference:
             del state
         return tensors
 
-    @contextmanager
+    @contextlib.contextmanager
     def _loaded(self, paths: tuple[str, ...]) -> Iterator[None]:
         """The modules at ``paths`` hold their checkpoint tensors while the block runs, then go back
         to "meta" (so their memory is freed)."""
@@ -323,32 +323,6 @@ class StreamedReference:
         owner = module.get_submodule(owner_path) if owner_path else module
         owner._buffers[short] = _BUFFERS[short](meta)
 
-    @contextmanager
-    def _hooks(
-        self, root: nn.Module, points: tuple[StagePoint, ...], prefix: str, stages: dict
-    ) -> Iterator[None]:
-        handles = []
-        for point in points:
-            module = _submodule(root, point)
-            if module is None:
-                continue
-            name = f"{prefix}{point.stage}"
-
-            def keep(tensor: torch.Tensor, name: str = name) -> None:
-                stages[name] = tensor.detach().clone()
-
-            if point.take == "input":
-                handles.append(module.register_forward_pre_hook(lambda _m, args, keep=keep: keep(args[0])))
-            else:
-                handles.append(
-                    module.register_forward_hook(lambda _m, _a, out, keep=keep: keep(_first_tensor(out)))
-                )
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
     def embeddings(
         self, inputs: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
@@ -356,7 +330,7 @@ class StreamedReference:
         stages: dict[str, torch.Tensor] = {}
         with (
             self._loaded(self.layout.embedding_modules),
-            self._hooks(self.model, self.layout.embeddings, "", stages),
+            stage_hooks(self.model, self.layout.embeddings, "", stages),
             torch.no_grad(),
         ):
             hidden = self.steps.embed(self.model, inputs)
@@ -375,27 +349,22 @@ class StreamedReference:
         path = f"{self.layout.layers}.{index}"
         layer = self.model.get_submodule(path)
         stages: dict[str, torch.Tensor] = {}
-        weights: list[torch.Tensor] = []
-        with self._loaded((path,)), self._hooks(layer, self.layout.layer, f"layer.{index}.", stages):
-            handle = None
+        weights: dict[str, torch.Tensor] = {}
+        with contextlib.ExitStack() as hooks:
+            hooks.enter_context(self._loaded((path,)))
+            hooks.enter_context(stage_hooks(layer, self.layout.layer, f"layer.{index}.", stages))
             if keep_attention:
-                handle = layer.get_submodule(self.layout.attention).register_forward_hook(
-                    lambda _m, _a, out: weights.append(out[1].detach().clone())
-                )
-            try:
-                with torch.no_grad():
-                    output = self.steps.layer(layer, index, hidden, context)
-            finally:
-                if handle is not None:
-                    handle.remove()
-        return output.detach(), stages, (weights[0] if weights else None)
+                hooks.enter_context(attention_hook(layer, self.layout, "weights", weights))
+            with torch.no_grad():
+                output = self.steps.layer(layer, index, hidden, context)
+        return output.detach(), stages, weights.get("weights")
 
     def final(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the final modules on the last layer's output: their stages."""
         stages: dict[str, torch.Tensor] = {}
         with (
             self._loaded(self.layout.final_modules),
-            self._hooks(self.model, self.layout.final, "", stages),
+            stage_hooks(self.model, self.layout.final, "", stages),
             torch.no_grad(),
         ):
             stages |= self.steps.finish(self.model, hidden)

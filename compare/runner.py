@@ -169,7 +169,7 @@ def _make_input(
         "batch": mask.shape[0],
         "seq_len": mask.shape[1],
         "padded_positions": int((mask == 0).sum()),
-        "compared_positions": _DECODER_POSITIONS if architecture.has_lm_head else _ENCODER_POSITIONS,
+        "compared_positions": _DECODER_POSITIONS if architecture.causal else _ENCODER_POSITIONS,
         "input_ids": tensors["input_ids"].tolist(),
         "attention_mask": mask.tolist(),
     }
@@ -259,7 +259,6 @@ def compare_model_dir(
     # 1. Ours, on "meta": a malformed checkpoint fails here with the tensor named.
     prepared = prepare_model(model_dir, dtype=torch_dtype)
     architecture, config, reader = prepared.architecture, prepared.config, prepared.reader
-    assert reader is not None
     bounds = parse_layers(layers, len(prepared.model.layers)) if layers else None
 
     # 2. The input.
@@ -287,7 +286,7 @@ def compare_model_dir(
         architecture=architecture,
         config=config,
         dtype=torch_dtype,
-        files=prepared.files,
+        files=reader.files,
         options=prepared.options,
     )
     run = compare_pieces(
@@ -321,7 +320,7 @@ def compare_model_dir(
         reference=architecture.describe_reference() + ", run one piece at a time",
         next_token=next_token,
         attention=(
-            _attention_weights(run, batch_input, causal=architecture.has_lm_head, cells=attention_cells)
+            _attention_weights(run, batch_input, causal=architecture.causal, cells=attention_cells)
             if keep_attention
             else None
         ),

@@ -41,7 +41,6 @@ __all__ = [
     "load_piece",
     "plan_weights",
     "source_name",
-    "split_by_piece",
     "tie_like_transformers",
 ]
 
@@ -57,15 +56,6 @@ class Transposed:
 # Our parameter name -> the checkpoint tensor it is read from (by name, or Transposed). Several of our
 # parameters may read one tensor (a tied LM head and the token embeddings); they then share it.
 WeightMap = dict[str, "str | Transposed"]
-
-
-def split_by_piece(weight_map: WeightMap, pieces: dict[str, tuple[str, ...]]) -> dict[str, WeightMap]:
-    """The weight map of each piece of a model (``TransformerModel.piece_prefixes()``), so that the
-    tensors of one piece (the embeddings, layer i, the final modules) can be found and loaded alone."""
-    return {
-        piece: {ours: source for ours, source in weight_map.items() if ours.startswith(prefixes)}
-        for piece, prefixes in pieces.items()
-    }
 
 
 def source_name(source: str | Transposed) -> str:

@@ -8,13 +8,14 @@ Exit codes (also in the README):
 2     bad input: usage errors, malformed repo id, unsafe names, unsupported model or checkpoint, an
       optional extra (``serve``, ``compare``, ``report``) that is not installed; ``serve``: a port
       already in use
-3     not found: repository, revision or file, on every endpoint
+3     not found: repository, revision or file, on every endpoint; or another definite 4xx answer
 4     access denied: gated or private repository (try ``--token``)
-5     network: no endpoint reachable or giving Hub answers, retries ran out, a Retry-After over the
-      limit; or offline without every file asked for
+5     network: no endpoint reachable or giving Hub answers, retries ran out, a Retry-After (or a
+      spent quota's reset) over the limit; or offline without every file asked for
 6     integrity: a file's size or checksum never matched; ``verify`` found a file that does not match
 7     storage: no disk space, the target is not writable, or something on disk is in the way
-8     the server sent a listing with unsafe names (outside the target, ``.git``, ``.cache``)
+8     the server sent a listing with unsafe names (outside the target, ``.git``, ``.cache``) or a
+      name twice
 130   interrupted (Ctrl-C); partial data is kept and a re-run resumes
 ====  =====================================================================
 
@@ -497,6 +498,7 @@ def serve(
       hfmirror serve ~/.cache/huggingface/hub --host 0.0.0.0 --port 8080
       hfmirror serve /data/hf-cache --upstream https://hf-mirror.com --host 0.0.0.0 --max-size 2T
     """
+    from .endpoints import redact_url
     from .server.runner import prepare_server
 
     mirror_only = {
@@ -537,7 +539,8 @@ def serve(
     server = prepare_server(app, host=host, port=port, max_connections=max_connections)
     _announce_repos(root, server.app.state.store.discover(), filling=bool(upstreams))
     if upstreams:
-        click.echo(f"hfmirror: filling from {', '.join(upstreams)}", err=True)
+        shown = ", ".join(redact_url(url) for url in upstreams)  # an upstream URL may hold user:password
+        click.echo(f"hfmirror: filling from {shown}", err=True)
     click.echo(f"hfmirror: serving on {server.url} (clients: HF_ENDPOINT={server.url})", err=True)
     server.run()
 

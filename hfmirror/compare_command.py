@@ -36,9 +36,6 @@ SUPPORTED_MODEL_TYPES = (
     "xlm-roberta",
 )
 
-# What --tokenizer REPO downloads: the tokenizer's files, not the weights.
-TOKENIZER_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken")
-
 
 @click.command()
 @click.argument("model")
@@ -163,11 +160,12 @@ def compare(
     qwen3, roberta, xlm-roberta.
 
     Every stage is compared, one layer at a time, twice: carried (our model on its own numbers, what a
-    user sees) and isolated (each component fed the reference's input: its own error). The first stage
-    whose isolated error is outside tolerance is named. Encoders: embeddings; per layer attention,
-    attention_add_norm, feed_forward, output; last_hidden_state; pooler. Decoders: embeddings; per
-    layer attention, attention_residual, mlp, output; final_norm; logits, plus next-token agreement
-    and KL divergence. Exit status: 0 all stages match, 1 a stage differs. --html PATH also writes
+    user sees) and isolated (each component fed the reference's input: its own error). A stage passes
+    when its isolated error is within tolerance (in float64 its carried error too); the first that
+    does not is named. Encoders: embeddings; per layer attention, attention_add_norm, feed_forward,
+    output; last_hidden_state; pooler. Decoders: embeddings; per layer attention,
+    attention_residual, mlp, output; final_norm; logits, plus next-token agreement and KL
+    divergence. Exit status: 0 the verdict passes, 1 a stage fails it. --html PATH also writes
     the report as a self-contained page (whatever the verdict).
 
     \b
@@ -202,12 +200,12 @@ def compare(
         return fetch_checkpoint(repo_id, revision=revision, progress=not as_json, **fetched)
 
     def fetch_tokenizer(repo_id: str) -> Path:
-        """A local folder as it is; a repo id: only its tokenizer files, not its weights."""
+        """A local folder as it is; a repo id: only its tokenizer files (see compare.fetch)."""
         if Path(repo_id).is_dir():
             return Path(repo_id)
-        from hfmirror.download import download
+        from compare.fetch import fetch_tokenizer as fetch_tokenizer_files
 
-        return Path(download(repo_id, include=list(TOKENIZER_FILES), progress=not as_json, **fetched).path)
+        return fetch_tokenizer_files(repo_id, progress=not as_json, **fetched)
 
     model_dir = fetch_model(model)
     tokenizer_dir = fetch_tokenizer(tokenizer) if tokenizer and texts else None
@@ -230,6 +228,8 @@ def compare(
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
+        if report.hint() is not None:  # the table prints it under the verdict
+            click.echo(f"hfmirror: {report.hint()}", err=True)
     else:
         click.echo(report.render_table())
     if html_path is not None:

@@ -107,7 +107,7 @@ def _tail(text: str, lines: int = 5) -> str:
 def _write_page(page: Path, report: Any) -> str | None:
     """Write the report's page and read it back; what went wrong, or None if the page is there and
     says the verdict."""
-    from compare.html_report import verdict_sentence, write_report
+    from compare.html_report import write_report
 
     from .errors import HfMirrorError
 
@@ -116,7 +116,7 @@ def _write_page(page: Path, report: Any) -> str | None:
         written = page.read_text(encoding="utf-8")
     except (HfMirrorError, OSError) as error:
         return str(error)
-    if html.escape(verdict_sentence(report.to_dict()), quote=True) not in written:
+    if html.escape(report.verdict(), quote=True) not in written:
         return f"{page} does not hold the comparison's verdict"
     return None
 
@@ -235,5 +235,5 @@ def run_demo(
     finally:
         if workdir is None and not keep:
             shutil.rmtree(base, ignore_errors=True)
-        elif keep or workdir is not None:
+        else:
             echo(f"(work folder kept: {base})")

@@ -420,8 +420,9 @@ def _fetch_one(
                         "interrupted while waiting for another download of this file"
                     ) from None
     try:
-        if layout.is_complete(file):  # someone else finished it while we waited
-            return "present"
+        with storage_errors(f"check {file.path} in the target"):
+            if layout.is_complete(file):  # someone else finished it while we waited
+                return "present"
         obstacle = layout.obstacle(file)
         if obstacle is not None:  # found before fetching a byte, rather than after
             raise StorageError(f"cannot put {file.path} in place: {obstacle}; move it away and run again")

@@ -29,6 +29,7 @@ import collections
 import heapq
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Mapping
@@ -37,10 +38,22 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from . import constants
-from .errors import BadInputError
+from .errors import BadInputError, QuotaExhaustedError
 from .retry import RateLimitInfo, parse_ratelimit
 
-__all__ = ["Endpoint", "EndpointPool", "QuotaPacer", "RateGovernor", "normalize_endpoint", "redact_url"]
+__all__ = [
+    "METADATA_PRIORITY",
+    "Endpoint",
+    "EndpointPool",
+    "QuotaPacer",
+    "RateGovernor",
+    "normalize_endpoint",
+    "redact_url",
+]
+
+# The priority of a listing or an access check: ahead of every transfer, whose priority is its file's
+# seconds of work left. Such a request is short, and the transfers it leads to wait for its answer.
+METADATA_PRIORITY = math.inf
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +163,7 @@ class RateGovernor:
     * Order: when a slot frees, the waiting request with the highest ``priority`` takes it (ties: first
       come, first served). Transfers ask with the seconds of work their file has left, so the budget
       goes where it helps most: a large file crawling behind a per-connection cap before a small one.
+      Listings and access checks ask with ``METADATA_PRIORITY``, ahead of them all.
     """
 
     def __init__(self, max_concurrency: int, *, name: str = "") -> None:
@@ -182,7 +196,13 @@ class RateGovernor:
 
     def acquire(self, cancel: threading.Event | None = None, *, priority: float = 0.0) -> bool:
         """Wait for a slot (and for any Retry-After pause, and the quota, to allow). False if ``cancel``
-        was set first: then no slot was taken, and none must be released."""
+        was set first: then no slot was taken, and none must be released.
+
+        Raises:
+            QuotaExhaustedError: if the announced quota stays spent for longer than ``MAX_RETRY_AFTER``
+            (a Retry-After that long gives the endpoint up; so does a quota announced spent that long:
+            ``policy.quota_spent`` is the verdict).
+        """
         with self._cond:
             ticket = (-priority, next(self._arrivals))
             heapq.heappush(self._waiting, ticket)
@@ -192,6 +212,8 @@ class RateGovernor:
                         return False
                     now = time.monotonic()
                     quota_wait = self.pacer.delay(now)
+                    if quota_wait > constants.MAX_RETRY_AFTER:
+                        raise QuotaExhaustedError(self.name, quota_wait, constants.MAX_RETRY_AFTER)
                     wait = max(self._not_before - now, quota_wait)
                     if wait <= 0 and self._in_flight < self.limit and self._waiting[0] == ticket:
                         heapq.heappop(self._waiting)

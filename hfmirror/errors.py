@@ -12,8 +12,9 @@ precisely (``except RepoNotFoundError``)::
     │   ├── RevisionNotFoundError
     │   ├── EntryNotFoundError
     │   ├── AccessDeniedError                 gated or private (401/403)
-    │   └── UnsafeListingError                a listing that names files outside the repo
+    │   └── UnsafeListingError                a listing naming files outside the repo, or twice
     ├── NetworkError (OSError)                no endpoint answered, or retries ran out
+    │   └── QuotaExhaustedError               an endpoint's quota stays spent longer than we wait
     ├── IntegrityError                        size or checksum never matched
     ├── StorageError (OSError)                the local disk said no
     │   ├── InsufficientSpaceError
@@ -40,6 +41,7 @@ __all__ = [
     "MissingExtraError",
     "NetworkError",
     "NotWritableError",
+    "QuotaExhaustedError",
     "RemoteCodeError",
     "RemoteError",
     "RepoNotFoundError",
@@ -85,11 +87,26 @@ class AccessDeniedError(RemoteError):
 
 
 class UnsafeListingError(RemoteError):
-    """A server's file listing names a path that would be written outside the target folder."""
+    """A server's file listing names a path that would be written outside the target folder, that the
+    Hub forbids (``.git``, ``.cache``, over 255 bytes), or the same path twice (or as a file and a
+    folder). A listing that merely lacks sizes or checksums is not a Hub answer: it fails over."""
 
 
 class NetworkError(HfMirrorError, OSError):
     """No endpoint could be reached, or the retries for a request ran out."""
+
+
+class QuotaExhaustedError(NetworkError):
+    """An endpoint announced (``RateLimit: r=0;t=N``) that its request quota stays spent for longer than
+    ``MAX_RETRY_AFTER``: it is shutting us out, not pacing us. ``seconds`` is how long it said; ``reason``
+    says it without the endpoint's name (for a list of what each endpoint said)."""
+
+    def __init__(self, endpoint: str, seconds: float, limit: float) -> None:
+        self.reason = (
+            f"announced its request quota is used up for {seconds:.0f} s, more than the {limit:.0f} s we wait"
+        )
+        super().__init__(f"{endpoint} {self.reason}; try again later")
+        self.seconds = seconds
 
 
 class IntegrityError(HfMirrorError):

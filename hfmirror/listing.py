@@ -21,11 +21,12 @@ from urllib.parse import quote
 import requests
 
 from . import constants
-from .endpoints import Endpoint, EndpointPool
+from .endpoints import METADATA_PRIORITY, Endpoint, EndpointPool
 from .errors import (
     BadInputError,
     DownloadInterrupted,
     EntryNotFoundError,
+    QuotaExhaustedError,
     UnsafeListingError,
     UnsafePathError,
 )
@@ -46,6 +47,7 @@ from .policy import (
     judge_transport_error,
     not_a_hub_answer,
     pause,
+    quota_spent,
     read_body,
     settle,
 )
@@ -150,15 +152,25 @@ def filter_files(
     return selected
 
 
-def _parse_files(siblings: object) -> tuple[RemoteFile, ...]:
-    """Turn the listing's ``siblings`` into checked RemoteFiles. Anything unsafe aborts the listing."""
-    if not isinstance(siblings, list):
-        raise UnsafeListingError("server listing has no list of files")
+class _NotAHubListing(Exception):
+    """A listing no Hub gives (an entry that is not an object, no usable size or checksum): the
+    endpoint is passed over, as for any answer that is not the Hub's. A mirror that ignores
+    ``?blobs=true`` answers that way; another endpoint may well answer properly."""
+
+
+def _parse_files(siblings: list[object]) -> tuple[RemoteFile, ...]:
+    """Turn the listing's ``siblings`` into checked RemoteFiles.
+
+    Raises:
+        UnsafeListingError: a name that would leave the target, that the Hub forbids, or that is
+            listed twice (or as a file and a folder): such a listing is refused wherever it comes from.
+        _NotAHubListing: an entry without a usable size or checksum (nothing could be verified).
+    """
     files: list[RemoteFile] = []
     seen: set[str] = set()
     for sibling in siblings:
         if not isinstance(sibling, dict):
-            raise UnsafeListingError(f"server listed a file entry that is not an object: {sibling!r:.80}")
+            raise _NotAHubListing(f"a listing with a file entry that is not an object ({sibling!r:.80})")
         name = sibling.get("rfilename")
         try:
             path = validate_relative_path(name)  # type: ignore[arg-type]
@@ -175,10 +187,10 @@ def _parse_files(siblings: object) -> tuple[RemoteFile, ...]:
         if isinstance(lfs, dict):
             size, oid = lfs.get("size", size), lfs.get("sha256")
         if type(size) is not int or not 0 <= size < _MAX_FILE_SIZE:
-            raise UnsafeListingError(f"server listed an invalid size for {path!r}: {size!r:.40}")
+            raise _NotAHubListing(f"a listing without a valid size for {path!r} ({size!r:.40})")
         oid = oid.lower() if isinstance(oid, str) else ""
         if not (is_sha256(oid) or is_git_sha1(oid)):
-            raise UnsafeListingError(f"server gave no usable checksum for {path!r}, so it cannot be verified")
+            raise _NotAHubListing(f"a listing without a checksum for {path!r}, so nothing could be verified")
         files.append(RemoteFile(path=path, size=size, oid=oid, blob_id=blob_id))
     # A file and a folder of the same name cannot both exist on disk.
     folders = {"/".join(p.split("/")[:i]) for p in seen for i in range(1, p.count("/") + 1)}
@@ -273,8 +285,11 @@ def _ask_for_listing(
     cancel: threading.Event | None,
 ) -> RepoListing | Verdict:
     """One listing request: the listing, or the verdict on what came back instead."""
-    if not endpoint.governor.acquire(cancel):
-        raise DownloadInterrupted("interrupted")
+    try:
+        if not endpoint.governor.acquire(cancel, priority=METADATA_PRIORITY):
+            raise DownloadInterrupted("interrupted")
+    except QuotaExhaustedError as error:
+        return quota_spent(error)
     silence = threading.Timer(
         constants.SILENCE_NOTICE_SECONDS,
         lambda: logger.warning("still waiting for %s to list %s...", endpoint.shown, asked.repo_id),
@@ -320,10 +335,11 @@ def _ask_for_listing(
 
 
 def _parse_listing(body: bytes, endpoint: Endpoint, asked: Asked, repo_type: str) -> RepoListing | Verdict:
-    """The listing in ``body``; a verdict if it is not a Hub listing at all (a broken or impostor mirror).
+    """The listing in ``body``; a verdict if it is not a Hub listing at all (a broken or impostor mirror,
+    a mirror that leaves out sizes or checksums).
 
     Raises:
-        UnsafeListingError: a Hub listing whose files cannot be trusted (names, sizes, checksums).
+        UnsafeListingError: a listing with names that would leave the target or that the Hub forbids.
     """
     try:
         info = json.loads(body)
@@ -340,6 +356,8 @@ def _parse_listing(body: bytes, endpoint: Endpoint, asked: Asked, repo_type: str
         return not_a_hub_answer("a listing whose files are not a list", asked)
     try:
         files = _parse_files(siblings)
+    except _NotAHubListing as problem:
+        return not_a_hub_answer(str(problem), asked)
     except UnsafeListingError as error:
         raise UnsafeListingError(f"{endpoint.shown}: {error}") from None
     return RepoListing(

@@ -9,8 +9,9 @@ everywhere. A judgement is a :class:`Verdict`; its :class:`Action` is one of:
 ``BACK_OFF``    the server is overloaded (429, 503): wait as long as it asks, send fewer at once
 ``FAIL_OVER``   this endpoint cannot answer this: not found there, not a Hub answer (an HTML page,
                 a listing that does not parse, a file of another size), no answer at all, or a
-                ``Retry-After`` beyond ``MAX_RETRY_AFTER``. Ask the next endpoint; with none left,
-                ``error`` is the answer (or, for a hang, the last endpoint is retried)
+                ``Retry-After`` (or a spent quota's reset) beyond ``MAX_RETRY_AFTER``. Ask the next
+                endpoint; with none left, ``error`` is the answer (or, for a hang, the last endpoint
+                is retried)
 ``START_OVER``  the bytes already held cannot be continued (the file changed, ranges are ignored)
 ``FAIL``        a definite answer (access denied): raise ``error``
 ==============  ==================================================================================
@@ -44,6 +45,7 @@ from .errors import (
     EntryNotFoundError,
     HfMirrorError,
     NetworkError,
+    QuotaExhaustedError,
     RemoteError,
     RepoNotFoundError,
     RevisionNotFoundError,
@@ -197,6 +199,13 @@ def not_a_hub_answer(reason: str, asked: Asked) -> Verdict:
         reason,
         error=NetworkError(f"{asked.endpoint} did not answer as the Hub does for {asked.what}: {reason}"),
     )
+
+
+def quota_spent(error: QuotaExhaustedError) -> Verdict:
+    """The verdict on an endpoint whose announced quota stays spent beyond ``MAX_RETRY_AFTER`` (its
+    governor raises ``error`` instead of waiting): the same as a ``Retry-After`` that long, for it is
+    the same wait, announced on a successful answer instead of a 429."""
+    return Verdict(Action.FAIL_OVER, error.reason, error=error)
 
 
 def judge_status(status: int, headers: Mapping[str, str], asked: Asked) -> Verdict | None:

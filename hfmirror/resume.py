@@ -75,11 +75,11 @@ class ResumeState:
             path,
             file,
             [Segment(a, p, b) for a, p, b in rows],
-            validators=dict(data.get("validators", {})),
-            ranges_supported=bool(data.get("ranges_supported", True)),
+            validators=data.get("validators", {}),
+            ranges_supported=data.get("ranges_supported", True),
         )
         if _same_boot(data):
-            state.durable = [[int(a), int(p), int(b)] for a, p, b in data["durable"]]
+            state.durable = _rows(data["durable"]) or []  # a valid table: _read checked it
         return state
 
     @staticmethod
@@ -129,16 +129,46 @@ class ResumeState:
 
 
 def _read(path: Path) -> dict[str, Any] | None:
-    """The saved JSON, if it is a state this version can read."""
+    """The saved JSON, if it is a state this version can read, with every field of the right type.
+
+    The file may be damaged (a disk error, a hand edit, another program): whatever it holds, a bad
+    state is no state (the file is fetched again), never an exception.
+    """
     try:
         data = json.loads(path.read_text())
-        if not isinstance(data, dict) or data.get("version") not in (1, _STATE_VERSION):
-            return None
-        if not isinstance(data.get("oid"), str) or not isinstance(data.get("size"), int):
-            return None
-        return data
     except (OSError, ValueError):
         return None
+    if not isinstance(data, dict) or data.get("version") not in (1, _STATE_VERSION):
+        return None
+    if not isinstance(data.get("oid"), str) or type(data.get("size")) is not int:
+        return None
+    validators = data.get("validators", {})
+    if not isinstance(validators, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in validators.items()
+    ):
+        return None
+    if not isinstance(data.get("ranges_supported", True), bool):
+        return None
+    if _rows(data.get("segments")) is None:
+        return None
+    if data["version"] != 1 and _rows(data.get("durable")) is None:
+        return None
+    return data
+
+
+def _rows(table: object) -> list[list[int]] | None:
+    """A saved table as ``[start, pos, end]`` rows with ``start <= pos <= end``; None if it is not one."""
+    if not isinstance(table, list):
+        return None
+    rows = []
+    for row in table:
+        if not (isinstance(row, list) and len(row) == 3 and all(type(n) is int for n in row)):
+            return None
+        start, pos, end = row
+        if not 0 <= start <= pos <= end:
+            return None
+        rows.append([start, pos, end])
+    return rows
 
 
 def _same_boot(data: dict[str, Any]) -> bool:
@@ -149,12 +179,7 @@ def _same_boot(data: dict[str, Any]) -> bool:
 def _trusted_rows(data: dict[str, Any]) -> list[list[int]] | None:
     """The table to trust: what was written, in the boot it was written in (version 1 synced before
     every save, so its one table is durable); after a reboot, only what was synced."""
-    table = data.get("segments") if _same_boot(data) or data["version"] == 1 else data.get("durable")
-    try:
-        rows = [[int(a), int(p), int(b)] for a, p, b in table]  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        return None
-    return rows if all(a <= p <= b for a, p, b in rows) else None
+    return _rows(data["segments"] if _same_boot(data) or data["version"] == 1 else data["durable"])
 
 
 def _covers(rows: list[list[int]], size: int) -> bool:

@@ -63,6 +63,7 @@ from .errors import (
     DownloadInterrupted,
     IntegrityError,
     NetworkError,
+    QuotaExhaustedError,
     RemoteError,
     StorageError,
 )
@@ -80,6 +81,7 @@ from .policy import (
     drain_error_body,
     judge_file_answer,
     judge_transport_error,
+    quota_spent,
     settle,
 )
 from .resume import CheckpointClock, ResumeState
@@ -343,13 +345,15 @@ class _Pass:
         """Seconds this file would still take with one more connection: the larger, the sooner it gets
         the next free slot of the endpoint's connection budget (the longest job first, which finishes
         a set of files soonest). The rate is this file's own per connection if measured, else what the
-        endpoint's connections delivered lately."""
+        endpoint's connections delivered lately, else (nothing measured yet) that of a fast connection:
+        always a rate, so that a priority taken before any measurement (it stays in the governor's line
+        as it was) is in seconds too, like those taken after."""
         governor = endpoint.governor
         rate = self.table.per_connection_rate(time.monotonic())
         if rate is not None:
             governor.note_rate(rate)
         else:
-            rate = governor.connection_rate or 1.0  # nothing measured anywhere: bytes, for every file alike
+            rate = governor.connection_rate or constants.FAST_CONNECTION
         return self.table.remaining_bytes / (self.table.active_connections() + 1) / max(rate, 1.0)
 
     def fail(self, error: BaseException) -> None:
@@ -483,8 +487,13 @@ class _Connection:
         failures = 0
         while self.table.remaining_of(segment) > 0 and not self._stopped():
             endpoint = transfer.endpoint()
-            if not endpoint.governor.acquire(self.a_pass.stop, priority=self.a_pass.priority(endpoint)):
-                return
+            try:
+                if not endpoint.governor.acquire(self.a_pass.stop, priority=self.a_pass.priority(endpoint)):
+                    return
+            except QuotaExhaustedError as error:
+                if transfer.refuse(endpoint, quota_spent(error)):
+                    continue  # the run has moved on to another endpoint
+                raise  # not reached: on the last endpoint, refuse() raises what each endpoint said
             start_pos = segment.pos
             try:
                 self._request(endpoint, segment, sent_at=time.monotonic())
@@ -545,7 +554,9 @@ class _Connection:
             first_hop = response.history[0] if response.history else response
             endpoint.governor.observe(first_hop.headers, sent_at)
             self._check_answer(endpoint, response, start, headers)
-            return self._stream_into(response, segment)
+            # A server that ignores Range sends the whole file: the bytes held already are read past.
+            held = start if "Range" not in headers else 0
+            return self._stream_into(response, segment, held=held)
 
     def _check_answer(self, endpoint: Endpoint, response: requests.Response, start: int, sent: dict) -> None:
         """Raise unless the answer's body is the bytes asked for (the policy judges; this acts)."""
@@ -567,17 +578,20 @@ class _Connection:
             # Whoever answered last (the endpoint or its CDN) checks If-Range against this value.
             transfer.remember_validator(self.a_pass.state, endpoint.host, etag)
 
-    def _stream_into(self, response: requests.Response, segment: Segment) -> int:
+    def _stream_into(self, response: requests.Response, segment: Segment, *, held: int = 0) -> int:
         """Copy the body into the file at ``segment.pos`` until the segment (which may shrink) is full.
 
-        Each block is received straight into one reused buffer and written from there. A body read to
-        its end hands its connection back to the pool for the next piece; one left unfinished (the
-        segment shrank, the pass ended) closes it when the response is closed.
+        The body begins ``held`` bytes before ``segment.pos`` (a server that ignores Range, asked
+        again after a drop, starts from byte 0): those are read and dropped, never written over what
+        is there. Each block is received straight into one reused buffer and written from there. A
+        body read to its end hands its connection back to the pool for the next piece; one left
+        unfinished (the segment shrank, the pass ended) closes it when the response is closed.
         """
         body = _body_reader(response)
         largest = max(constants.READ_BLOCK, constants.FAST_READ_BLOCK, constants.PROBE_READ_BLOCK)
         # A segment only ever shrinks: a small file needs no 1 MiB buffer.
         buffer = memoryview(bytearray(max(1, min(largest, self.table.remaining_of(segment)))))
+        self._read_past(body, held, buffer)
         written = 0
         while True:
             want = self.table.next_read(segment)
@@ -608,6 +622,21 @@ class _Connection:
         if body is not response.raw and body.isclosed():
             response.raw.release_conn()  # the whole body was read: keep the connection for the next piece
         return written
+
+    def _read_past(
+        self, body: http.client.HTTPResponse | urllib3.BaseHTTPResponse, held: int, buffer: memoryview
+    ) -> None:
+        """Read the first ``held`` bytes of ``body`` into ``buffer`` and forget them (a drop is retried)."""
+        left = held
+        while left > 0 and not self._stopped():
+            try:
+                count = body.readinto(buffer[: min(len(buffer), left)])
+            except TRANSPORT_ERRORS as error:
+                name = type(error).__name__
+                raise _retry(f"connection lost reading past the {held} bytes already held ({name})") from None
+            if not count:
+                raise _retry(f"body ended before the {held} bytes already held")
+            left -= count
 
     def _write(self, data: memoryview, offset: int) -> None:
         try:

@@ -2,9 +2,8 @@
 helpers that read a page back.
 
 The reports are made by the real code (``compare.metrics.compare_tensors`` on random tensors, then
-``ComparisonReport.from_stages(...).to_dict()``), so their shape is exactly what the comparison
-produces today; the keys later issues add (isolated errors, NMSE, next-token measures, the repo id)
-are added the way those issues describe them. Attention maps are softmaxes of random scores.
+``ComparisonReport.from_stages``), so their shape is exactly what the comparison produces. Attention
+maps are softmaxes of random scores.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from bs4 import BeautifulSoup
 from PIL import Image
 
 from compare.html_report import AttentionMaps
-from compare.metrics import compare_tensors
+from compare.metrics import NextTokenMetrics, compare_tensors
 from compare.report import ComparisonReport
 
 ATOL = RTOL = 1e-5
@@ -39,71 +38,67 @@ def stage_names(num_layers: int) -> list[str]:
     return ["embeddings", *layers, "last_hidden_state", "pooler"]
 
 
-def synthetic_report(
+def synthetic_comparison(
     num_layers: int = 2,
     *,
     bug_at: str | None = None,
-    isolated: bool = False,
-    later_keys: bool = False,
+    carried_drift_at: str | None = None,
+    next_token_and_origin: bool = False,
+    dtype: str = "float32",
     seed: int = 0,
-) -> dict[str, Any]:
-    """A report of ``num_layers`` BERT-style layers, every stage O(1) with float32-sized rounding noise.
+) -> ComparisonReport:
+    """A comparison of ``num_layers`` BERT-style layers, every stage O(1) with float32-sized rounding
+    noise, built as the comparison builds one (StageResult per stage, ``ComparisonReport.from_stages``).
 
     ``bug_at``: from this stage on, ours is off by ~1e-3 (carried); in isolation only that stage is.
-    ``isolated``: add each stage's isolated error (issue 17), and blame the first isolated failure.
-    ``later_keys``: add NMSE, p99, next-token measures, ids and the repo id (issues 14 and 17).
+    ``carried_drift_at``: from this stage on, ours is off by ~1e-3 carried only: in isolation it is not.
+    ``next_token_and_origin``: next-token measures, the ids compared and the repo the checkpoint came from.
     """
     generator = torch.Generator().manual_seed(seed)
     names = stage_names(num_layers)
     bug_index = names.index(bug_at) if bug_at is not None else len(names)
-    stages, isolated_results = [], []
+    drift_index = names.index(carried_drift_at) if carried_drift_at is not None else len(names)
+    stages = []
     for index, name in enumerate(names):
         reference = torch.randn(2, 5, 8, generator=generator, dtype=torch.float64)
         noise = torch.randn(2, 5, 8, generator=generator, dtype=torch.float64) * 1e-7 * (1 + index)
         bug = torch.randn(2, 5, 8, generator=generator, dtype=torch.float64) * 1e-3
-        carried = reference + noise + (bug if index >= bug_index else 0)
+        carried = reference + noise + (bug if index >= min(bug_index, drift_index) else 0)
         alone = reference + noise / (1 + index) + (bug if index == bug_index else 0)
-        stages.append(compare_tensors(name, carried, reference, atol=ATOL, rtol=RTOL))
-        isolated_results.append(compare_tensors(name, alone, reference, atol=ATOL, rtol=RTOL))
-    report = ComparisonReport.from_stages(
+        stage = compare_tensors(name, carried, reference, atol=ATOL, rtol=RTOL)
+        stage.isolated = compare_tensors(name, alone, reference, atol=ATOL, rtol=RTOL)
+        stages.append(stage)
+    inputs: dict[str, Any] = {"source": "text", "texts": [TEXT, "a second text"], "batch": 2}
+    inputs["seq_len"] = len(TOKENS)
+    extra: dict[str, Any] = {}
+    if next_token_and_origin:
+        ids = torch.randint(0, 100, (2, len(TOKENS)), generator=generator).tolist()
+        inputs |= {"input_ids": ids, "attention_mask": [[1] * len(TOKENS)] * 2}
+        extra["next_token"] = NextTokenMetrics(
+            agreement=0.9375,
+            kl_divergence_mean=3.25e-9,
+            kl_divergence_max=1.5e-8,
+            positions=2 * len(TOKENS),
+            top1_ours=ids,
+            top1_reference=ids,
+        )
+        extra |= {"repo_id": "tiny/bert-synthetic", "commit": "0123456789abcdef0123456789abcdef01234567"}
+    return ComparisonReport.from_stages(
         stages,
         model="tiny/bert-synthetic",
-        dtype="float32",
+        dtype=dtype,
         atol=ATOL,
         rtol=RTOL,
         versions={"torch": "2.13.0", "transformers": "5.24.0", "python": "3.11.2"},
-        inputs={"source": "text", "texts": [TEXT, "a second text"], "batch": 2, "seq_len": len(TOKENS)},
-    ).to_dict()
-    if isolated:
-        _add_isolated(report, isolated_results)
-    if later_keys:
-        _add_later_keys(report, generator)
-    return report
+        reference="transformers AutoModel, eager attention, eval, no_grad, run one piece at a time",
+        inputs=inputs,
+        **extra,
+    )
 
 
-def _add_isolated(report: dict[str, Any], isolated_results: list[Any]) -> None:
-    """Issue 17's shape: ``isolated`` per stage; the first failure in isolation is the one blamed."""
-    for stage, alone in zip(report["stages"], isolated_results, strict=True):
-        stage["isolated"] = {
-            key: getattr(alone, key)
-            for key in ("max_abs_diff", "mean_abs_diff", "rel_error", "cosine_similarity", "passed")
-        }
-    failing = [stage["name"] for stage in report["stages"] if not stage["isolated"]["passed"]]
-    report["first_failing_stage"] = failing[0] if failing else None
-
-
-def _add_later_keys(report: dict[str, Any], generator: torch.Generator) -> None:
-    for stage in report["stages"]:
-        stage["nmse"] = (stage["max_abs_diff"] or 0.0) ** 2 / 3.0
-        stage["p99_abs_diff"] = (stage["max_abs_diff"] or 0.0) * 0.8
-    ids = torch.randint(0, 100, (2, len(TOKENS)), generator=generator).tolist()
-    report["inputs"]["input_ids"] = ids
-    report["inputs"]["attention_mask"] = [[1] * len(TOKENS)] * 2
-    report["top1"] = {"ours": ids, "reference": ids}
-    report["next_token_agreement"] = 0.9375
-    report["kl_divergence"] = 3.25e-9
-    report["repo_id"] = "tiny/bert-synthetic"
-    report["commit"] = "0123456789abcdef0123456789abcdef01234567"
+def synthetic_report(num_layers: int = 2, **options: Any) -> dict[str, Any]:
+    """:func:`synthetic_comparison`'s JSON form, what the page is rendered from."""
+    return synthetic_comparison(num_layers, **options).to_dict()
 
 
 def synthetic_attention(

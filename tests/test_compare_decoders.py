@@ -20,18 +20,20 @@ import compare.bert
 import compare.gpt2
 import compare.layers
 import compare.llama
+import compare.model
 import compare.qwen
 import compare.roberta
-from compare.architectures import REGISTRY, load_model, supported_model_types
+from compare.architectures import REGISTRY, prepare_model, supported_model_types
 from compare.layers import ACTIVATIONS, additive_padding_mask, gelu_exact
 from compare.model import Recorder
 from compare.runner import DEFAULT_TOLERANCES, compare_model_dir, random_inputs
-from compare.weights import Transposed, split_by_piece
+from compare.weights import Transposed
 from hfmirror.errors import CompareError, UnsupportedModelError, WeightLoadError
 from tests.test_compare_support import (
     WORDS,
     assert_fails_at,
     convert_qwen2_to_qwen_v1,
+    load_whole_model,
     remote_code_marker,
     rewrite_safetensors,
     save_random_decoder,
@@ -179,7 +181,7 @@ def test_logits_equal_transformers_directly(models: dict[str, Path]) -> None:
     for name, (model_type, _) in MODELS.items():
         if model_type in ENCODERS:
             continue
-        ours = load_model(models[name], dtype=torch.float64).model
+        ours = load_whole_model(models[name], dtype=torch.float64).model
         reference = AutoModelForCausalLM.from_pretrained(
             models[name], dtype=torch.float64, attn_implementation="eager"
         ).eval()
@@ -210,14 +212,14 @@ def test_float64_nan_of_the_reference_is_reproduced_exactly(models: dict[str, Pa
 
 
 def test_sliding_window_is_applied(models: dict[str, Path]) -> None:
-    mistral = load_model(models["mistral-gqa4to1-sliding5"]).model
+    mistral = load_whole_model(models["mistral-gqa4to1-sliding5"]).model
     context = mistral.make_context(
         torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.long), None
     )
     sees = context.masks["sliding"][0, 0] == 0  # (T, T): which keys each query sees
     assert sees[7].tolist() == [False, False, False, True, True, True, True, True]  # itself and 4 before
     assert context.masks["full"][0, 0, 7].eq(0).all()
-    qwen = load_model(models["qwen2-sliding-from-layer1"]).model
+    qwen = load_whole_model(models["qwen2-sliding-from-layer1"]).model
     assert [layer.attention_kind for layer in qwen.layers] == ["full", "sliding", "sliding"]
 
 
@@ -323,7 +325,7 @@ def test_gpt2_conv1d_not_transposed_fails(models, monkeypatch) -> None:
     with pytest.raises(
         WeightLoadError, match=r"h\.0\.attn\.c_attn\.weight' has shape \(32, 96\), expected \(96, 32\)"
     ):
-        load_model(models["gpt2-tied"])
+        load_whole_model(models["gpt2-tied"])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -349,7 +351,7 @@ def test_qwen_v1_equals_the_original_qwen2_model(qwen_pair: tuple[Path, Path]) -
     inputs = random_inputs(
         batch=3, seq_len=10, seed=2, vocab_size=len(WORDS), type_vocab_size=1, pad_token_id=2
     )
-    ours = load_model(qwen, dtype=torch.float64).model
+    ours = load_whole_model(qwen, dtype=torch.float64).model
     truth = AutoModelForCausalLM.from_pretrained(
         original, dtype=torch.float64, attn_implementation="eager"
     ).eval()
@@ -369,6 +371,24 @@ def test_qwen_v1_matches_its_converted_reference(qwen_pair: tuple[Path, Path], d
     assert "Qwen2ForCausalLM" in report.reference and "conversion" in report.reference
     assert "Qwen2ForCausalLM" in report.render_table() and report.to_dict()["reference"] == report.reference
     assert report.next_token is not None and report.next_token.agreement == 1.0
+
+
+def test_qwen_v1_buffers_saved_beside_the_weights_are_ignored_by_both_sides(qwen_pair, tmp_path) -> None:
+    """Old Qwen v1 checkpoints carry masked_bias and rotary_emb.inv_freq: our model and the
+    conversion for the reference both leave them out (one list, compare.qwen.QWEN_IGNORED)."""
+    import shutil
+
+    path = Path(shutil.copytree(qwen_pair[1], tmp_path / "qwen-v1-buffers"))
+
+    def with_buffers(state):
+        for i in range(2):
+            state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+            state[f"transformer.h.{i}.attn.rotary_emb.inv_freq"] = torch.rand(4)
+        return state
+
+    rewrite_safetensors(path, with_buffers)
+    report = compare_model_dir(path, seq_len=6)
+    assert report.passed, report.render_table()
 
 
 def test_qwen_v1_w1_and_w2_swapped_fail_at_mlp(qwen_pair, monkeypatch) -> None:
@@ -468,7 +488,6 @@ def test_top1_disagreement_is_reported(models: dict[str, Path], monkeypatch) -> 
 
 def _whole_model_attention(path: Path, inputs: dict) -> dict[str, torch.Tensor]:
     """transformers' own attention weights, (B, nh, T, T) per layer, from its whole model."""
-    from compare.architectures import prepare_model
     from compare.reference import load_reference, reference_stages
 
     prepared = prepare_model(path)
@@ -533,7 +552,7 @@ def test_recorder_carries_ours_or_isolates_with_theirs() -> None:
     carried = Recorder()
     assert carried.scoped("layer.0")("mlp", ours) is ours and list(carried.stages) == ["layer.0.mlp"]
     isolated = Recorder(substitute={"layer.0.mlp": theirs})
-    assert isolated.scoped("layer.0")("mlp", ours) is theirs
+    assert torch.equal(isolated.scoped("layer.0")("mlp", ours), theirs)
     assert torch.equal(isolated.stages["layer.0.mlp"], ours)  # what is recorded is always ours
     assert isolated("other", ours) is ours  # no reference tensor: continue with ours
     assert isolated("layer.0.mlp", torch.ones(3)).shape == (3,)  # a shape mismatch is not substituted
@@ -542,6 +561,41 @@ def test_recorder_carries_ours_or_isolates_with_theirs() -> None:
     kept = Recorder(keep_attention=True)
     kept.scoped("layer.1").attention_weights(ours)
     assert list(kept.attention) == ["layer.1"]
+
+
+def test_what_a_stage_recorded_cannot_be_changed_in_place_afterwards() -> None:
+    """A forward pass may work in place on what ``record`` hands back: neither the reference's tensor
+    it was handed (isolated) nor our recorded stage may change with it."""
+    ours, theirs = torch.ones(2), torch.zeros(2)
+    isolated = Recorder(substitute={"mlp": theirs})
+    isolated("mlp", ours).add_(5)
+    assert torch.equal(theirs, torch.zeros(2)) and torch.equal(isolated.stages["mlp"], torch.ones(2))
+    carried = Recorder()
+    carried("mlp", ours).add_(5)
+    assert torch.equal(carried.stages["mlp"], torch.ones(2))
+
+
+def test_in_place_work_after_a_stage_is_blamed_on_the_next_stage(models, monkeypatch) -> None:
+    """Our layer doubles its MLP output in place after recording it (a bug in the residual sum): the
+    MLP stage itself is right, in both runs; the layer's output is wrong. Were the recorded tensors
+    (or the reference's, handed to the isolated run) changed by the in-place work, the blame would
+    land on the MLP."""
+
+    def doubled_in_place(self, x, context, record=compare.model.NO_RECORDING):
+        mask = context.masks[self.attention_kind]
+        attention_out = record(
+            "attention", self.attention(self.attention_norm(x), mask, context.rotary, record)
+        )
+        x = record("attention_residual", x + attention_out)
+        mlp_out = record("mlp", self.mlp(self.mlp_norm(x)))
+        mlp_out.mul_(2)
+        return record("output", x + mlp_out)
+
+    monkeypatch.setattr(compare.layers.PreNormDecoderLayer, "forward", doubled_in_place)
+    report = compare_model_dir(models["qwen2-gqa8to2-tied-theta1e6"], dtype="float64")
+    assert_fails_at(report, "layer.0.output")
+    mlp = {stage.name: stage for stage in report.stages}["layer.0.mlp"]
+    assert mlp.passed and mlp.isolated.passed
 
 
 def test_rotary_rotates_pairs_and_keeps_relative_position() -> None:
@@ -561,17 +615,22 @@ def test_rotary_rotates_pairs_and_keeps_relative_position() -> None:
 
 
 def test_pieces_partition_the_weight_map(models: dict[str, Path]) -> None:
+    """Each of our parameters belongs to exactly one piece (the embeddings, one layer, the final
+    modules), by the module prefixes the comparison loads each piece with."""
     for name in ("gpt2-tied", "llama-gqa-biases-head_dim-llama3-tied", "roberta"):
-        loaded = load_model(models[name])
-        weight_map = loaded.architecture.weight_map(loaded.config, **loaded.options)
-        pieces = split_by_piece(weight_map, loaded.model.piece_prefixes())
-        assert list(pieces) == ["embeddings", "layer.0", "layer.1", "final"]
-        assert sum(len(piece) for piece in pieces.values()) == len(weight_map)  # each name in one piece
-        assert {k: v for piece in pieces.values() for k, v in piece.items()} == weight_map
-        assert all(name.startswith("layers.1.") for name in pieces["layer.1"])
-        assert pieces["final"] and all(
-            name.startswith(loaded.model.final_modules) for name in pieces["final"]
-        )
+        prepared = prepare_model(models[name])
+        pieces = ["embeddings", "layer.0", "layer.1", "final"]
+        owners: dict[str, list[str]] = {}
+        for piece in pieces:
+            prefixes = tuple(prefix for prefix, _ in prepared.model.piece_modules(piece))
+            for parameter in prepared.plan:
+                if parameter.startswith(prefixes):
+                    owners.setdefault(parameter, []).append(piece)
+        assert set(owners) == set(prepared.weight_map), name  # every parameter is in a piece
+        assert all(len(found) == 1 for found in owners.values()), name  # and in one only
+        assert {p for p, found in owners.items() if found == ["layer.1"]} == {
+            p for p in prepared.weight_map if p.startswith("layers.1.")
+        }
 
 
 def test_gpt2_hub_layout_loads(models: dict[str, Path], tmp_path: Path) -> None:
@@ -623,7 +682,6 @@ def test_a_tied_head_stored_in_the_checkpoint_is_read_as_transformers_reads_it(
     import transformers
     from safetensors.torch import load_file
 
-    from compare.architectures import prepare_model
     from compare.reference import load_reference, reference_stages
     from compare.reference_stream import StreamedReference
 
@@ -642,9 +700,9 @@ def test_a_tied_head_stored_in_the_checkpoint_is_read_as_transformers_reads_it(
     options = dict(architecture=prepared.architecture, config=prepared.config, dtype=torch.float64)
     whole_model = load_reference(path, **options, options=prepared.options)
     whole = reference_stages(whole_model, prepared.architecture.reference, inputs)
-    streamed = StreamedReference(path, **options, files=prepared.files, options=prepared.options).stages(
-        inputs
-    )
+    streamed = StreamedReference(
+        path, **options, files=prepared.reader.files, options=prepared.options
+    ).stages(inputs)
     torch.testing.assert_close(streamed.stages["logits"], whole.stages["logits"], rtol=0, atol=1e-12)
     # What from_pretrained did, read off the model it loaded: the stored head is the head.
     stored = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
@@ -730,7 +788,7 @@ def test_old_style_rope_config_is_read(models, tmp_path) -> None:
     config = json.loads((path / "config.json").read_text())
     del config["rope_parameters"]
     (path / "config.json").write_text(json.dumps(config))
-    loaded = load_model(path)
+    loaded = load_whole_model(path)
     assert loaded.config.rotary.theta == 1000.0 and loaded.config.rotary.rope_type == "default"
     assert compare_model_dir(path).passed
 

@@ -129,6 +129,9 @@ def mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Faul
     make_repo(root, "org/pickled", {"tf_model.h5": 3000})
     t5 = make_repo(root, "org/not-bert", {"model.safetensors": 50_000, "tokenizer.json": b"{}"})
     (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "num_layers": 2}))
+    words = save_tiny_bert(root / "org" / "tokenizer-donor")  # a model repo: its tokenizer is wanted
+    make_repo(root, "org/tokenizer-donor", {"notes.txt": b"not a tokenizer", "data.json": b"{}"})
+    assert {"tokenizer.json", "config.json", "model.safetensors"} <= {p.name for p in words.iterdir()}
     gpt = make_repo(root, "org/bad-gpt2", {"model.safetensors": 50_000, "tokenizer.json": b"{}"})
     (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))  # no n_embd
     assert (
@@ -215,3 +218,33 @@ def test_a_config_our_model_cannot_use_is_refused_before_any_weight(mirror, tmp_
     code, output = compare(url, "org/bad-gpt2", tmp_path)
     assert code == 2 and "n_embd" in output, output
     assert fetched(plan) == ["config.json"]
+
+
+def test_a_tokenizer_repo_gives_its_tokenizer_files_only(mirror, tmp_path: Path) -> None:
+    """--tokenizer REPO fetches what AutoTokenizer reads (the same list a checkpoint's tokenizer is
+    chosen by), not the repo's config, weights or other files."""
+    url, plan, root = mirror
+    plan.reset()
+    code, output = compare(
+        url, "org/all-formats", tmp_path, "--text", "hello world", "--tokenizer", "org/tokenizer-donor"
+    )
+    assert code == 0, output
+    donor = root / "org/tokenizer-donor"
+    wanted = sorted(choose_files([p.name for p in donor.iterdir()]).tokenizer)
+    assert wanted and "config.json" not in wanted and "notes.txt" not in wanted
+    donated = [r.path for r in plan.requests("*/tokenizer-donor/resolve/*", "GET")]
+    assert sorted(path.rsplit("/", 1)[1] for path in donated) == wanted
+
+
+def test_every_tokenizer_file_counts_as_a_tokenizer(tmp_path: Path) -> None:
+    from compare.fetch import TOKENIZER_FILES
+    from compare.reference import has_tokenizer
+
+    for name in [*TOKENIZER_FILES, "qwen.tiktoken"]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / name).write_text("x")
+        assert has_tokenizer(folder), name  # e.g. a SentencePiece model alone: spiece.model
+    (tmp_path / "weights-only").mkdir()
+    (tmp_path / "weights-only" / "config.json").write_text("{}")
+    assert not has_tokenizer(tmp_path / "weights-only")

@@ -10,6 +10,7 @@ itself. The browser's view of such a page is in tests/test_html_browser.py.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import shutil
@@ -26,7 +27,7 @@ from click.testing import CliRunner
 from compare import html_figures
 from compare.architectures import REGISTRY
 from compare.html_attention import MAX_DRAWN_CELLS, drawn_token_limit
-from compare.html_report import source_location, stage_anchor, verdict_sentence
+from compare.html_report import source_location, stage_anchor
 from compare.reference import LABELS_DECODED, LABELS_FROM_OFFSETS
 from hfmirror.cli import cli
 from tests.html_report_data import header_facts, page_strips, referenced_urls, table_rows
@@ -91,16 +92,20 @@ def test_every_stage_and_the_verdict_are_the_json_s(run) -> None:
     for stage in data["stages"]:
         row = rows[stage["name"]]
         assert row["id"] == stage_anchor(stage["name"])
-        assert row["max abs diff"] == sci(stage["max_abs_diff"])
-        assert row["mean abs diff"] == sci(stage["mean_abs_diff"])
-        assert row["budget used"] == sci(stage["tolerance_used"])
-        assert row["NMSE"] == sci(stage["nmse"]) and row["p99 abs diff"] == sci(stage["p99_abs_diff"])
+        assert row["carried max abs diff"] == sci(stage["max_abs_diff"])
+        assert row["carried mean abs diff"] == sci(stage["mean_abs_diff"])
+        assert row["carried budget used"] == sci(stage["tolerance_used"])
+        assert row["carried NMSE"] == sci(stage["nmse"])
+        assert row["carried p99 abs diff"] == sci(stage["p99_abs_diff"])
         assert row["isolated max abs diff"] == sci(stage["isolated"]["max_abs_diff"])
-        assert row["result"] == ("PASS" if stage["passed"] else "FAIL")
         assert row["isolated result"] == ("PASS" if stage["isolated"]["passed"] else "FAIL")
+        # float32: the result is the stage's own (isolated) error's; a carried failure is named
+        assert row["result"].startswith("PASS" if stage["isolated"]["passed"] else "FAIL")
+        assert ("carried FAIL" in row["result"]) == (stage["isolated"]["passed"] and not stage["passed"])
     verdict = soup.select_one("#verdict")
-    assert verdict.get_text() == verdict_sentence(data) and "pass" in verdict["class"]
-    assert verdict.get_text().startswith(f"All {len(data['stages'])} stages match")
+    assert "pass" in verdict["class"]
+    assert verdict.get_text().startswith(f"PASS: all {len(data['stages'])} stages match")
+    assert f"carried max abs diff {sci(data['max_abs_diff'])}" in verdict.get_text()
     facts = header_facts(soup)
     assert facts["dtype"] == data["dtype"] == "float32"
     assert facts["tolerance"].startswith(f"atol={data['atol']:g}, rtol={data['rtol']:g}")
@@ -165,17 +170,43 @@ def test_every_layer_and_head_is_drawn_and_the_reference_maps_are_transformers(r
             assert np.abs(cells - expected).max() <= 1  # one palette step: rounding at a boundary
 
 
+# Where a few stages are computed, written out: (file, class, method) of the model's own code.
+KNOWN_LOCATIONS = {
+    "encoder": {"layer.0.attention": ("compare/layers.py", "MultiHeadSelfAttention", "forward")},
+    "decoder": {
+        "layer.0.attention": ("compare/layers.py", "GroupedQueryAttention", "forward"),
+        "layer.2.mlp": ("compare/layers.py", "GatedFeedForward", "forward"),
+    },
+}
+
+
+def enclosing_class(lines: list[str], line: int) -> str | None:
+    """The name of the class the (1-based) line is in: the nearest class statement above it."""
+    for text in reversed(lines[: line - 1]):
+        match = re.match(r"class (\w+)", text)
+        if match:
+            return match.group(1)
+    return None
+
+
 def test_each_stage_names_the_function_of_ours_that_computes_it(run) -> None:
+    """The named line holds the named function (as inspect finds it, not as the page's own mapping
+    says), and a few stages are where the model's code computes them."""
     kind, model, _, data, html, _, _ = run
     architecture = REGISTRY[json.loads((model / "config.json").read_text())["model_type"]]
     rows = table_rows(BeautifulSoup(html, "html.parser"))
     for stage in data["stages"]:
-        pattern = re.sub(r"^layer\.\d+\.", "layer.{i}.", stage["name"])
-        location = rows[stage["name"]]["computed in"]
-        assert location == source_location(architecture.stage_functions[pattern])
-        path, line = location.rsplit(":", 1)
-        assert path.startswith("compare/")
-        assert (REPO / path).read_text().splitlines()[int(line) - 1].lstrip().startswith("def ")
+        function = architecture.stage_functions[re.sub(r"^layer\.\d+\.", "layer.{i}.", stage["name"])]
+        path, line = rows[stage["name"]]["computed in"].rsplit(":", 1)
+        assert (REPO / path).resolve() == Path(inspect.getsourcefile(function)).resolve()
+        assert int(line) == inspect.getsourcelines(function)[1]
+        lines = (REPO / path).read_text().splitlines()
+        assert lines[int(line) - 1].lstrip().startswith(f"def {function.__name__}(")
+    for name, (path, cls, method) in KNOWN_LOCATIONS[kind].items():
+        shown_path, line = rows[name]["computed in"].rsplit(":", 1)
+        lines = (REPO / path).read_text().splitlines()
+        assert shown_path == path and lines[int(line) - 1].lstrip().startswith(f"def {method}(")
+        assert enclosing_class(lines, int(line)) == cls
 
 
 def test_the_page_references_nothing_outside_itself(run) -> None:
@@ -323,8 +354,10 @@ def test_a_failing_comparison_still_gets_its_page_naming_the_first_failing_stage
     assert code == 1 and data["first_failing_stage"] == "layer.0.feed_forward"
     soup = BeautifulSoup(html, "html.parser")
     verdict = soup.select_one("#verdict")
-    assert "fail" in verdict["class"] and verdict.get_text() == verdict_sentence(data)
-    assert verdict.get_text().startswith("layer.0.feed_forward is the first stage")
+    failing = [stage for stage in data["stages"] if not stage["isolated"]["passed"]]
+    assert "fail" in verdict["class"]
+    assert verdict.get_text().startswith("FAIL: first failing stage: layer.0.feed_forward ")
+    assert f"({len(failing)} of {len(data['stages'])} stages outside" in verdict.get_text()
     assert "first" in table_rows(soup)["layer.0.feed_forward"]["class"]
 
 

@@ -23,14 +23,14 @@ from hypothesis import strategies as st
 import compare.bert
 import compare.layers
 import compare.weights
-from compare.architectures import REGISTRY, load_model
+from compare.architectures import REGISTRY
 from compare.bert import BertEncoderLayer
 from compare.config import BertConfig
 from compare.layers import ACTIVATIONS, add_and_norm
 from compare.metrics import compare_tensors
 from compare.runner import DEFAULT_TOLERANCES, compare_model_dir, random_inputs
 from hfmirror.errors import CompareError, UnsupportedModelError
-from tests.test_compare_support import assert_fails_at, save_random_bert
+from tests.test_compare_support import assert_fails_at, load_whole_model, save_random_bert
 
 TEXTS = ["hello world", "the cat sat on the mat", "a dog ran"]
 
@@ -138,6 +138,20 @@ def test_model_modules_import_torch_only() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_the_readme_reads_the_modules_in_the_package_s_order() -> None:
+    """One reading order: the package docstring's and the README's name the same modules, in order."""
+    import re
+
+    import compare
+
+    docstring = compare.__doc__.split("Reading order:")[1].split("Everything except")[0]
+    package = re.findall(r"``compare\.(\w+)``", docstring)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    paragraph = readme.split("Read the code in this order")[1].split("A new architecture")[0]
+    named = re.findall(r"`compare/(\w+)\.py`", paragraph)
+    assert package and named == ["__init__", *package]  # __init__: where the order is written
+
+
 # ---------------------------------------------------------------------------------------------- matching
 
 
@@ -165,7 +179,7 @@ def test_final_outputs_equal_transformers_directly(bert: Path) -> None:
     from transformers import AutoModel
 
     inputs = random_inputs(batch=3, seq_len=10, seed=5, vocab_size=45, type_vocab_size=2, pad_token_id=0)
-    ours = load_model(bert, dtype=torch.float64).model
+    ours = load_whole_model(bert, dtype=torch.float64).model
     reference = AutoModel.from_pretrained(bert, dtype=torch.float64, attn_implementation="eager").eval()
     with torch.no_grad():
         hidden, pooled = ours(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])

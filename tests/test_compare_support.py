@@ -25,6 +25,7 @@ from tests.support import save_tiny_bert
 __all__ = [
     "assert_fails_at",
     "convert_qwen2_to_qwen_v1",
+    "load_whole_model",
     "randomise_weights",
     "rewrite_safetensors",
     "save_random_bert",
@@ -329,6 +330,26 @@ def assert_fails_at(report: Any, stage: str) -> None:
         "stages before the bug must pass"
     )
     assert f"first failing stage: {stage}" in report.render_table().splitlines()[-1]
+
+
+def load_whole_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> Any:
+    """Our model of the checkpoint, every piece holding its weights at once, in eval mode.
+
+    The comparison holds one piece at a time; tests that run our model whole (against transformers'
+    own forward, or to read its parameters) load all its pieces the same way: compare.weights's
+    load_piece, by the plan prepare_model checked.
+    """
+    from compare.architectures import prepare_model
+    from compare.weights import TensorCache, load_piece
+
+    loaded = prepare_model(model_dir, dtype=dtype)
+    tensors = TensorCache(loaded.reader, dtype)
+    pieces = ["embeddings", *(f"layer.{i}" for i in range(len(loaded.model.layers))), "final"]
+    for piece in pieces:
+        for prefix, module in loaded.model.piece_modules(piece):
+            load_piece(module, prefix, loaded.plan, loaded.weight_map, tensors)
+    tensors.clear()  # the parameters keep what they hold
+    return loaded
 
 
 def remote_code_marker(qwen_v1_dir: str | Path) -> Path:

@@ -9,11 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compare.architectures import REGISTRY, load_model
+from compare.architectures import REGISTRY
 from compare.runner import compare_model_dir
 from compare.weights import checkpoint_files
 from hfmirror.errors import CompareError, WeightLoadError
-from tests.test_compare_support import rewrite_safetensors, save_random_bert, write_sharded_bin
+from tests.test_compare_support import (
+    load_whole_model,
+    rewrite_safetensors,
+    save_random_bert,
+    write_sharded_bin,
+)
 
 LAYERS = 2
 
@@ -30,7 +35,7 @@ def _checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
 
 def _assert_parameters_are_the_checkpoint(path: Path, prefix: str = "") -> None:
     """Through the explicit weight map, every parameter equals its checkpoint tensor bit for bit."""
-    loaded = load_model(path, dtype=torch.float32)
+    loaded = load_whole_model(path, dtype=torch.float32)
     state = _checkpoint_state(path)
     weight_map = REGISTRY["bert"].weight_map(loaded.config, **loaded.options)
     parameters = dict(loaded.model.named_parameters())
@@ -58,7 +63,7 @@ def test_bert_for_pretraining_checkpoint(tmp_path: Path) -> None:
 def test_bert_for_masked_lm_checkpoint_has_no_pooler(tmp_path: Path) -> None:
     path = save_random_bert(tmp_path / "m", architecture="BertForMaskedLM")
     assert not any("pooler" in name for name in _checkpoint_state(path))
-    loaded = load_model(path)
+    loaded = load_whole_model(path)
     assert loaded.options == {"with_pooler": False} and loaded.model.pooler is None
     report = compare_model_dir(path)
     assert report.passed, report.render_table()
@@ -77,7 +82,7 @@ def test_gamma_beta_layer_norm_names(tmp_path: Path) -> None:
 
     rewrite_safetensors(path, rename)
     assert any(name.endswith("LayerNorm.gamma") for name in _checkpoint_state(path))
-    loaded = load_model(path)
+    loaded = load_whole_model(path)
     # gamma -> weight and beta -> bias, not the other way round (the random draws differ).
     torch.testing.assert_close(
         loaded.model.embeddings.norm.weight, original["bert.embeddings.LayerNorm.weight"]
@@ -123,7 +128,7 @@ def test_sharded_pytorch_model_bin(tmp_path: Path) -> None:
 
 def test_float64_parameters(tmp_path: Path) -> None:
     path = save_random_bert(tmp_path / "m")
-    model = load_model(path, dtype=torch.float64).model
+    model = load_whole_model(path, dtype=torch.float64).model
     assert {p.dtype for p in model.parameters()} == {torch.float64}
     assert not any(p.is_meta for p in model.parameters())
     assert not any(p.requires_grad for p in model.parameters())
@@ -138,7 +143,7 @@ def test_missing_tensor(tmp_path: Path) -> None:
         save_random_bert(tmp_path / "m"), lambda s: {k: v for k, v in s.items() if k != name}
     )
     with pytest.raises(WeightLoadError, match=f"missing.*'{name}'"):
-        load_model(path)
+        load_whole_model(path)
     with pytest.raises(WeightLoadError, match=name):  # the comparison fails the same way, before transformers
         compare_model_dir(path)
 
@@ -147,21 +152,21 @@ def test_unexpected_tensor(tmp_path: Path) -> None:
     name = "encoder.layer.0.attention.self.extra.weight"
     path = rewrite_safetensors(save_random_bert(tmp_path / "m"), lambda s: s | {name: torch.zeros(3)})
     with pytest.raises(WeightLoadError, match=f"unexpected tensor '{name}'"):
-        load_model(path)
+        load_whole_model(path)
 
 
 def test_wrongly_shaped_tensor(tmp_path: Path) -> None:
     name = "encoder.layer.0.intermediate.dense.weight"  # (37, 32) in the default tiny BERT
     path = rewrite_safetensors(save_random_bert(tmp_path / "m"), lambda s: s | {name: torch.zeros(36, 32)})
     with pytest.raises(WeightLoadError, match=rf"'{name}' has shape \(36, 32\), expected \(37, 32\)"):
-        load_model(path)
+        load_whole_model(path)
 
 
 def test_duplicated_tensor_under_both_names(tmp_path: Path) -> None:
     path = save_random_bert(tmp_path / "m")
     rewrite_safetensors(path, lambda s: s | {"bert.pooler.dense.bias": s["pooler.dense.bias"].clone()})
     with pytest.raises(WeightLoadError, match="pooler.dense.bias.*twice"):
-        load_model(path)
+        load_whole_model(path)
 
 
 class NotATensor:
@@ -173,7 +178,7 @@ def test_pickle_with_an_object_is_refused(tmp_path: Path) -> None:
     state = torch.load(path / "pytorch_model.bin", weights_only=True)
     torch.save(state | {"evil": NotATensor()}, path / "pytorch_model.bin")
     with pytest.raises(WeightLoadError, match=r"weights_only=True.*Unsupported global.*NotATensor"):
-        load_model(path)
+        load_whole_model(path)
 
 
 def test_pickle_with_a_non_tensor_value(tmp_path: Path) -> None:
@@ -181,14 +186,14 @@ def test_pickle_with_a_non_tensor_value(tmp_path: Path) -> None:
     state = torch.load(path / "pytorch_model.bin", weights_only=True)
     torch.save(state | {"step": 3}, path / "pytorch_model.bin")
     with pytest.raises(WeightLoadError, match="'step' is a int, not a tensor"):
-        load_model(path)
+        load_whole_model(path)
 
 
 def test_no_weights(tmp_path: Path) -> None:
     path = save_random_bert(tmp_path / "m")
     (path / "model.safetensors").unlink()
     with pytest.raises(WeightLoadError, match="no weights"):
-        load_model(path)
+        load_whole_model(path)
 
 
 def test_shard_missing_from_disk(tmp_path: Path) -> None:
@@ -196,7 +201,7 @@ def test_shard_missing_from_disk(tmp_path: Path) -> None:
     shard = sorted(path.glob("*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(WeightLoadError, match=shard.name):
-        load_model(path)
+        load_whole_model(path)
 
 
 def test_unsafe_shard_name_in_index(tmp_path: Path) -> None:
@@ -207,14 +212,14 @@ def test_unsafe_shard_name_in_index(tmp_path: Path) -> None:
     index["weight_map"][first] = "../outside.safetensors"
     index_path.write_text(json.dumps(index))
     with pytest.raises(WeightLoadError, match="unsafe shard"):
-        load_model(path)
+        load_whole_model(path)
 
 
 def test_corrupt_safetensors(tmp_path: Path) -> None:
     path = save_random_bert(tmp_path / "m")
     (path / "model.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(WeightLoadError, match="model.safetensors"):
-        load_model(path)
+        load_whole_model(path)
 
 
 def test_weight_load_error_is_a_compare_error() -> None:

@@ -46,7 +46,7 @@ def test_demo_runs_offline_and_resumes_and_compares(tmp_path: Path) -> None:
     written = re.search(r"Report: (\S+)", text)
     assert written and Path(written.group(1)) == here / demo.REPORT_NAME, text
     page = BeautifulSoup(Path(written.group(1)).read_text(encoding="utf-8"), "html.parser")
-    assert page.select_one("#verdict").get_text().startswith("All 27 stages match")
+    assert page.select_one("#verdict").get_text().startswith("PASS: all 27 stages match")
     assert "demo/bert-small" in page.select_one("dl.facts dd").get_text() and snapshot.name in page.get_text()
     assert [t.get_text() for t in page.select("#tokens .tok")] == ["[CLS]", "hello", "world", "[SEP]"]
 

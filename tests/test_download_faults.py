@@ -153,6 +153,20 @@ def test_a_server_that_ignores_range_still_works(fault_server, faults, faulty_re
     assert result.restarts == 1  # once, to a single stream from byte 0, which then succeeds
 
 
+def test_drops_from_a_server_that_ignores_range_keep_what_is_held(
+    fault_server, faults, faulty_repo, tmp_path
+):
+    # One connection: the first GET (no Range) drops at 1 MiB; the next one asks for the rest, gets the
+    # whole file (200) and starts over on a single stream; that drops at 1 MiB too, and so does the
+    # one after it. Each new GET gets the file from byte 0, which must not be written at byte 1 MiB.
+    faults.ignore_range(path=f"*/{WEIGHTS}")
+    faults.drop(after_bytes=1024 * 1024, path=f"*/{WEIGHTS}", times=4)
+    result = fetch(fault_server, tmp_path, connections=1)
+    assert_identical(result, faulty_repo)
+    assert result.restarts == 1 and result.verify_failures == 0
+    assert len(weights_gets(faults)) == 5
+
+
 def test_xet_headers_are_ignored_and_bytes_come_from_the_mirror(fault_server, faults, faulty_repo, tmp_path):
     faults.xet_headers(path="*")
     result = fetch(fault_server, tmp_path)

@@ -36,17 +36,19 @@ from hfmirror.paths import validate_relative_path
 from hfmirror.policy import Asked, error_for_answer
 from hfmirror.verify import verify
 from tests.hostile import (
+    Exchange,
     HostileServer,
     close,
     endless,
     fake_repo,
+    forward,
     hang,
     html,
     json_body,
     status,
     trickle,
 )
-from tests.servers import free_port
+from tests.servers import free_port, start_process
 from tests.support import files_under, make_repo, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -185,6 +187,23 @@ def test_endpoint_credentials_are_never_shown(hub_server, tmp_path: Path) -> Non
     assert out.returncode == 5 and "***@127.0.0.1" in out.stderr and secret not in out.stderr, out.stderr
     out = run_cli("download", NESTED, "--endpoint", f"ftp://user:{secret}@host", "--cache-dir", cache)
     assert out.returncode == 2 and secret not in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_upstream_credentials_are_never_shown_by_serve(hub_server, tmp_path: Path) -> None:
+    """``serve --upstream`` with a password in the upstream URLs: neither its start-up lines nor its
+    log (a failover from a dead upstream, a fill from the live one) show the password."""
+    secret = "pa55w0rd-never-shown"
+    dead = f"http://user:{secret}@127.0.0.1:{free_port()}"
+    live = hub_server.url.replace("http://", f"http://user:{secret}@")
+    argv = [sys.executable, "-m", "hfmirror", "serve", str(tmp_path / "cache"), "--port", "0"]
+    argv += ["--upstream", dead, "--upstream", live, "--state-dir", str(tmp_path / "state")]
+    with start_process(argv, tmp_path / "serve.log", r"serving on (http://127\.0\.0\.1:\d+)") as mirror:
+        result = download(NESTED, endpoints=[mirror.url], cache_dir=tmp_path / "client", progress=False)
+        assert files_under(result.path) == files_under(hub_server.root / NESTED)
+    log = mirror.log()
+    assert "filling from http://***@127.0.0.1:" in log, log
+    assert secret not in log, log
 
 
 def test_a_token_found_on_this_machine_goes_only_where_the_user_chose(
@@ -337,8 +356,25 @@ def test_a_dead_first_endpoint_costs_only_the_listing_its_tries(fault_server, fa
         (json_body({"sha": "1" * 40 + "\n", "siblings": []}), "without a valid commit id"),  # a folder name
         (json_body([1, 2, 3]), "not a JSON object"),
         (json_body({"sha": "1" * 40, "siblings": "all of them"}), "not a list"),
+        # A mirror that ignores ?blobs=true: names without sizes or checksums, nothing to verify.
+        (json_body({"sha": "1" * 40, "siblings": [{"rfilename": "README.md"}]}), "without a valid size"),
+        (
+            json_body({"sha": "1" * 40, "siblings": [{"rfilename": "README.md", "size": 39}]}),
+            "without a checksum",
+        ),
+        (json_body({"sha": "1" * 40, "siblings": ["README.md"]}), "a file entry that is not an object"),
     ],
-    ids=["html", "not-json", "no-commit", "commit-and-a-newline", "not-an-object", "siblings-not-a-list"],
+    ids=[
+        "html",
+        "not-json",
+        "no-commit",
+        "commit-and-a-newline",
+        "not-an-object",
+        "siblings-not-a-list",
+        "no-sizes",
+        "no-checksums",
+        "entry-not-an-object",
+    ],
 )
 def test_a_listing_that_is_not_a_hub_answer_fails_over(hub_server, tmp_path: Path, answer, said: str) -> None:
     with HostileServer() as bad:
@@ -491,6 +527,46 @@ def test_a_long_wait_is_said_and_a_retry_after_beyond_the_limit_is_not_waited_ou
     assert moved.endpoint == hub_server.url and moved.failovers == 1
 
 
+def quota_spent_for_a_day(base_url: str) -> Callable[[Exchange], None]:
+    """Relay ``base_url``'s answers, each one saying the request quota is used up for 86400 s."""
+    relay = forward(base_url)
+
+    def answer(exchange: Exchange) -> None:
+        send = exchange.body
+        exchange.body = lambda code, headers, content: send(  # type: ignore[method-assign]
+            code, {**headers, "RateLimit": '"api";r=0;t=86400'}, content
+        )
+        relay(exchange)
+
+    return answer
+
+
+def test_a_quota_announced_spent_for_longer_than_we_wait_is_not_waited_out(
+    hub_server, tmp_path: Path
+) -> None:
+    # A file served (200) with word that no request is left for a day: the other files are not waited
+    # for. One connection at a time, so that the second request is asked for after the first answer.
+    with HostileServer() as bad:
+        bad.answer("*", quota_spent_for_a_day(hub_server.url))
+        args = ["download", NESTED, "--endpoint", bad.url, "--max-connections", "1"]
+        refused = finishes(lambda: CliRunner().invoke(cli, [*args, "--cache-dir", str(tmp_path / "x")]))
+        files_asked_of_bad = len(bad.requests("*/resolve/*"))
+        moved = finishes(
+            lambda: download(
+                NESTED,
+                endpoints=[bad.url, hub_server.url],
+                cache_dir=tmp_path / "y",
+                progress=False,
+                max_connections=1,
+            )
+        )
+    assert refused.exit_code == 5, refused.output
+    assert "announced its request quota is used up for 86400 s, more than the 300 s we wait" in refused.stderr
+    assert files_asked_of_bad == 1
+    assert moved.endpoint == hub_server.url and moved.failovers == 1
+    assert {f.status for f in verify(NESTED, cache_dir=tmp_path / "y").files} == {"ok"}
+
+
 def test_a_long_wait_ends_at_once_on_ctrl_c(tmp_path: Path) -> None:
     lines: list[str] = []
     announced = threading.Event()
@@ -612,7 +688,13 @@ def test_names_up_to_the_hubs_limit_work_in_both_layouts(hub_server, tmp_path: P
 
 
 @pytest.mark.parametrize(
-    "obstacle", ["a-folder-where-a-file-goes", "a-file-where-a-folder-goes", "locks-blocked"]
+    "obstacle",
+    [
+        "a-folder-where-a-file-goes",
+        "a-file-where-a-folder-goes",
+        "a-link-loop-where-a-file-goes",
+        "locks-blocked",
+    ],
 )
 def test_os_errors_while_putting_files_in_place_are_storage_errors(
     hub_server, tmp_path: Path, obstacle: str
@@ -624,6 +706,10 @@ def test_os_errors_while_putting_files_in_place_are_storage_errors(
     elif obstacle == "a-file-where-a-folder-goes":
         target.mkdir(parents=True)
         (target / "a").write_text("in the way")
+        args = ["--local-dir", str(target)]
+    elif obstacle == "a-link-loop-where-a-file-goes":  # checking whether the file is there fails
+        target.mkdir(parents=True)
+        (target / "config.json").symlink_to("config.json")
         args = ["--local-dir", str(target)]
     else:
         (tmp_path / "cache").mkdir()

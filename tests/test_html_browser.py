@@ -124,7 +124,7 @@ def element_pixels(driver: WebDriver, css: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def report_page(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, object]:
     """A small causal model's report with a bug in its last layer, Chinese tokens included."""
-    report = synthetic_report(2, bug_at="layer.1.attention", isolated=True, later_keys=True)
+    report = synthetic_report(2, bug_at="layer.1.attention", next_token_and_origin=True)
     attention = synthetic_attention(2, 4, causal=True, bug_layer=1)
     path = tmp_path_factory.mktemp("report") / "report.html"
     path.write_text(render_html(report, attention=attention), encoding="utf-8")
@@ -214,7 +214,7 @@ def test_the_large_view_names_layers_by_the_model_s_numbers(browser: WebDriver, 
 def test_a_28_layer_16_head_page_opens_without_errors(browser: WebDriver, tmp_path: Path) -> None:
     tokens = [f"tok{i}" for i in range(30)] + ["我", "爱"]
     attention = synthetic_attention(28, 16, tokens, causal=True, bug_layer=20)
-    report = synthetic_report(28, bug_at="layer.20.feed_forward", isolated=True)
+    report = synthetic_report(28, bug_at="layer.20.feed_forward")
     path = tmp_path / "large.html"
     path.write_text(render_html(report, attention=attention), encoding="utf-8")
     seen = visit(browser, path)

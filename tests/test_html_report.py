@@ -23,7 +23,6 @@ from compare.html_report import (
     render_html,
     source_location,
     stage_anchor,
-    verdict_sentence,
     write_html,
 )
 from hfmirror.errors import CompareError
@@ -34,6 +33,7 @@ from tests.html_report_data import (
     page_strips,
     referenced_urls,
     synthetic_attention,
+    synthetic_comparison,
     synthetic_report,
     table_rows,
 )
@@ -52,8 +52,8 @@ def sci(value: float | None) -> str:
 REPORTS = {
     "passing": lambda: synthetic_report(2),
     "failing": lambda: synthetic_report(3, bug_at="layer.1.feed_forward"),
-    "isolated, with the later issues' keys": lambda: synthetic_report(
-        3, bug_at="layer.2.attention", isolated=True, later_keys=True
+    "failing, with next-token measures and its origin": lambda: synthetic_report(
+        3, bug_at="layer.2.attention", next_token_and_origin=True
     ),
 }
 
@@ -69,40 +69,47 @@ def report(request: pytest.FixtureRequest) -> dict:
 def test_every_stage_has_a_row_with_its_numbers_as_the_table_shows_them(report: dict) -> None:
     rows = table_rows(parse(render_html(report)))
     assert list(rows) == [stage["name"] for stage in report["stages"]]
+    # The stage's own numbers are its carried measurement: labelled so beside the isolated ones.
+    carried = "carried "
     for stage in report["stages"]:
         row = rows[stage["name"]]
         assert row["id"] == stage_anchor(stage["name"])
         assert row["shape"] == "×".join(map(str, stage["shape"]))
-        assert row["max abs diff"] == sci(stage["max_abs_diff"])
-        assert row["mean abs diff"] == sci(stage["mean_abs_diff"])
-        assert row["rel error"] == sci(stage["rel_error"])
-        assert row["1 − cosine"] == sci(max(1.0 - stage["cosine_similarity"], 0.0))
-        assert row["budget used"] == sci(stage["tolerance_used"])
-        assert row["result"] == ("PASS" if stage["passed"] else "FAIL")
-        assert ("fail" in row["class"]) == (not stage["passed"])
+        assert row[f"{carried}max abs diff"] == sci(stage["max_abs_diff"])
+        assert row[f"{carried}mean abs diff"] == sci(stage["mean_abs_diff"])
+        assert row[f"{carried}rel error"] == sci(stage["rel_error"])
+        assert row[f"{carried}1 − cosine"] == sci(max(1.0 - stage["cosine_similarity"], 0.0))
+        assert row[f"{carried}budget used"] == sci(stage["tolerance_used"])
+        # float32: the result, and the row's colour, are the stage's own (isolated) error's
+        own = stage["isolated"]["passed"]
+        assert row["result"].startswith("PASS" if own else "FAIL")
+        assert ("carried FAIL" in row["result"]) == (own and not stage["passed"])
+        assert ("fail" in row["class"]) == (not own)
         assert ("first" in row["class"]) == (stage["name"] == report["first_failing_stage"])
 
 
-def test_the_later_issues_columns_appear_with_their_values() -> None:
-    report = synthetic_report(3, bug_at="layer.2.attention", isolated=True, later_keys=True)
+def test_a_stage_that_fails_only_carried_is_a_pass_in_float32_and_a_fail_in_float64() -> None:
+    for dtype in ("float32", "float64"):
+        report = synthetic_report(2, carried_drift_at="layer.1.attention", dtype=dtype)
+        row = table_rows(parse(render_html(report)))["layer.1.attention"]
+        assert not report["stages"][5]["passed"] and report["stages"][5]["isolated"]["passed"]
+        if dtype == "float32":
+            assert row["result"].split() == ["PASS", "(carried", "FAIL)"] and "pass" in row["class"]
+        else:  # in float64 honest carried rounding stays far below the tolerance: this is a bug
+            assert row["result"].split() == ["FAIL", "(carried", "FAIL,", "isolated", "PASS)"]
+            assert "fail" in row["class"] and "first" in row["class"]
+
+
+def test_the_nmse_p99_and_isolated_columns_hold_their_values() -> None:
+    report = synthetic_report(3, bug_at="layer.2.attention", next_token_and_origin=True)
     rows = table_rows(parse(render_html(report)))
     for stage in report["stages"]:
         row, isolated = rows[stage["name"]], stage["isolated"]
-        assert row["NMSE"] == sci(stage["nmse"])
-        assert row["p99 abs diff"] == sci(stage["p99_abs_diff"])
+        assert row["carried NMSE"] == sci(stage["nmse"])
+        assert row["carried p99 abs diff"] == sci(stage["p99_abs_diff"])
         assert row["isolated max abs diff"] == sci(isolated["max_abs_diff"])
         assert row["isolated 1 − cosine"] == sci(max(1.0 - isolated["cosine_similarity"], 0.0))
         assert row["isolated result"] == ("PASS" if isolated["passed"] else "FAIL")
-
-
-def test_todays_report_has_no_columns_for_values_it_does_not_have() -> None:
-    # A report as compare wrote it before issue 17: no isolated errors, NMSE or p99 (compare_tensors
-    # now measures the last two, so they are taken out here).
-    report = synthetic_report(2)
-    for stage in report["stages"]:
-        del stage["nmse"], stage["p99_abs_diff"]
-    headers = [th.get_text() for th in parse(render_html(report)).select("table.stages thead th")]
-    assert not [h for h in headers if "isolated" in h or h in ("NMSE", "p99 abs diff")]
 
 
 def test_a_stage_that_could_not_be_measured_shows_dashes_and_its_note() -> None:
@@ -111,10 +118,23 @@ def test_a_stage_that_could_not_be_measured_shows_dashes_and_its_note() -> None:
     note = f"shape [2, 5, 9] != reference {stage['shape']}"
     stage.update(passed=False, max_abs_diff=None, mean_abs_diff=None, rel_error=None)
     stage.update(cosine_similarity=None, tolerance_used=None, note=note)
+    stage["isolated"].update(passed=False, max_abs_diff=None, cosine_similarity=None, note=note)
     report.update(passed=False, first_failing_stage=stage["name"])
     row = table_rows(parse(render_html(report)))[stage["name"]]
-    assert [row[c] for c in ("max abs diff", "mean abs diff", "rel error", "1 − cosine")] == ["-"] * 4
-    assert row["result"] == f"FAIL ({note})"
+    numbers = ("max abs diff", "mean abs diff", "rel error", "1 − cosine")
+    assert [row[f"carried {c}"] for c in numbers] == ["-"] * 4
+    assert [row[c] for c in ("isolated max abs diff", "isolated 1 − cosine")] == ["-"] * 2
+    assert row["result"] == f"FAIL ({note})"  # the same note once, not once per measurement
+
+
+def test_a_stage_only_one_side_produced_has_no_isolated_numbers() -> None:
+    report = synthetic_report(1)
+    stage = report["stages"][1]
+    del stage["isolated"]  # as compare.streaming records a stage the reference does not have
+    stage.update(passed=False, max_abs_diff=None, note="the reference has no such stage")
+    row = table_rows(parse(render_html(report)))[stage["name"]]
+    assert row["isolated max abs diff"] == row["isolated result"] == "-"
+    assert row["result"] == "FAIL (the reference has no such stage)" and "fail" in row["class"]
 
 
 def test_each_stage_shows_where_it_is_computed() -> None:
@@ -139,39 +159,53 @@ def test_source_location_names_the_file_and_the_line_of_the_definition() -> None
 # ------------------------------------------------------------------------------ header and verdict
 
 
-def test_the_verdict_sentence_names_the_first_failing_stage_and_counts_the_failures() -> None:
-    report = synthetic_report(3, bug_at="layer.1.feed_forward")
-    failing = [s["name"] for s in report["stages"] if not s["passed"]]
-    sentence = verdict_sentence(report)
-    assert sentence.startswith(f"{failing[0]} is the first stage")
-    assert f"{len(failing)} of {len(report['stages'])} stages" in sentence
-    assert f"atol={report['atol']:g}, rtol={report['rtol']:g}" in sentence
+def verdict_text(page: str) -> str:
+    return parse(page).select_one("#verdict").get_text()
 
 
 def test_with_isolated_errors_the_verdict_blames_the_first_isolated_failure() -> None:
-    report = synthetic_report(3, bug_at="layer.2.attention", isolated=True)
-    isolated = [s["name"] for s in report["stages"] if not s["isolated"]["passed"]]
+    report = synthetic_report(3, bug_at="layer.2.attention")
     carried = [s["name"] for s in report["stages"] if not s["passed"]]
-    assert isolated == ["layer.2.attention"] and len(carried) > 1  # the data is what the test needs
-    sentence = verdict_sentence(report)
-    assert sentence.startswith(f"{isolated[0]} is the first stage whose own (isolated) error")
-    assert (
-        f"{len(isolated)} of {len(report['stages'])} stages fail in isolation, {len(carried)} with"
-        in sentence
-    )
+    assert report["first_failing_stage"] == "layer.2.attention" and len(carried) > 1
+    verdict = verdict_text(render_html(report))
+    assert verdict.startswith("FAIL: first failing stage: layer.2.attention ")
+    assert f"1 of {len(report['stages'])} stages outside" in verdict and "in isolation" in verdict
+    assert f"atol={report['atol']:g}, rtol={report['rtol']:g}" in verdict
+    assert f"{len(carried)} carried" in verdict
 
 
 def test_a_passing_verdict_says_all_stages_match_and_the_largest_difference() -> None:
     report = synthetic_report(2)
     assert report["passed"]
-    sentence = verdict_sentence(report)
-    assert sentence.startswith(f"All {len(report['stages'])} stages match the reference")
-    assert sci(report["max_abs_diff"]) in sentence
+    verdict = verdict_text(render_html(report))
+    assert verdict.startswith(f"PASS: all {len(report['stages'])} stages match the reference")
+    assert sci(report["max_abs_diff"]) in verdict
 
 
-def test_the_page_shows_the_verdict_sentence_in_its_colour(report: dict) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_page_and_the_table_say_the_same_verdict(dtype: str) -> None:
+    """Stages that fail only carried: in float32 the verdict is a PASS that counts them (and the page
+    says so, not "all stages match" beside red rows); in float64 it is a FAIL that names the first."""
+    comparison = synthetic_comparison(2, carried_drift_at="layer.1.attention", dtype=dtype)
+    report = comparison.to_dict()
+    carried = [s["name"] for s in report["stages"] if not s["passed"]]
+    table_verdict = comparison.render_table().splitlines()[-1]
+    soup = parse(render_html(report))
+    assert soup.select_one("#verdict").get_text() == table_verdict
+    if dtype == "float32":
+        assert report["passed"] and table_verdict.startswith("PASS")
+        assert f"{len(carried)} outside it carried" in table_verdict
+        assert "pass" in soup.select_one("#verdict")["class"]
+    else:
+        assert not report["passed"] and report["first_failing_stage"] == carried[0] == "layer.1.attention"
+        assert table_verdict.startswith(f"FAIL: first failing stage: {carried[0]} ")
+        assert "in isolation and carried" in table_verdict
+        assert "fail" in soup.select_one("#verdict")["class"]
+
+
+def test_the_page_shows_the_verdict_in_its_colour(report: dict) -> None:
     verdict = parse(render_html(report)).select_one("#verdict")
-    assert verdict.get_text() == verdict_sentence(report)
+    assert verdict.get_text().startswith("PASS" if report["passed"] else "FAIL")
     assert ("pass" if report["passed"] else "fail") in verdict["class"]
 
 
@@ -190,15 +224,17 @@ def test_the_header_shows_model_versions_dtype_tolerances_and_inputs(report: dic
 
 
 def test_the_header_shows_the_repo_commit_and_next_token_measures_when_present() -> None:
-    report = synthetic_report(2, later_keys=True)
+    report = synthetic_report(2, next_token_and_origin=True)
     page = render_html(report)
     soup = parse(page)
     facts = header_facts(soup)
     assert report["repo_id"] in facts["model"] and report["commit"] in facts["model"]
-    assert facts["next token agreement"] == f"{report['next_token_agreement']:.4g}"
-    assert facts["kl divergence"] == f"{report['kl_divergence']:.2e}"
-    # The ids compared stay in the JSON: a long list of numbers is not for the page.
-    assert "input_ids: in the JSON" in facts["input"]
+    next_token = report["next_token"]  # as ComparisonReport.to_dict() nests it
+    assert f"agreement: {next_token['agreement']:.4g}" in facts["next token"]
+    assert f"kl_divergence_mean: {next_token['kl_divergence_mean']:.2e}" in facts["next token"]
+    assert f"positions: {next_token['positions']}" in facts["next token"]
+    # The ids compared (and each position's top-1 token) stay in the JSON: long lists are not for the page.
+    assert "input_ids: in the JSON" in facts["input"] and "top1" not in facts
     assert json.dumps(report["inputs"]["input_ids"][0])[1:-1] not in page
 
 
@@ -206,7 +242,7 @@ def test_the_header_shows_the_repo_commit_and_next_token_measures_when_present()
 
 
 def test_the_chart_links_every_point_to_its_row_and_marks_the_first_failure() -> None:
-    report = synthetic_report(3, bug_at="layer.1.feed_forward", isolated=True)
+    report = synthetic_report(3, bug_at="layer.1.feed_forward")
     svg = parse(render_html(report)).select_one("#chart svg")
     links = [a["xlink:href"] for a in svg.find_all("a")]
     for stage in report["stages"]:
@@ -233,13 +269,16 @@ def test_the_chart_draws_exact_zeros_and_leaves_out_what_was_not_measured() -> N
     report = synthetic_report(2)
     exact, unmeasured = report["stages"][0], report["stages"][2]
     exact.update(max_abs_diff=0.0, mean_abs_diff=0.0, rel_error=0.0, tolerance_used=0.0)
+    exact["isolated"].update(max_abs_diff=0.0, mean_abs_diff=0.0, rel_error=0.0)
     unmeasured.update(
         passed=False, max_abs_diff=None, rel_error=None, note="non-finite values (nan/inf) in ours"
     )
+    unmeasured["isolated"].update(passed=False, max_abs_diff=None, rel_error=None)
     report.update(passed=False, first_failing_stage=unmeasured["name"])
     svg = parse(render_html(report)).select_one("#chart svg")
     links = [a["xlink:href"] for a in svg.find_all("a")]
-    assert links.count("#" + stage_anchor(exact["name"])) == 1  # drawn (at the floor of the log axis)
+    # drawn carried and isolated (at the floor of the log axis)
+    assert links.count("#" + stage_anchor(exact["name"])) == 2
     assert "#" + stage_anchor(unmeasured["name"]) not in links
     assert f"first failing: {unmeasured['name']}" in svg.get_text()
 
@@ -248,7 +287,7 @@ def test_a_report_with_no_stages_says_so_instead_of_drawing() -> None:
     report = synthetic_report(1) | {"stages": [], "passed": False, "max_abs_diff": None}
     report["first_failing_stage"] = None
     soup = parse(render_html(report))
-    assert soup.select_one("#verdict").get_text() == "No stages were compared."
+    assert soup.select_one("#verdict").get_text() == "FAIL: no stages were compared"
     assert not soup.select("#chart svg") and not soup.select("table.stages tbody tr")
 
 
@@ -386,7 +425,7 @@ def test_attention_maps_with_nan_are_refused() -> None:
 
 
 def test_the_page_references_nothing_outside_itself() -> None:
-    report = synthetic_report(2, bug_at="layer.1.attention", isolated=True, later_keys=True)
+    report = synthetic_report(2, bug_at="layer.1.attention", next_token_and_origin=True)
     page = render_html(
         report, attention=synthetic_attention(2, 3, causal=True), sources={"embeddings": "x:1"}
     )
@@ -406,7 +445,7 @@ def test_a_28_layer_16_head_report_stays_under_5_mb() -> None:
     """448 heads x 3 pictures, 32 tokens of random attention (noise is the worst case for PNG)."""
     tokens = [f"tok{i}" for i in range(30)] + ["我", "爱"]
     attention = synthetic_attention(28, 16, tokens, bug_layer=20)
-    report = synthetic_report(28, bug_at="layer.20.feed_forward", isolated=True)
+    report = synthetic_report(28, bug_at="layer.20.feed_forward")
     page = render_html(report, attention=attention)
     soup = parse(page)
     # All of it is there: the bound is not met by leaving maps or rows out.

@@ -6,11 +6,14 @@ import threading
 from pathlib import Path
 
 import pytest
+import requests
 
 from hfmirror import constants
 from hfmirror.download import download
-from hfmirror.endpoints import QuotaPacer, RateGovernor
+from hfmirror.endpoints import EndpointPool, QuotaPacer, RateGovernor
+from hfmirror.listing import list_repo
 from hfmirror.retry import RateLimitInfo, parse_ratelimit, server_requested_delay
+from tests.hostile import HostileServer, fake_repo
 from tests.support import make_repo
 
 # ------------------------------------------------------------------------------------ the headers
@@ -109,6 +112,39 @@ def test_a_freed_slot_goes_to_the_waiting_request_with_the_most_work_left() -> N
     assert order == [5.0, 3.0, 1.0]
 
 
+def test_a_listing_waiting_for_a_slot_goes_before_any_transfer() -> None:
+    # A transfer of a file with a lot of work left and a listing both wait for the one slot: the
+    # listing is short and what comes next waits for it, so it takes the slot first.
+    with HostileServer() as server:
+        fake_repo(server, "org/repo", {"a.txt": b"a"})
+        pool = EndpointPool.from_urls([server.url], max_concurrency=1, failover_after=3)
+        governor = pool.current.governor
+        assert governor.acquire()
+        listing_seen_first: list[bool] = []
+
+        def transfer() -> None:
+            assert governor.acquire(priority=1e9)
+            listing_seen_first.append(bool(server.requests("/api/*")))
+            governor.release()
+
+        def listing() -> None:
+            with requests.Session() as session:
+                list_repo(pool, "org/repo", repo_type="model", revision="main", token=None, session=session)
+
+        threads = [threading.Thread(target=transfer), threading.Thread(target=listing)]
+        for thread in threads:
+            thread.start()
+            for _ in range(1000):  # each one is waiting before the next starts (bounded poll)
+                if governor.waiting == threads.index(thread) + 1:
+                    break
+                threading.Event().wait(0.01)
+        assert governor.waiting == 2
+        governor.release()
+        for thread in threads:
+            thread.join(30)
+    assert listing_seen_first == [True]
+
+
 def test_a_cancelled_wait_takes_no_slot_and_leaves_the_line() -> None:
     governor = RateGovernor(1)
     assert governor.acquire()
@@ -131,6 +167,42 @@ def test_many_small_files_use_an_announced_quota_without_tripping_it(fault_serve
     # Pacing to the quota the answers announce: a 429 at most where a window's reset was misjudged.
     assert len(refused) <= 1, [(r.path, r.started) for r in refused]
     assert result.rate_limited == len(refused)
+
+
+def test_a_slow_large_file_gets_the_slots_before_small_ones(
+    fault_server, faults, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A budget of one connection, a large file crawling behind a per-connection cap, small files
+    waiting: each time the slot frees, the large file's next piece takes it (the most work left goes
+    first), and the small files go once the large one has nothing more to ask. First come, first
+    served would put the small files' requests, waiting from the start, before the large file's
+    second piece, asked for only once its first connection proved slow (RAMP_PROBE_SECONDS)."""
+    monkeypatch.setattr(constants, "MIN_SEGMENT", 256 * 1024)
+    monkeypatch.setattr(constants, "MIN_SPLIT", 128 * 1024)
+    monkeypatch.setattr(constants, "MULTI_CONNECTION_THRESHOLD", 512 * 1024)
+    monkeypatch.setattr(constants, "RAMP_PROBE_SECONDS", 0.3)
+    files: dict[str, bytes | int] = {"large.bin": 1024 * 1024}
+    files.update({f"small-{i}.txt": 1000 + i for i in range(6)})
+    source = make_repo(fault_server.root, "pacing/one-large", files)
+    faults.limit_bandwidth(512_000, path="*/large.bin")
+    result = download(
+        "pacing/one-large",
+        endpoints=[fault_server.url],
+        cache_dir=tmp_path,
+        progress=False,
+        max_workers=4,
+        connections=2,
+        max_connections=1,
+    )
+    assert all((result.path / name).read_bytes() == (source / name).read_bytes() for name in files)
+    asked = [
+        r.path.rsplit("/", 1)[1]
+        for r in sorted(faults.requests("*/resolve/*", "GET"), key=lambda r: r.started)
+    ]
+    large = [i for i, name in enumerate(asked) if name == "large.bin"]
+    assert len(large) >= 2, asked  # it did come in pieces
+    # From its first request to its last, the slot went to nothing but the large file.
+    assert asked[large[0] : large[-1] + 1] == ["large.bin"] * (large[-1] - large[0] + 1), asked
 
 
 def test_the_connection_budget_holds_for_the_whole_run(

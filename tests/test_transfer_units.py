@@ -147,6 +147,34 @@ def test_resume_state_round_trip_and_rejects_damage(tmp_path: Path) -> None:
     assert ResumeState.saved_bytes(tmp_path / "missing.json") == 0
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"validators": "abc"},
+        {"validators": [["host", "etag", "extra"]]},
+        {"validators": {"host": 1}},
+        {"durable": None},
+        {"durable": [[0, 300]]},
+        {"durable": [[0, 300, 1000], "x"]},
+        {"segments": [[0, "700", 1000], [1000, 1500, 4000]]},
+        {"segments": {"0": [0, 700, 1000]}},
+        {"ranges_supported": "no"},
+        {"size": True},
+    ],
+    ids=str,
+)
+def test_a_damaged_state_is_no_state_never_an_error(tmp_path: Path, damage: dict) -> None:
+    file = RemoteFile("w.bin", 4000, "a" * 64)
+    path = tmp_path / "w.json"
+    _saved(path, file, boot=boot_id())
+    assert ResumeState.load(path, file) is not None  # undamaged, it is read
+    data = json.loads(path.read_text())
+    data.update(damage)
+    path.write_text(json.dumps(data))
+    assert ResumeState.load(path, file) is None
+    assert ResumeState.saved_bytes(path) == 0
+
+
 def _saved(path: Path, file: RemoteFile, *, boot: str | None, version: int = 2) -> None:
     """A state whose written table is ahead of its durable one (as between two syncs)."""
     written = [[0, 700, 1000], [1000, 1500, file.size]]
