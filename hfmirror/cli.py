@@ -460,6 +460,11 @@ def verify(
     show_default=True,
     help="Most upstream connections within one file being fetched.",
 )
+@click.option(
+    "--serve-seeded-offline",
+    is_flag=True,
+    help="With the upstream unreachable, also serve snapshots another tool put in ROOT (may be gated).",
+)
 @_handle_errors
 @_needs_extras("serve")
 def serve(
@@ -475,6 +480,7 @@ def serve(
     deny: tuple[str, ...],
     max_size: str | None,
     connections: int,
+    serve_seeded_offline: bool,
 ) -> None:
     """Serve the models under ROOT with the Hugging Face Hub's HTTP API.
 
@@ -495,7 +501,12 @@ def serve(
     from .endpoints import redact_url
     from .server.runner import prepare_server
 
-    mirror_only = {"--allow": allow, "--deny": deny, "--max-size": max_size}
+    mirror_only = {
+        "--allow": allow,
+        "--deny": deny,
+        "--max-size": max_size,
+        "--serve-seeded-offline": serve_seeded_offline,
+    }
     if not upstreams:
         given = [name for name, value in mirror_only.items() if value]
         if given:
@@ -523,6 +534,7 @@ def serve(
             deny=list(deny),
             max_size=limit,
             connections=connections,
+            serve_seeded_offline=serve_seeded_offline,
         )
     server = prepare_server(app, host=host, port=port, max_connections=max_connections)
     _announce_repos(root, server.app.state.store.discover(), filling=bool(upstreams))

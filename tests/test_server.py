@@ -157,6 +157,16 @@ def test_tree_is_paginated_with_link_header(hub_root: Path, serve: Callable[...,
     assert bad.status_code == 400
 
 
+@pytest.mark.parametrize("host", ["evil.example/x?", "user@evil.example", "evil.example:http"])
+def test_a_malformed_host_never_gets_into_a_page_link(
+    hub_root: Path, serve: Callable[..., str], host: str
+) -> None:
+    url = serve(hub_root, page_size=2)
+    r = requests.get(f"{url}/api/models/tiny/nested/tree/main", headers={"Host": host}, timeout=10)
+    assert r.status_code == 200
+    assert r.links["next"]["url"].startswith(f"{url}/api/models/tiny/nested/tree/main?")
+
+
 # ------------------------------------------------------------------------------------- resolve
 
 

@@ -25,13 +25,13 @@ from pathlib import Path
 from ..errors import AccessDeniedError, NetworkError, RemoteError
 from ..layout import repo_folder_name
 from ..listing import RemoteFile, RepoListing
+from .repos import RESTRICTED_MARKER
 from .upstream import Upstream
 
 __all__ = ["AccessGate", "RESTRICTED_MARKER", "principal_of"]
 
 logger = logging.getLogger(__name__)
 
-RESTRICTED_MARKER = ".hfmirror/restricted"
 _MAX_VERDICTS = 100_000
 
 

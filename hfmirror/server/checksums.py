@@ -14,6 +14,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from ..errors import StorageError
 from ..hashing import git_blob_sha1_of_file, sha256_of_file
 
 __all__ = ["ChecksumCache", "DEFAULT_STATE_DIR", "GIT_SHA1", "SHA256"]
@@ -37,23 +38,45 @@ class ChecksumCache:
     """
 
     def __init__(self, state_dir: str | os.PathLike[str] | None = None) -> None:
+        """Open (or create) the database under ``state_dir``.
+
+        Raises:
+            StorageError: the folder or the database cannot be created or opened there.
+        """
         folder = Path(state_dir if state_dir is not None else DEFAULT_STATE_DIR).expanduser()
-        folder.mkdir(parents=True, exist_ok=True)
         self.db_path = folder / "checksums.sqlite3"
         self.computed = 0
         self._memory: dict[_Key, str] = {}
         self._lock = threading.Lock()  # guards _memory, _pending, the connection and `computed`
         self._pending: dict[_Key, threading.Lock] = {}
-        # One connection shared by all threads (sqlite serialises anyway); our lock keeps it safe.
-        self._db = sqlite3.connect(self.db_path, check_same_thread=False, timeout=30)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            # One connection shared by all threads (sqlite serialises anyway); our lock keeps it safe.
+            self._db = self._open()
+        except (OSError, sqlite3.Error) as error:
+            problem = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            raise StorageError(f"cannot keep checksums in the state folder {folder}: {problem}") from None
+
+    def _open(self) -> sqlite3.Connection:
+        """The database connection, its table made if missing."""
+        db = sqlite3.connect(self.db_path, check_same_thread=False, timeout=30)
+        try:
+            self._prepare(db)
+        except sqlite3.Error:
+            db.close()
+            raise
+        return db
+
+    @staticmethod
+    def _prepare(db: sqlite3.Connection) -> None:
         # Write-ahead log, synced at checkpoints rather than at every commit: the default synced each
         # stored checksum (10 ms a file: over three minutes for a 20,000-file repo's first listing).
         # A power cut can then lose the last few values, which only costs hashing those files again;
         # the database itself stays consistent.
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        with self._db:
-            self._db.execute(
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        with db:
+            db.execute(
                 "CREATE TABLE IF NOT EXISTS checksums ("
                 " path TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,"
                 " kind TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY (path, kind))"

@@ -25,11 +25,14 @@ a token is ``private``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import unquote
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -88,7 +91,43 @@ def repo_not_found(repo_id: str) -> HubError:
 
 
 class BigChunkFileResponse(FileResponse):
+    """A file, read in big chunks; optionally one already ``opened`` (it is then the one sent, and
+    closed when the answer is over).
+
+    A file opened before the answer starts is sent whole even if its name is unlinked meanwhile (a
+    replica evicting it from a shared cache): an open file outlives its name, while Starlette opens
+    by path only after the headers went out, too late for any clean answer.
+    """
+
     chunk_size = CHUNK_SIZE
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, opened: BinaryIO | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(path, **kwargs)
+        self._opened = opened
+
+    @asynccontextmanager
+    async def _open_file(self) -> AsyncIterator[anyio.AsyncFile[bytes]]:
+        # Starlette's one place that opens the file (every kind of answer goes through it).
+        if self._opened is None:
+            async with super()._open_file() as file:
+                yield file
+            return
+        file = anyio.AsyncFile(self._opened)
+        self._opened = None  # closed below
+        try:
+            yield file
+        finally:
+            with anyio.CancelScope(shield=True):  # closing must finish even if the transfer is cancelled
+                await file.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self._opened is not None:  # never read (a HEAD, a refused range)
+                self._opened.close()
 
 
 class WholeFileResponse(BigChunkFileResponse):
@@ -274,6 +313,10 @@ class HubApi:
         page = entries[start : start + self.page_size]
         headers = self._listing_headers(request, location, revision, snap)
         if start + self.page_size < len(entries):
+            # request.url takes the Host header only if it is a well-formed host[:port] (Starlette's
+            # parse_host_header), else the address the server is bound to: a malformed Host cannot
+            # smuggle a path or userinfo into the link. Caches in front must key on the Host
+            # (deploy/nginx.conf does), since another Host gives other links.
             next_url = request.url.include_query_params(cursor=str(start + self.page_size))
             headers["Link"] = f'<{next_url}>; rel="next"'
         return JSONResponse(page, headers=headers)

@@ -146,6 +146,7 @@ class UpstreamApi(HubApi):
         in_use: InUse,
         timeout: float = DEFAULT_UPSTREAM_TIMEOUT,
         page_size: int = DEFAULT_PAGE_SIZE,
+        serve_seeded_offline: bool = False,
     ) -> None:
         super().__init__(page_size)
         self.root = root
@@ -159,6 +160,7 @@ class UpstreamApi(HubApi):
         self.local = local
         self.in_use = in_use
         self.timeout = timeout
+        self.serve_seeded_offline = serve_seeded_offline
         self.calls = UpstreamCalls(_UPSTREAM_THREADS, timeout=timeout)
         self._snapshots: collections.OrderedDict[
             tuple[str, str, str], tuple[Snapshot, dict[str, RemoteFile]]
@@ -233,11 +235,27 @@ class UpstreamApi(HubApi):
         return await self.calls.run((*key, principal_of(token)), self.pins.pin, *args)
 
     def _cached_listing(self, location: RepoLocation, revision: str) -> RepoListing | None:
-        """What the cache knows of ``revision`` without the upstream: our stored listing, else the
-        snapshot folder as huggingface_hub left it (files it holds)."""
+        """What the cache knows of ``revision`` without the upstream: our stored listing, else (if the
+        operator allows it) the snapshot folder as another tool left it.
+
+        Raises:
+            HubError: 504 if only another tool's snapshot holds it: whether its repo is gated cannot be
+                told without the upstream (the mirror classifies what it lists itself).
+        """
         cached = self.pins.cached(location.repo_type, location.repo_id, revision)
         if cached is not None:
             return cached
+        seeded = self._seeded_listing(location, revision)
+        if seeded is not None and not self.serve_seeded_offline:
+            raise HubError(
+                504,
+                f"upstream unreachable, and {location.repo_id}@{revision} is in the cache only as another "
+                "tool left it: whether it is gated cannot be told (--serve-seeded-offline serves it anyway)",
+            )
+        return seeded
+
+    def _seeded_listing(self, location: RepoLocation, revision: str) -> RepoListing | None:
+        """``revision`` as huggingface_hub (or a copy) left it in ROOT: the files its snapshot holds."""
         found = self.local.find(location.repo_type, location.repo_id)
         if found is None or found.layout != "cache":
             return None
@@ -326,32 +344,42 @@ class UpstreamApi(HubApi):
             )
         layout = CacheLayout(listing, self.root)
         cached = await run_in_threadpool(_is_complete, layout, file)
+        if cached:
+            # Looked at again after that wait: meanwhile a token may have fetched the file and found
+            # the repo restricted. From here to the answer nothing awaits.
+            await self._check_access(request, listing, file)
         if request.method == "HEAD":
             self._count(request, "hit" if cached else pinned.outcome)
             return Response(status_code=200, headers={**headers, "Content-Length": str(file.size)})
         if cached:
-            return self._from_cache(
+            answer = self._from_cache(
                 request, layout, file, headers, "stale" if pinned.outcome == "stale" else "hit"
             )
+            if answer is not None:
+                return answer  # else evicted a moment ago (by another replica): a miss after all
         if pinned.outcome == "stale":
             raise HubError(504, f"upstream unreachable and {path} of {listing.repo_id} is not cached")
         return await self._from_upstream(request, listing, file, headers)
 
     def _from_cache(
         self, request: Request, layout: CacheLayout, file: RemoteFile, headers: dict[str, str], outcome: str
-    ) -> Response:
+    ) -> Response | None:
+        """The cached blob (opened here, before any header is sent), or None if it is gone."""
         blob = layout.blob_path(file)
+        unchanged = not_modified(request, headers)
+        if unchanged is None:
+            try:
+                opened = open(blob, "rb")  # the response closes it once sent
+            except FileNotFoundError:  # evicted by another replica since it was found
+                return None
+            except OSError as error:
+                raise HubError(503, f"{file.path} cannot be read from the cache: {error.strerror}") from None
         self._count(request, outcome)
         self.budget.touch(blob)
-        unchanged = not_modified(request, headers)
         if unchanged is not None:
             return unchanged
-        try:
-            stat_result = os.stat(blob)
-        except OSError:  # evicted by another replica a moment ago
-            raise HubError(503, f"{file.path} is being replaced in the cache; try again") from None
         answer = WholeFileResponse if was_cut(blob) else BigChunkFileResponse
-        return answer(blob, headers=headers, stat_result=stat_result)
+        return answer(blob, headers=headers, stat_result=os.fstat(opened.fileno()), opened=opened)
 
     async def _from_upstream(
         self, request: Request, listing: RepoListing, file: RemoteFile, headers: dict[str, str]
@@ -409,8 +437,12 @@ def create_mirror_app(
     connections: int = 8,
     stall_timeout: float = constants.DEFAULT_STALL_TIMEOUT,
     page_size: int = DEFAULT_PAGE_SIZE,
+    serve_seeded_offline: bool = False,
 ) -> Starlette:
     """The team mirror as an ASGI app: ``root`` (made if missing) fills itself from ``upstreams``.
+
+    ``serve_seeded_offline``: with the upstream unreachable, also answer revisions that only another
+    tool's snapshot in ``root`` holds (refused by default: they may be gated).
 
     ``app.state`` holds ``api``, ``metrics``, ``fills``, ``upstream`` and ``budget`` (for tests).
 
@@ -450,6 +482,7 @@ def create_mirror_app(
         in_use=in_use,
         timeout=upstream_timeout,
         page_size=page_size,
+        serve_seeded_offline=serve_seeded_offline,
     )
     metrics.gauge("fills_running", "Files being fetched from the upstream by this process.", fills.running)
     stats = upstream.stats  # the downloader's own counters, for every fill and listing

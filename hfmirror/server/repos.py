@@ -41,6 +41,7 @@ from .scan import Confinement, FolderIndex, ScannedFile
 
 __all__ = [
     "LFS_SIZE_THRESHOLD",
+    "RESTRICTED_MARKER",
     "FileInfo",
     "RepoLocation",
     "RepoStore",
@@ -59,6 +60,10 @@ LFS_EXTENSIONS = frozenset(
     """7z arrow bin bz2 ckpt ftz gguf gz h5 joblib mlmodel model msgpack npy npz onnx ot parquet pb pickle
     pkl pt pth rar safetensors tar tflite tgz wasm xz zip zst""".split()
 )
+
+# In a repo folder: the team mirror fetched this repo's content with a token the upstream requires
+# (:mod:`.access`). Only the mirror, which asks the upstream who may read it, serves such a repo.
+RESTRICTED_MARKER = ".hfmirror/restricted"
 
 # Listings kept at once (one per plain repo, one per cached commit); the least recently used goes first.
 MAX_LISTINGS = 1024
@@ -179,11 +184,15 @@ class RepoStore:
     # ------------------------------------------------------------------------------------ lookup
 
     def find(self, repo_type: str, repo_id: str) -> RepoLocation | None:
-        """The repo's location, or None if there is no such repo (or its id is malformed)."""
+        """The repo's location, or None if there is no such repo (or its id is malformed), or if the
+        team mirror marked it restricted (:data:`RESTRICTED_MARKER`): gated or private content that
+        a token fetched must not be handed to anyone by a server that cannot ask the upstream."""
         if repo_type not in _CACHE_PREFIX or not is_valid_repo_id(repo_id):
             return None
         cache_dir = self.root / f"{_CACHE_PREFIX[repo_type]}--{repo_id.replace('/', '--')}"
         if self.confinement.contains(cache_dir) and (cache_dir / "snapshots").is_dir():
+            if (cache_dir / RESTRICTED_MARKER).exists():
+                return None
             return RepoLocation(repo_type, repo_id, cache_dir, "cache")
         top = self.root / "datasets" if repo_type == "dataset" else self.root
         parts = repo_id.split("/")

@@ -60,6 +60,16 @@ class ListingStore:
         os.replace(temporary, path)
         self._remember(listing)
 
+    def unlisted_commits(self, repo_type: str, repo_id: str) -> list[str]:
+        """Snapshot folders of the repo that have no listing here: content another tool put in ROOT
+        (huggingface_hub, ``hf download``, a copy), which may have come through someone's token."""
+        snapshots = self.root / repo_folder_name(repo_id, repo_type) / "snapshots"
+        try:
+            names = os.listdir(snapshots)
+        except OSError:
+            return []
+        return [name for name in names if not self.path(repo_type, repo_id, name).is_file()]
+
     def load(self, repo_type: str, repo_id: str, commit: str) -> RepoListing | None:
         """The stored listing of ``commit``, or None if there is none (or it does not parse)."""
         key = (repo_type, repo_id, commit)
@@ -110,9 +120,10 @@ class Pinned:
 class RevisionPins:
     """Revision -> commit, from the upstream at most every ``ttl`` seconds, from the cache when it is down.
 
-    A listing fetched with a token is published (kept, pinned, answered to others) only once the
-    ``gate`` has classified the repo: until then nobody could tell that it must not be shown to
-    requests without that token.
+    A listing is published (kept, pinned, answered to others) only once the ``gate`` has classified
+    the repo, when it must be: if it was fetched with a token, or if the repo holds snapshots another
+    tool put there (:meth:`ListingStore.unlisted_commits`). Until then nobody could tell that what it
+    leads to must not be shown to requests without that token.
     """
 
     def __init__(
@@ -162,8 +173,8 @@ class RevisionPins:
                 raise
             logger.warning("upstream unreachable; answering %s@%s from the cache", repo_id, revision)
             return Pinned(cached, "stale")
-        if token:  # here, on the worker thread: it runs even if the client stopped waiting
-            self.gate.classify(listing, None)
+        if token or self.store.unlisted_commits(repo_type, repo_id):
+            self.gate.classify(listing, None)  # on this thread: it runs even if the client stopped waiting
         self.store.save(listing)
         CacheLayout(listing, self.root).finish_revision()  # refs/<revision>, as huggingface_hub keeps it
         if not is_git_sha1(revision):

@@ -77,6 +77,15 @@ class Upstream:
             self.urls, max_concurrency=self.max_concurrency, failover_after=constants.FAILOVER_AFTER
         )
 
+    def _renewed_pool(self) -> EndpointPool:
+        """A pool back at the first endpoint, its failure counts cleared, but with the same rate
+        governors: fills that still hold the old pool share with the new one each endpoint's
+        connection cap, its rate-limit pauses and its announced quota."""
+        return EndpointPool(
+            endpoints=[Endpoint(e.url, e.governor) for e in self._pool.endpoints],
+            failover_after=self._pool.failover_after,
+        )
+
     @property
     def pool(self) -> EndpointPool:
         """The endpoint pool, renewed (back to the first endpoint) every FAILBACK_SECONDS."""
@@ -85,7 +94,7 @@ class Upstream:
                 self._clock() - self._pool_made > FAILBACK_SECONDS
                 and self._pool.current is not self._pool.endpoints[0]
             ):
-                self._pool, self._pool_made = self._new_pool(), self._clock()
+                self._pool, self._pool_made = self._renewed_pool(), self._clock()
             return self._pool
 
     # -- listings
@@ -103,6 +112,8 @@ class Upstream:
             revision=revision,
             token=token,
             session=self._sessions.get(),
+            stats=self.stats,  # a listing's retries and 429s reach /metrics as a fill's do
+            cancel=self.cancel,  # shutdown ends its waits (Retry-After, backoff) at once
         )
 
     # -- files

@@ -11,6 +11,7 @@ import concurrent.futures
 import hashlib
 import http.client
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,8 +26,12 @@ from huggingface_hub.errors import (
 )
 
 from hfmirror.download import download
+from hfmirror.errors import DownloadInterrupted
+from hfmirror.server import mirror as mirror_module
 from hfmirror.server.app import ServerThread, create_app
 from hfmirror.server.streaming import HOLD_BACK
+from hfmirror.server.upstream import FAILBACK_SECONDS
+from hfmirror.server.upstream import Upstream as UpstreamEndpoints
 from tests.mirror.conftest import BIG, Mirror, Upstream, hub
 from tests.mirror.support import MIB, REPO_ROOT, files_under, start_mirror_process, wait_until
 from tests.support import make_repo, run_cli
@@ -152,6 +157,85 @@ def test_upstream_drops_429s_and_503s_are_absorbed_not_passed_on(
     assert m.counter("errors") == 0
     scraped = requests.get(f"{m.url}/metrics", timeout=10).text
     assert re.search(r"^hfmirror_upstream_rate_limited_total [1-9]", scraped, re.MULTILINE), scraped
+
+
+def test_a_listings_429_reaches_the_metrics(upstream: Upstream, mirror: Callable[..., Mirror]) -> None:
+    upstream.plan.too_many_requests(1, path="/api/models/tiny/bert/*", times=1)
+    m = mirror(upstream.url)
+    assert requests.get(f"{m.url}/api/models/tiny/bert", timeout=60).status_code == 200
+    assert [r.status for r in upstream.plan.requests("/api/models/tiny/bert/*")] == [429, 200]
+    scraped = requests.get(f"{m.url}/metrics", timeout=10).text
+    assert re.search(r"^hfmirror_upstream_rate_limited_total 1$", scraped, re.MULTILINE), scraped
+    assert re.search(r"^hfmirror_upstream_retries_total 1$", scraped, re.MULTILINE), scraped
+
+
+def test_shutdown_ends_a_listings_wait_on_the_upstream(upstream: Upstream) -> None:
+    upstream.plan.too_many_requests(240, path="/api/models/tiny/bert/*", times=1)  # "come back in 4 min"
+    up = UpstreamEndpoints([upstream.url])
+    outcome: list[BaseException] = []
+
+    def list_it() -> None:
+        try:
+            up.list("model", "tiny/bert", "main", None)
+        except BaseException as error:  # noqa: BLE001 - what ended the call is the test's verdict
+            outcome.append(error)
+
+    waiting = threading.Thread(target=list_it)
+    waiting.start()
+    wait_until(lambda: upstream.plan.requests("/api/models/tiny/bert/*"), timeout=30)
+    up.cancel.set()
+    waiting.join(60)  # a hang guard far below the announced wait
+    assert not waiting.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], DownloadInterrupted), outcome
+
+
+def test_a_renewed_upstream_pool_goes_back_to_the_first_endpoint_with_the_same_governors() -> None:
+    # No request is sent: the pool is renewed on the (fake) clock alone.
+    now = [0.0]
+    up = UpstreamEndpoints(["http://127.0.0.1:1", "http://127.0.0.1:2"], clock=lambda: now[0])
+    old = up.pool
+    assert old.fail_over(old.endpoints[0], "kept failing") and old.current is old.endpoints[1]
+    assert old.endpoints[1].governor.acquire()  # a fill holding the old pool has a connection open
+    now[0] = FAILBACK_SECONDS + 1
+    new = up.pool
+    assert new is not old and new.current.url == old.endpoints[0].url and new.current.abandoned is None
+    # One cap, one pause, one quota per endpoint, whichever pool a fill holds.
+    assert [e.governor for e in new.endpoints] == [e.governor for e in old.endpoints]
+    assert new.endpoints[1].governor.in_flight == 1
+
+
+@pytest.mark.parametrize("when", ["before the open", "after the headers are made"])
+def test_a_blob_evicted_by_another_replica_while_it_is_answered_is_still_answered_whole(
+    upstream: Upstream, mirror: Callable[..., Mirror], monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    m = mirror(upstream.url)
+    url = f"{m.url}/evict/three/resolve/main/a.bin"
+    content = (upstream.root / "evict/three/a.bin").read_bytes()
+    assert requests.get(url, timeout=60).content == content  # cached now
+    blob = m.root / "models--evict--three" / "blobs" / hashlib.sha256(content).hexdigest()
+    assert blob.is_file()
+    if when == "before the open":  # found cached, then unlinked: a miss after all, fetched again
+        is_complete = mirror_module._is_complete
+
+        def then_evicted(layout, file):  # type: ignore[no-untyped-def]
+            found = is_complete(layout, file)
+            blob.unlink()
+            return found
+
+        monkeypatch.setattr(mirror_module, "_is_complete", then_evicted)
+    else:  # unlinked once the answer is made, before Starlette sends it
+
+        class EvictedFirst(mirror_module.BigChunkFileResponse):
+            async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
+                blob.unlink()
+                await super().__call__(scope, receive, send)
+
+        monkeypatch.setattr(mirror_module, "BigChunkFileResponse", EvictedFirst)
+    sent_before = upstream.sent("*/a.bin")
+    answer = requests.get(url, timeout=60)
+    assert answer.status_code == 200 and answer.content == content
+    assert (upstream.sent("*/a.bin") > sent_before) == (when == "before the open")
+    assert m.counter("errors") == 0
 
 
 @pytest.mark.parametrize(
@@ -497,6 +581,7 @@ def test_tokens_never_reach_the_log(upstream: Upstream, tmp_path: Path) -> None:
     ("extra", "message"),
     [
         (["--allow", "org/*"], "--allow only apply with --upstream"),
+        (["--serve-seeded-offline"], "--serve-seeded-offline only apply with --upstream"),
         (["--upstream", "ftp://x", "--max-size", "1G"], "not an http(s) endpoint URL"),
         (["--upstream", "http://127.0.0.1:9", "--max-size", "lots"], "--max-size: not a size"),
     ],
@@ -506,3 +591,16 @@ def test_serve_refuses_bad_mirror_options_in_one_line(tmp_path: Path, extra: lis
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hfmirror: error:") and message in lines[0], lines
+
+
+@pytest.mark.parametrize("mode", [[], ["--upstream", "http://127.0.0.1:9"]], ids=["plain", "mirror"])
+def test_an_unusable_state_dir_is_a_storage_error_in_one_line(tmp_path: Path, mode: list[str]) -> None:
+    (tmp_path / "a-file").write_text("not a folder\n")
+    (tmp_path / "cache").mkdir()
+    state_dir = tmp_path / "a-file" / "state"  # cannot be made, even by root
+    result = run_cli(
+        "serve", str(tmp_path / "cache"), "--port", "0", "--state-dir", str(state_dir), *mode, cwd=REPO_ROOT
+    )
+    assert result.returncode == 7, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hfmirror: error:") and str(state_dir.parent) in lines[0]

@@ -116,3 +116,21 @@ def test_huggingface_hub_through_nginx_and_two_replicas(
     assert "HIT" not in listing
     # Both replicas took requests (their log lines are written as each answer ends).
     wait_until(lambda: all('"GET /' in r.log() or '"HEAD /' in r.log() for r in replicas), timeout=10)
+
+
+@pytest.mark.slow
+def test_nginx_never_gives_an_answer_kept_for_one_host_to_another(
+    upstream: Upstream, nginx_in_front: tuple[str, list]
+) -> None:
+    # Answers carry URLs built from the Host header (a tree page's Link): a forged Host must not
+    # plant them in what nginx gives everyone else.
+    url, _ = nginx_in_front
+    commit = requests.get(f"{url}/api/models/tiny/bert", timeout=30).json()["sha"]
+    page = f"{url}/api/models/tiny/bert/tree/{commit}"  # commit-addressed: immutable, kept by nginx
+    forged = [
+        requests.get(page, headers={"Host": "evil.example"}, timeout=30).headers["X-Cache-Status"]
+        for _ in range(2)
+    ]
+    assert forged == ["MISS", "HIT"]  # kept, for that Host
+    assert requests.get(page, timeout=30).headers["X-Cache-Status"] == "MISS"
+    assert requests.get(page, timeout=30).headers["X-Cache-Status"] == "HIT"
