@@ -194,9 +194,15 @@ class RateGovernor:
         with self._cond:
             return len(self._waiting)
 
-    def acquire(self, cancel: threading.Event | None = None, *, priority: float = 0.0) -> bool:
+    def acquire(
+        self, cancel: threading.Event | None = None, *, priority: float = 0.0, paced: bool = True
+    ) -> bool:
         """Wait for a slot (and for any Retry-After pause, and the quota, to allow). False if ``cancel``
         was set first: then no slot was taken, and none must be released.
+
+        ``paced=False`` is for listings and access checks: the quota the pacer spends is the one file
+        answers announce (the Hub's "resolvers"), which counts file requests only (listings count
+        against another, "api"), so such a request neither waits for it nor uses it up.
 
         Raises:
             QuotaExhaustedError: if the announced quota stays spent for longer than ``MAX_RETRY_AFTER``
@@ -211,14 +217,15 @@ class RateGovernor:
                     if cancel is not None and cancel.is_set():
                         return False
                     now = time.monotonic()
-                    quota_wait = self.pacer.delay(now)
+                    quota_wait = self.pacer.delay(now) if paced else 0.0
                     if quota_wait > constants.MAX_RETRY_AFTER:
                         raise QuotaExhaustedError(self.name, quota_wait, constants.MAX_RETRY_AFTER)
                     wait = max(self._not_before - now, quota_wait)
                     if wait <= 0 and self._in_flight < self.limit and self._waiting[0] == ticket:
                         heapq.heappop(self._waiting)
                         self._in_flight += 1
-                        self.pacer.sent(now)
+                        if paced:
+                            self.pacer.sent(now)
                         self._cond.notify_all()  # the next in line may go too, if there is room
                         return True
                     self._announce(quota_wait)

@@ -286,7 +286,7 @@ def _ask_for_listing(
 ) -> RepoListing | Verdict:
     """One listing request: the listing, or the verdict on what came back instead."""
     try:
-        if not endpoint.governor.acquire(cancel, priority=METADATA_PRIORITY):
+        if not endpoint.governor.acquire(cancel, priority=METADATA_PRIORITY, paced=False):
             raise DownloadInterrupted("interrupted")
     except QuotaExhaustedError as error:
         return quota_spent(error)

@@ -169,6 +169,28 @@ def test_many_small_files_use_an_announced_quota_without_tripping_it(fault_serve
     assert result.rate_limited == len(refused)
 
 
+@pytest.mark.slow
+def test_a_listing_neither_spends_nor_waits_for_the_file_request_quota(
+    fault_server, faults, tmp_path
+) -> None:
+    # The quota file answers announce counts file requests only (the Hub's "resolvers"; listings
+    # count against "api"): a listing counted in it would leave one file fewer per window and, on a
+    # repo of whole windows, cost one more window at the end.
+    files = {f"part_{i}.bin": 1000 + i for i in range(5)}
+    make_repo(fault_server.root, "pacing/one-window", files)
+    quota = faults.request_quota(4, 2.0)
+    assert quota is not None
+    # One file at a time, so that each request goes out after the answers before it (with more, the
+    # first ones all leave before any answer has told the quota).
+    download(
+        "pacing/one-window", endpoints=[fault_server.url], cache_dir=tmp_path, progress=False, max_workers=1
+    )
+    started = sorted(r.started for r in faults.requests("*/resolve/*") if r.status == 200)
+    assert len(started) == len(files)
+    in_first_window = [t for t in started if t < started[0] + 1.5]  # the window is 2 s; its 4 go at once
+    assert len(in_first_window) == 4, [round(t - started[0], 3) for t in started]
+
+
 def test_a_slow_large_file_gets_the_slots_before_small_ones(
     fault_server, faults, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

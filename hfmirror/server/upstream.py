@@ -180,7 +180,7 @@ class Upstream:
 
     def _probe(self, endpoint: Endpoint, url: str, headers: dict[str, str], asked: Asked) -> Verdict | None:
         """One HEAD; None if it was let through, else the policy's verdict on what came back."""
-        if not endpoint.governor.acquire(self.cancel, priority=METADATA_PRIORITY):
+        if not endpoint.governor.acquire(self.cancel, priority=METADATA_PRIORITY, paced=False):
             raise NetworkError("the mirror is shutting down")
         try:
             endpoint.requests += 1
