@@ -418,8 +418,11 @@ class SocketSampler:
         self._thread = threading.Thread(target=self._run, daemon=True, name="socket-sampler")
 
     def open_now(self) -> int:
+        """ESTABLISHED connections to the port now, each counted once by its client's address: the
+        kernel hands /proc/net/tcp out a page at a time, so a socket that moves in its table between
+        two pages can be listed twice in one read."""
         hex_port = f"{self.port:04X}"
-        count = 0
+        clients: set[tuple[str, str]] = set()
         for table in ("/proc/net/tcp", "/proc/net/tcp6"):
             try:
                 lines = Path(table).read_text().splitlines()[1:]
@@ -428,8 +431,8 @@ class SocketSampler:
             for line in lines:
                 fields = line.split()
                 if len(fields) > 3 and fields[1].endswith(":" + hex_port) and fields[3] == "01":
-                    count += 1
-        return count
+                    clients.add((table, fields[2]))
+        return len(clients)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
