@@ -172,7 +172,7 @@ def run_demo(
             )
             # Where the download keeps the weights' resume state: a blob's place needs no commit id.
             weights = RemoteFile(WEIGHTS, size, oid)
-            pinned = RepoListing(REPO_ID, "model", "main", "", (weights,), server.url)
+            pinned = RepoListing(REPO_ID, "model", "main", "", (weights,))
             state_file = CacheLayout(pinned, cache).state_path(weights)
             # Its stderr goes to a file: a pipe nobody reads while we poll would fill and stop it.
             errors_path = base / "first-download.stderr"

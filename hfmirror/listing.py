@@ -83,7 +83,6 @@ class RepoListing:
     revision: str
     commit: str
     files: tuple[RemoteFile, ...]
-    endpoint: str  # where it came from, as shown to people: any user name and password masked
 
 
 # The Hub's rule for repo ids, as huggingface_hub.utils.validate_repo_id applies it (tests check that the
@@ -366,5 +365,4 @@ def _parse_listing(body: bytes, endpoint: Endpoint, asked: Asked, repo_type: str
         revision=asked.revision,
         commit=commit,
         files=files,
-        endpoint=endpoint.shown,
     )

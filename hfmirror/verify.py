@@ -378,7 +378,7 @@ def _size(path: Path) -> int | None:
 
 def _listing(repo_id: str | None, repo_type: str, revision: str | None, commit: str | None) -> RepoListing:
     """A listing with no files: what the layouts need to name a repo's paths and locks."""
-    return RepoListing(repo_id or "", repo_type, revision or "", commit or "", (), "")
+    return RepoListing(repo_id or "", repo_type, revision or "", commit or "", ())
 
 
 class _HashProgress:

@@ -380,7 +380,7 @@ def test_sessions_of_different_threads_share_their_connections() -> None:
         factory = SessionFactory(pool_size=4)
         one_request_per_thread(lambda: factory.get().get(f"{server.url}/plain", timeout=10).content)
         upstream = Upstream([server.url])
-        listing = RepoListing("org/x", "model", "main", "1" * 40, (), server.url)
+        listing = RepoListing("org/x", "model", "main", "1" * 40, ())
         file = RemoteFile("w.bin", 5, "2" * 40)
         one_request_per_thread(lambda: upstream.may_read(listing, file, None))  # a 404 here: False
         direct, probes = server.requests("/plain"), server.requests("*/resolve/*")

@@ -351,7 +351,7 @@ def test_every_reader_of_refs_reads_a_ref_alike(
         (repo_dir / "refs" / "main").write_text(ref)
     store = ListingStore(root)
     file = RemoteFile("config.json", 2, git_blob_sha1(b"{}"))
-    store.save(RepoListing("org/x", "model", COMMIT, COMMIT, (file,), "cache"))
+    store.save(RepoListing("org/x", "model", COMMIT, COMMIT, (file,)))
 
     def offline() -> str | None:
         try:

@@ -264,9 +264,7 @@ class UpstreamApi(HubApi):
         except RevisionNotFoundError:
             return None
         files = tuple(RemoteFile(i.path, i.size, i.etag) for i in snap.files.values())
-        return RepoListing(
-            location.repo_id, location.repo_type, revision, snap.commit, files, endpoint="cache"
-        )
+        return RepoListing(location.repo_id, location.repo_type, revision, snap.commit, files)
 
     async def _classify(self, listing: RepoListing, file: RemoteFile) -> None:
         """A file is about to come through a token: is the repo restricted upstream? (fail closed)"""

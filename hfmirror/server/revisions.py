@@ -84,7 +84,7 @@ class ListingStore:
             files = tuple(_checked_file(entry) for entry in body["files"])
         except (OSError, ValueError, KeyError, TypeError, UnsafePathError):
             return None
-        listing = RepoListing(repo_id, repo_type, commit, commit, files, endpoint="cache")
+        listing = RepoListing(repo_id, repo_type, commit, commit, files)
         self._remember(listing)
         return listing
 

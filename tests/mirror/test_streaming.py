@@ -29,7 +29,7 @@ def filling(tmp_path: Path) -> Fill:
     """A fill whose partial file holds every byte, as the downloader leaves it just before the hash."""
     content = os.urandom(SIZE)
     file = RemoteFile("w.bin", SIZE, hashlib.sha256(content).hexdigest())
-    listing = RepoListing("org/m", "model", "main", "c" * 40, (file,), endpoint="test")
+    listing = RepoListing("org/m", "model", "main", "c" * 40, (file,))
     fill = Fill(listing, file, CacheLayout(listing, tmp_path))
     fill.partial.parent.mkdir(parents=True)
     fill.partial.write_bytes(content)
