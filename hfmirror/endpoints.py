@@ -163,7 +163,8 @@ class RateGovernor:
     * Order: when a slot frees, the waiting request with the highest ``priority`` takes it (ties: first
       come, first served). Transfers ask with the seconds of work their file has left, so the budget
       goes where it helps most: a large file crawling behind a per-connection cap before a small one.
-      Listings and access checks ask with ``METADATA_PRIORITY``, ahead of them all.
+      Listings and access checks ask with ``METADATA_PRIORITY`` (:meth:`acquire_for_metadata`),
+      ahead of them all.
     """
 
     def __init__(self, max_concurrency: int, *, name: str = "") -> None:
@@ -235,6 +236,11 @@ class RateGovernor:
                     self._waiting.remove(ticket)
                     heapq.heapify(self._waiting)
                     self._cond.notify_all()
+
+    def acquire_for_metadata(self, cancel: threading.Event | None = None) -> bool:
+        """:meth:`acquire` for a listing or an access check: ahead of every transfer, and outside the
+        file-request quota (``paced=False``)."""
+        return self.acquire(cancel, priority=METADATA_PRIORITY, paced=False)
 
     def release(self) -> None:
         with self._cond:

@@ -21,7 +21,7 @@ from urllib.parse import quote
 import requests
 
 from . import constants
-from .endpoints import METADATA_PRIORITY, Endpoint, EndpointPool
+from .endpoints import Endpoint, EndpointPool
 from .errors import (
     BadInputError,
     DownloadInterrupted,
@@ -285,7 +285,7 @@ def _ask_for_listing(
 ) -> RepoListing | Verdict:
     """One listing request: the listing, or the verdict on what came back instead."""
     try:
-        if not endpoint.governor.acquire(cancel, priority=METADATA_PRIORITY, paced=False):
+        if not endpoint.governor.acquire_for_metadata(cancel):
             raise DownloadInterrupted("interrupted")
     except QuotaExhaustedError as error:
         return quota_spent(error)

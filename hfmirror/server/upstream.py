@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from .. import constants
-from ..endpoints import METADATA_PRIORITY, Endpoint, EndpointPool
+from ..endpoints import Endpoint, EndpointPool
 from ..errors import NetworkError, RemoteError
 from ..layout import CacheLayout
 from ..listing import RemoteFile, RepoListing, list_repo
@@ -180,7 +180,7 @@ class Upstream:
 
     def _probe(self, endpoint: Endpoint, url: str, headers: dict[str, str], asked: Asked) -> Verdict | None:
         """One HEAD; None if it was let through, else the policy's verdict on what came back."""
-        if not endpoint.governor.acquire(self.cancel, priority=METADATA_PRIORITY, paced=False):
+        if not endpoint.governor.acquire_for_metadata(self.cancel):
             raise NetworkError("the mirror is shutting down")
         try:
             endpoint.requests += 1
