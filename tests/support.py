@@ -141,3 +141,8 @@ def files_under(folder: Path) -> dict[str, bytes]:
         if path.is_file() and not any(part.startswith(".") for part in rel.split("/")[:-1]):
             found[rel] = path.read_bytes()
     return found
+
+
+def range_start(header: str | None) -> int:
+    """Where a request's ``Range: bytes=a-b`` starts (0 without one), as the fault server records it."""
+    return int(header.split("=")[1].split("-")[0]) if header else 0

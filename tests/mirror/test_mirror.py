@@ -34,7 +34,7 @@ from hfmirror.server.upstream import FAILBACK_SECONDS
 from hfmirror.server.upstream import Upstream as UpstreamEndpoints
 from tests.mirror.conftest import BIG, Mirror, Upstream, hub
 from tests.mirror.support import MIB, REPO_ROOT, files_under, start_mirror_process, wait_until
-from tests.support import make_repo, run_cli
+from tests.support import make_repo, range_start, run_cli
 
 # ------------------------------------------------------------------------------------ cold and warm
 
@@ -161,18 +161,13 @@ def test_upstream_drops_429s_and_503s_are_absorbed_not_passed_on(
     dropped = [r for r in gets if "drop" in r.faults]
     assert len(dropped) == 1 and dropped[0].bytes_sent == MIB // 2, [(r.range, r.faults) for r in gets]
     later = [r for r in gets if r.started > dropped[0].started]
-    assert later and all(_range_start(r.range) != _range_start(dropped[0].range) for r in later), [
+    assert later and all(range_start(r.range) != range_start(dropped[0].range) for r in later), [
         (r.range, r.bytes_sent) for r in gets
     ]
     assert upstream.sent("*/weights.bin") < 2 * BIG  # and the file did not come twice
     assert m.counter("errors") == 0
     scraped = requests.get(f"{m.url}/metrics", timeout=10).text
     assert re.search(r"^hfmirror_upstream_rate_limited_total [1-9]", scraped, re.MULTILINE), scraped
-
-
-def _range_start(header: str | None) -> int:
-    """Where a ``Range: bytes=a-b`` request starts (0 without one)."""
-    return int(header.split("=")[1].split("-")[0]) if header else 0
 
 
 def test_a_listings_429_reaches_the_metrics(upstream: Upstream, mirror: Callable[..., Mirror]) -> None:
