@@ -600,6 +600,38 @@ def _timed_repo_download(
     return result, ctx.server.stats(), most, dest
 
 
+def _bound_run(
+    ctx: Context,
+    run: int,
+    tool: str,
+    result: bl.ProcResult,
+    stats: dict[str, Any],
+    *,
+    ok: bool,
+    bound: float,
+    shown: str,
+    **measured: Any,
+) -> dict[str, Any]:
+    """One run of a scenario measured against a bound: its record, printed as a line (``shown``
+    names what ``measured`` adds)."""
+    record = {
+        "ok": ok,
+        "seconds": result.wall,
+        "bound_ratio": result.wall / bound if bound else None,
+        **measured,
+        "requests": stats["requests"],
+        "client_cpu": result.cpu,
+        "error": None if ok else (result.stderr.strip()[-400:] or f"exit {result.returncode}"),
+    }
+    ratio = f"{record['bound_ratio']:.2f}x bound" if bound else "no bound"
+    print(
+        f"  run {run + 1}/{ctx.runs} {tool:<16} {result.wall:7.2f}s  {ratio}  {shown}  "
+        f"{'ok' if ok else 'FAILED'}",
+        flush=True,
+    )
+    return record
+
+
 def _median_summary(items: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
     good = [r for r in items if r["ok"]] or items
     summary: dict[str, Any] = {"runs": len(items), "ok_runs": sum(r["ok"] for r in items)}
@@ -622,24 +654,12 @@ def scenario_quota(ctx: Context) -> dict[str, Any]:
             result, stats, _, dest = _timed_repo_download(ctx, tool, ctx.quota_repo, quota=QUOTA)
             files = _count_files(dest / "cache")
             ok = result.ok and files == ctx.quota_count
+            refused = bl.status_count(stats, "429")
+            shown = f"429s {refused}  requests {stats['requests']}"
             runs[tool].append(
-                {
-                    "ok": ok,
-                    "seconds": result.wall,
-                    "bound_ratio": result.wall / bound if bound else None,
-                    "429": bl.status_count(stats, "429"),
-                    "requests": stats["requests"],
-                    "client_cpu": result.cpu,
-                    "error": None if ok else (result.stderr.strip()[-400:] or f"exit {result.returncode}"),
-                }
+                _bound_run(ctx, i, tool, result, stats, ok=ok, bound=bound, shown=shown, **{"429": refused})
             )
             bl.shutil.rmtree(dest, ignore_errors=True)
-            r = runs[tool][-1]
-            print(
-                f"  run {i + 1}/{ctx.runs} {tool:<16} {r['seconds']:7.2f}s  {r['bound_ratio']:.2f}x bound  "
-                f"429s {r['429']}  requests {r['requests']}  {'ok' if ok else 'FAILED'}",
-                flush=True,
-            )
     ctx.server.plan()
     keys = ("seconds", "bound_ratio", "429", "requests", "client_cpu")
     summary = {tool: _median_summary(items, keys) for tool, items in runs.items()}
@@ -694,25 +714,23 @@ def scenario_sharded(ctx: Context) -> dict[str, Any]:
             records = ctx.server.records()
             fetched = sum(1 for p in (dest / "cache").rglob("*") if p.is_file() and "snapshots" in p.parts)
             ok = result.ok and fetched == len(names)
+            sockets = len({r["client"] for r in records})
+            shown = f"connections at once {most}  sockets {sockets}"
             runs[tool].append(
-                {
-                    "ok": ok,
-                    "seconds": result.wall,
-                    "bound_ratio": result.wall / bound,
-                    "most_connections": most,
-                    "sockets_used": len({r["client"] for r in records}),
-                    "requests": stats["requests"],
-                    "client_cpu": result.cpu,
-                    "error": None if ok else (result.stderr.strip()[-400:] or f"exit {result.returncode}"),
-                }
+                _bound_run(
+                    ctx,
+                    i,
+                    tool,
+                    result,
+                    stats,
+                    ok=ok,
+                    bound=bound,
+                    shown=shown,
+                    most_connections=most,
+                    sockets_used=sockets,
+                )
             )
             bl.shutil.rmtree(dest, ignore_errors=True)
-            r = runs[tool][-1]
-            print(
-                f"  run {i + 1}/{ctx.runs} {tool:<16} {r['seconds']:7.2f}s  {r['bound_ratio']:.2f}x bound  "
-                f"connections at once {most}  sockets {r['sockets_used']}  {'ok' if ok else 'FAILED'}",
-                flush=True,
-            )
     ctx.server.plan()
     keys = ("seconds", "bound_ratio", "most_connections", "sockets_used", "requests", "client_cpu")
     summary = {tool: _median_summary(items, keys) for tool, items in runs.items()}
