@@ -51,6 +51,8 @@ PROBE_READ_BLOCK = 64 * 1024
 HASH_STEP = 8 * 1024 * 1024
 # Hashed bytes are dropped from the page cache this far behind the hash (by then they are on disk).
 DROP_PAGES_LAG = 32 * 1024 * 1024
+# ... asked for PAGES_BATCH bytes at a time.
+PAGES_BATCH = 8 * 1024 * 1024
 
 # Partial-download state is saved every CHECKPOINT_BYTES of new data or CHECKPOINT_INTERVAL seconds,
 # whichever comes first, but at most once per CHECKPOINT_MIN_GAP seconds: the most a kill -9 can lose

@@ -46,13 +46,21 @@ class PageRecycler:
         return hasattr(os, "posix_fadvise")
 
     def hashed_up_to(self, offset: int) -> None:
-        """Bytes ``[0, offset)`` are hashed: they may leave the page cache once written out."""
+        """Bytes ``[0, offset)`` are hashed: they may leave the page cache once written out.
+
+        Asked in batches of PAGES_BATCH bytes (the rest on close): the hash moves on a block at a time,
+        and two system calls and a thread wake-up per block are CPU the hash itself needs.
+        """
         with self._wake:
             if offset <= self._target or self._closing:
                 return
             self._target = offset
-            self._start()
-            self._wake.notify()
+            if self._due():
+                self._start()
+                self._wake.notify()
+
+    def _due(self) -> bool:
+        return self._target - self.kicked >= constants.PAGES_BATCH
 
     def flush(self) -> None:
         """Every byte is written: put the file on disk now, without waiting for the hash."""
@@ -67,6 +75,8 @@ class PageRecycler:
         """Finish what was asked and stop; the descriptor must stay open until this returns."""
         with self._wake:
             self._closing = True
+            if self._target > self.kicked:
+                self._start()  # the last, short batch
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
@@ -79,7 +89,7 @@ class PageRecycler:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while self._target == self.kicked and self._flush_asked == self.flushed and not self._closing:
+                while not self._due() and self._flush_asked == self.flushed and not self._closing:
                     self._wake.wait()
                 target, flush, closing = self._target, self._flush_asked and not self.flushed, self._closing
             try:

@@ -345,6 +345,26 @@ def test_the_page_recycler_drops_only_hashed_bytes_flushes_once_and_stops_before
     assert synced == [fd] and recycler.flushed
 
 
+def test_the_page_recycler_asks_in_batches_and_the_rest_on_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hash moves on a block at a time; asking the kernel per block cost two system calls and a
+    thread wake-up per MiB, on the CPU the hash needs. Below PAGES_BATCH nothing is asked until close."""
+    monkeypatch.setattr(constants, "DROP_PAGES_LAG", 100)
+    monkeypatch.setattr(constants, "PAGES_BATCH", 1000)
+    asked: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, n, advice: asked.append((offset, n)))
+    fd = os.open(tmp_path / "partial", os.O_RDWR | os.O_CREAT)
+    try:
+        recycler = PageRecycler(fd)
+        for offset in (300, 600, 900):
+            recycler.hashed_up_to(offset)
+        recycler.close()
+    finally:
+        os.close(fd)
+    assert asked == [(0, 900), (0, 800)]  # written out once, and dropped once, DROP_PAGES_LAG behind
+
+
 # ------------------------------------------------------------------------------------------- cli
 
 
