@@ -30,9 +30,13 @@ SPLIT_IF_SECONDS_LEFT = 0.5
 # FAST_CONNECTION bytes/s, over its first RAMP_PROBE_SECONDS and then over every RAMP_WINDOW_SECONDS
 # (mirrors and CDNs that cap each connection, distant servers). A connection faster than that is not
 # capped, and more would only compete with it for the CPU (hashing, writing) and load the server for
-# nothing. RAMP_PROBE_SECONDS = 0 opens every connection at once.
+# nothing. RAMP_PROBE_SECONDS = 0 opens every connection at once. A first connection that proved
+# clearly slow (below a quarter of FAST_CONNECTION) opens the others at once; one in between is judged
+# again at RAMP_PROBE_SECONDS_MAX, on all it brought since its request: a fast link's first
+# milliseconds (the request, TCP's slow start, threads starting on a busy CPU) say little of its speed.
 FAST_CONNECTION = 256 * 1024 * 1024
 RAMP_PROBE_SECONDS = 0.03
+RAMP_PROBE_SECONDS_MAX = 0.12
 RAMP_WINDOW_SECONDS = 1.0
 # How much one read from the socket asks for (also the most a connection holds unwritten in memory,
 # lost if the process is killed). A connection judged fast enough alone reads FAST_READ_BLOCK at a time:
@@ -45,10 +49,12 @@ READ_BLOCK = 256 * 1024
 FAST_READ_BLOCK = 1024 * 1024
 PROBE_READ_BLOCK = 64 * 1024
 
-# The coordinator hashes at most this much at a time before it looks for errors and Ctrl-C again,
-# and a step ends early once a save falls due. A long step holds saves back while the connections keep
-# bringing bytes, and what arrives unsaved is what a kill loses (bench/RESULTS.md, Analysis: resume).
+# The hash's thread hashes at most this much at a time before it looks whether the transfer stopped.
 HASH_STEP = 8 * 1024 * 1024
+# A large file's connection writing at the front of the hashed prefix hands its blocks to the hash in
+# memory (hashing.HandedBlocks): at most this many blocks (of up to FAST_READ_BLOCK) at once, enough
+# that the hash's short pauses (its thread waiting for a core) do not hold the connection back.
+HANDED_BLOCKS = 8
 # Hashed bytes are dropped from the page cache this far behind the hash (by then they are on disk).
 DROP_PAGES_LAG = 32 * 1024 * 1024
 # ... asked for PAGES_BATCH bytes at a time.

@@ -77,10 +77,11 @@ class ConnectionRamp:
 
     The first connection is judged after ``RAMP_PROBE_SECONDS`` (counted from before its request, so
     a distant server's latency counts against it): below ``FAST_CONNECTION`` bytes/s, as behind any
-    per-connection cap, every connection opens at once and stays open. A connection that keeps up is
-    judged again over each ``RAMP_WINDOW_SECONDS``, long enough that a hiccup of our own (a busy CPU)
-    does not count as a slow link. While it keeps up, the file comes over that one connection: more
-    would add nothing but CPU time here and load on the mirror.
+    per-connection cap, every connection opens at once and stays open. One not clearly slow is judged
+    once more at ``RAMP_PROBE_SECONDS_MAX``, on all it brought since its request. A connection that
+    keeps up is judged again over each ``RAMP_WINDOW_SECONDS``, long enough that a hiccup of our own
+    (a busy CPU) does not count as a slow link. While it keeps up, the file comes over that one
+    connection: more would add nothing but CPU time here and load on the mirror.
     """
 
     def __init__(self, connections: int, now: float) -> None:
@@ -103,16 +104,24 @@ class ConnectionRamp:
             return constants.FAST_READ_BLOCK
         return constants.READ_BLOCK
 
-    def observe(self, count: int, now: float) -> bool:
-        """Record ``count`` new bytes at time ``now``; True if this opened every connection."""
+    def observe(self, count: int, now: float, *, waited: float = 0.0) -> bool:
+        """Record ``count`` new bytes at time ``now``, after the connection ``waited`` seconds for
+        something of our own (the hash to catch up: not the link's time); True if this opened every
+        connection."""
         if self.open:
             return False
+        self._window_start += waited
         self._window_bytes += count
         elapsed = now - self._window_start
         if elapsed < self._window:
             return False
+        slow = self._window_bytes < constants.FAST_CONNECTION * elapsed
+        if slow and self.probing and self._window < constants.RAMP_PROBE_SECONDS_MAX:
+            if self._window_bytes >= constants.FAST_CONNECTION / 4 * elapsed:  # not clearly slow
+                self._window = constants.RAMP_PROBE_SECONDS_MAX  # judge again later, on all it brought
+                return False
         self.probing = False
-        if self._window_bytes < constants.FAST_CONNECTION * elapsed:
+        if slow:
             self.allowed = self.connections
             return True
         self._window, self._window_start, self._window_bytes = constants.RAMP_WINDOW_SECONDS, now, 0
@@ -184,6 +193,11 @@ class SegmentTable:
                 if segment.pos < segment.end:
                     return segment.pos
             return self.size
+
+    def at_front(self, segment: Segment) -> bool:
+        """True if ``segment``'s next bytes are the next the hash of the finished prefix needs."""
+        with self._cond:
+            return segment.remaining > 0 and segment.pos == self.prefix_end()
 
     def written_from(self, pos: int) -> int:
         """End of the run of written bytes that starts at ``pos`` (``pos`` itself if none is written
@@ -307,15 +321,16 @@ class SegmentTable:
         with self._cond:
             return segment.pos, max(0, min(count, segment.remaining))
 
-    def written(self, segment: Segment, count: int, now: float) -> WriteOutcome:
-        """Record ``count`` bytes written at ``segment.pos``; cut for more connections if that makes
-        the ramp open them."""
+    def written(self, segment: Segment, count: int, now: float, *, waited: float = 0.0) -> WriteOutcome:
+        """Record ``count`` bytes written at ``segment.pos`` (after its connection ``waited`` seconds
+        for the hash: see ConnectionRamp.observe); cut for more connections if that makes the ramp
+        open them."""
         with self._cond:
             # Never past the end: a re-split between writable() and now moved it; the bytes beyond it
             # were written where the new segment will write the very same ones.
             segment.pos = min(segment.pos + count, segment.end)
             self._unsaved += count
-            opened = self.ramp.observe(count, now)
+            opened = self.ramp.observe(count, now, waited=waited)
             if opened:
                 self.cut_for_connections()
             crossed = self._unsaved - count < constants.CHECKPOINT_BYTES <= self._unsaved

@@ -22,9 +22,11 @@ server sends it whole (200) and we start over.
 
 How it is verified
 ------------------
-The coordinator hashes the contiguous finished prefix of the file while the rest is still arriving
-(sha256 for LFS files, git blob sha1 for the others), so verification costs little extra time; hashed
-bytes then leave the page cache (``pagecache.PageRecycler``). A mismatch discards the partial file and
+A thread of its own hashes the contiguous finished prefix of the file while the rest is still arriving
+(sha256 for LFS files, git blob sha1 for the others), so verification costs little extra time. The
+connection writing at the front of that prefix hands its blocks to the hash in memory
+(``hashing.HandedBlocks``) rather than have them read back from the file; hashed bytes then leave the
+page cache (``pagecache.PageRecycler``). A mismatch discards the partial file and
 fetches it again, a bounded number of times.
 
 The units
@@ -53,6 +55,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import requests
 import urllib3
@@ -67,7 +70,7 @@ from .errors import (
     RemoteError,
     StorageError,
 )
-from .hashing import PrefixHasher
+from .hashing import HandedBlocks, PrefixHasher
 from .listing import RemoteFile, RepoListing
 from .pagecache import PageRecycler
 from .policy import (
@@ -97,6 +100,9 @@ class TransferOptions:
     connections: int = 8
     stall_timeout: float = constants.DEFAULT_STALL_TIMEOUT
     token: str | None = None  # sent to the endpoints whose ``sends_token`` allows it
+
+
+_Body = http.client.HTTPResponse | urllib3.BaseHTTPResponse  # what a body is read from
 
 
 class _Judged(Exception):
@@ -279,12 +285,14 @@ class FileTransfer:
 
 
 class _Pass:
-    """One pass over the file: the coordinator of its connections.
+    """One pass over the file: the coordinator of its connections and of its hash.
 
-    It starts connections as the ramp allows, saves the resume state when the clock says, hashes the
-    prefix as it grows, and stops everything on the first error or Ctrl-C. Its connections only ever
-    touch their own pass, so a connection still finishing a read for a pass that has ended can neither
-    stop, nor fail, nor write into the next one.
+    It starts connections as the ramp allows, saves the resume state when the clock says, and stops
+    everything on the first error or Ctrl-C. The hash of the finished prefix runs on a thread of its
+    own: on a fast link it is what the whole file waits for, and a save (a rename, which can wait for
+    the file system's journal while the data is being written out) must not hold it up. Its
+    connections and its hash only ever touch their own pass, so a thread still finishing a read for a
+    pass that has ended can neither stop, nor fail, nor write into the next one.
     """
 
     def __init__(self, transfer: FileTransfer, state: ResumeState, fd: int) -> None:
@@ -295,51 +303,60 @@ class _Pass:
         self.fd = fd
         self.table = state.start_attempt(transfer.connections_for(state.table), now)
         self.clock = CheckpointClock(now)
-        self.hasher = PrefixHasher(fd, self.file.oid, self.file.size)
+        # A large file's connections hand what they write at the front of the prefix to the hash in
+        # memory, and its hashed bytes leave the page cache (small ones are not worth the buffers).
+        large = self.file.size > constants.DROP_PAGES_LAG
+        self.handed = HandedBlocks(_largest_read(), constants.HANDED_BLOCKS) if large else None
+        self.hasher = PrefixHasher(fd, self.file.oid, self.file.size, handed=self.handed)
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self._error_lock = threading.Lock()
         self.connections: list[threading.Thread] = []
-        # Large files leave the page cache behind the hash (small ones are not worth a thread).
-        large = self.file.size > constants.DROP_PAGES_LAG and PageRecycler.available()
-        self.pages = PageRecycler(fd) if large else None
+        self.prefix_news = threading.Event()  # set when the finished prefix may have grown
+        name = f"hfmirror-hash-{self.file.path}"
+        self.hashing = threading.Thread(target=self._hash_all, name=name, daemon=True)
+        self.pages = PageRecycler(fd) if large and PageRecycler.available() else None
 
     def run(self) -> str:
-        """Run the connections until every byte is written; hash along the way; return the digest."""
+        """Run the connections until every byte is written, hashing alongside; return the digest."""
         cancel = self.transfer.cancel
         if self.table.ramp.open and self.table.ramp.connections > 1:
             self.table.cut_for_connections()
         try:
             if os.fstat(self.fd).st_size != self.file.size:
                 os.ftruncate(self.fd, self.file.size)  # sparse: the blocks are written as bytes arrive
+            self.hashing.start()
             self._start_connections()
             while True:
-                # Sleep unless there is work already (news may have come while we hashed).
                 self.table.wait_while(self._idle, timeout=min(0.2, max(self._seconds_to_save(), 0.0)))
                 self.table.observe_time(time.monotonic())  # a stalled first connection is slow too
                 if len(self.connections) < self.table.ramp.allowed:
                     self._start_connections()
                 if self._seconds_to_save() <= 0:
                     self.checkpoint()
-                self._hash_arrived()  # returns early when a save falls due
                 if self.error is not None or cancel.is_set():
-                    self.stop.set()
-                    self.checkpoint(sync=True)
-                    if self.error is not None:
-                        raise self.error
-                    raise DownloadInterrupted("interrupted")
-                if self.hasher.hashed == self.file.size or not self._running():
-                    break  # every byte is in (connections still looking for work are stopped by _end)
+                    self._give_up()
+                if not self._running():
+                    break  # every byte is in, or the connections ended early (checked below)
             self.checkpoint()
-            if self.table.prefix_end() != self.file.size:  # connections ended with bytes missing
+            if self.table.prefix_end() != self.file.size:
                 raise NetworkError(f"{self.file.path}: transfer ended early")
-            while self.hasher.hashed < self.file.size:
-                self._hash_arrived()
+            self.hashing.join()  # it ends on its own once every byte is hashed, or on Ctrl-C
+            if self.error is not None or self.hasher.hashed < self.file.size:
+                self._give_up()
             os.fsync(self.fd)
             self.checkpoint()
             return self.hasher.hexdigest()
         finally:
             self._end()
+
+    def _give_up(self) -> NoReturn:
+        """Stop on the first error (or Ctrl-C), keeping what was written for the next run."""
+        self.stop.set()
+        self.checkpoint(sync=True)
+        if self.error is not None:
+            raise self.error
+        raise DownloadInterrupted("interrupted")
 
     def priority(self, endpoint: Endpoint) -> float:
         """Seconds this file would still take with one more connection: the larger, the sooner it gets
@@ -366,8 +383,7 @@ class _Pass:
     def _idle(self) -> bool:
         """Nothing for the coordinator to do until news comes (checked under the table's lock)."""
         return (
-            self.table.prefix_end() == self.hasher.hashed
-            and self._seconds_to_save() > 0
+            self._seconds_to_save() > 0
             and self.error is None
             and self._running()
             and not self.transfer.cancel.is_set()
@@ -387,21 +403,31 @@ class _Pass:
             self.connections.append(thread)
             thread.start()
 
-    def _hash_arrived(self) -> None:
-        """Hash the finished prefix as far as it reaches now (one bounded step of the PrefixHasher).
+    def _hash_all(self) -> None:
+        """The hash's thread: hash the finished prefix as it grows, until the whole file is hashed.
 
-        Bounded so that the coordinator's loop saves checkpoints between steps: hashing a whole wave
-        of pieces at once would hold back the checkpoints a kill -9 relies on.
+        In bounded steps (see PrefixHasher.step), so that it notices soon when the pass stops.
         """
-        before = self.hasher.hashed
+        table, hasher = self.table, self.hasher
         try:
-            hashed = self.hasher.step(
-                self.table.prefix_end(), stop_early=lambda: self._seconds_to_save() <= 0
-            )
-        except OSError as error:
-            raise StorageError(f"{self.transfer.partial_path}: {error}") from None
-        if hashed > before and self.pages is not None:
-            self.pages.hashed_up_to(hashed)
+            while (
+                hasher.hashed < self.file.size
+                and not self.stop.is_set()
+                and not self.transfer.cancel.is_set()
+            ):
+                self.prefix_news.clear()  # before reading the prefix: news after this is not lost
+                try:
+                    hashed = hasher.step(table.prefix_end())
+                except OSError as error:
+                    raise StorageError(f"{self.transfer.partial_path}: {error}") from None
+                if self.pages is not None:
+                    self.pages.hashed_up_to(hashed)
+                if hashed < self.file.size and hashed == table.prefix_end():
+                    self.prefix_news.wait(0.2)
+        except BaseException as error:  # handed to the coordinator, which raises it
+            self.fail(error)
+        finally:
+            self.table.notify()
 
     def checkpoint(self, *, sync: bool = False) -> None:
         """Save the segment table; first flush the data to disk if ``sync``, or if it is time to.
@@ -430,6 +456,11 @@ class _Pass:
         then write into.
         """
         self.stop.set()
+        self.prefix_news.set()
+        if self.handed is not None:
+            self.handed.close()
+        if self.hashing.is_alive():
+            self.hashing.join()  # it reads from the descriptor; it stops after the block it is on
         if self.pages is not None:
             self.pages.close()
         options = self.transfer.options
@@ -588,31 +619,41 @@ class _Connection:
         unfinished (the segment shrank, the pass ended) closes it when the response is closed.
         """
         body = _body_reader(response)
-        largest = max(constants.READ_BLOCK, constants.FAST_READ_BLOCK, constants.PROBE_READ_BLOCK)
         # A segment only ever shrinks: a small file needs no 1 MiB buffer.
-        buffer = memoryview(bytearray(max(1, min(largest, self.table.remaining_of(segment)))))
-        self._read_past(body, held, buffer)
+        own = memoryview(bytearray(max(1, min(_largest_read(), self.table.remaining_of(segment)))))
+        self._read_past(body, held, own)
+        handed = self.a_pass.handed
         written = 0
         while True:
             want = self.table.next_read(segment)
             if want <= 0 or self._stopped():
                 break
-            try:  # the network read alone: a failing disk write below must not look like a lost connection
-                count = body.readinto(buffer[:want])
-            except TRANSPORT_ERRORS as error:
-                raise _retry(f"connection lost at byte {segment.pos} ({type(error).__name__})") from None
-            if not count:
-                raise _retry(f"body ended early at byte {segment.pos}")
-            offset, usable = self.table.writable(segment, count)
-            if usable <= 0 or self.a_pass.stop.is_set():  # this pass ended while we were reading
+            # Bytes the hash needs next go to it in memory: received into a buffer lent for the purpose.
+            asked_at = time.monotonic()
+            lent = handed.borrow(self._stopped) if handed and self.table.at_front(segment) else None
+            waited = time.monotonic() - asked_at
+            buffer = own if lent is None else lent
+            try:
+                usable, offset = self._receive_and_write(body, segment, buffer, want)
+            except BaseException:
+                if lent is not None:
+                    handed.give_back(lent)
+                raise
+            if usable <= 0:  # this pass ended while we were reading
+                if lent is not None:
+                    handed.give_back(lent)
                 break
-            self._write(buffer[:usable], offset)
-            progress = self.table.written(segment, usable, time.monotonic())
-            # Wake the coordinator only when it has something to do: a finished piece may extend the
-            # prefix it hashes, and crossing CHECKPOINT_BYTES unsaved calls for a checkpoint (once:
-            # from there the coordinator times its own wait to the next save). Wake the waiting
-            # connections when this one proves too slow alone.
-            if progress.opened or progress.finished or progress.save_due:
+            # Handed before the table records it: once the prefix has grown, the hash would otherwise
+            # read the block back from the file. It hashes no byte beyond the prefix the table has.
+            if lent is not None:
+                handed.hand(offset, lent[:usable], lent)
+            progress = self.table.written(segment, usable, time.monotonic(), waited=waited)
+            # Wake the hash when the prefix may have grown: a handed block, a finished piece. Wake the
+            # coordinator only when it has something to do: more connections to start, or a save
+            # (once: from there the coordinator times its own wait to the next save).
+            if progress.finished or lent is not None:
+                self.a_pass.prefix_news.set()
+            if progress.opened or progress.save_due:
                 self.table.notify()
             if progress.all_in and self.a_pass.pages is not None:
                 self.a_pass.pages.flush()
@@ -623,9 +664,24 @@ class _Connection:
             response.raw.release_conn()  # the whole body was read: keep the connection for the next piece
         return written
 
-    def _read_past(
-        self, body: http.client.HTTPResponse | urllib3.BaseHTTPResponse, held: int, buffer: memoryview
-    ) -> None:
+    def _receive_and_write(
+        self, body: _Body, segment: Segment, buffer: memoryview, want: int
+    ) -> tuple[int, int]:
+        """Receive up to ``want`` bytes of ``segment`` into ``buffer`` and write them at their offset;
+        return how many were written (0: the pass ended meanwhile) and where."""
+        try:  # the network read alone: a failing disk write below must not look like a lost connection
+            count = body.readinto(buffer[:want])
+        except TRANSPORT_ERRORS as error:
+            raise _retry(f"connection lost at byte {segment.pos} ({type(error).__name__})") from None
+        if not count:
+            raise _retry(f"body ended early at byte {segment.pos}")
+        offset, usable = self.table.writable(segment, count)
+        if usable <= 0 or self.a_pass.stop.is_set():
+            return 0, offset
+        self._write(buffer[:usable], offset)
+        return usable, offset
+
+    def _read_past(self, body: _Body, held: int, buffer: memoryview) -> None:
         """Read the first ``held`` bytes of ``body`` into ``buffer`` and forget them (a drop is retried)."""
         left = held
         while left > 0 and not self._stopped():
@@ -649,7 +705,12 @@ class _Connection:
             raise StorageError(f"cannot write {self.transfer.partial_path}: {error.strerror}") from None
 
 
-def _body_reader(response: requests.Response) -> http.client.HTTPResponse | urllib3.BaseHTTPResponse:
+def _largest_read() -> int:
+    """The most one read of a connection asks for (see READ_BLOCK)."""
+    return max(constants.READ_BLOCK, constants.FAST_READ_BLOCK, constants.PROBE_READ_BLOCK)
+
+
+def _body_reader(response: requests.Response) -> _Body:
     """What to call ``readinto`` on for the raw body: the http.client response inside urllib3's.
 
     urllib3's own ``read``/``readinto`` return a fresh bytes object per block after copying it twice;

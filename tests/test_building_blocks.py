@@ -278,8 +278,8 @@ def test_the_ramp_opens_every_connection_when_the_first_is_slow(monkeypatch: pyt
     monkeypatch.setattr(constants, "RAMP_WINDOW_SECONDS", 1.0)
     slow = ConnectionRamp(8, now=0.0)
     assert slow.allowed == 1 and slow.probing  # small reads until the first judgement
-    assert not slow.observe(5_000, now=0.05)  # too early to judge
-    assert slow.observe(4_000, now=0.1)  # 9 kB in 0.1 s = 90 kB/s: slower than 100 kB/s
+    assert not slow.observe(1_000, now=0.05)  # too early to judge
+    assert slow.observe(1_000, now=0.1)  # 2 kB in 0.1 s = 20 kB/s: far slower than 100 kB/s
     assert slow.allowed == 8 and slow.open and not slow.probing
     assert slow.read_block() == constants.READ_BLOCK  # many slow connections: small reads, little lost
     assert not slow.observe(1, now=5.0)  # opened once, it stays open
@@ -296,6 +296,44 @@ def test_the_ramp_opens_every_connection_when_the_first_is_slow(monkeypatch: pyt
     # ... a whole slow window is.
     assert fast.observe(50_000, now=2.1)
     assert fast.allowed == 8
+
+
+def test_a_first_connection_not_clearly_slow_is_judged_again_before_more_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a fast link the first 30 ms (the request, TCP's slow start, threads starting on a busy CPU)
+    can fall just short of FAST_CONNECTION; opening eight connections on that then cost a 1 GiB
+    download on loopback up to 0.9 s of CPU. Clearly slow (a per-connection cap) still opens at once."""
+    monkeypatch.setattr(constants, "FAST_CONNECTION", 100_000)
+    monkeypatch.setattr(constants, "RAMP_PROBE_SECONDS", 0.1)
+    monkeypatch.setattr(constants, "RAMP_PROBE_SECONDS_MAX", 0.4)
+    borderline = ConnectionRamp(8, now=0.0)
+    assert not borderline.observe(6_000, now=0.1)  # 60 kB/s: short of 100 kB/s, not below a quarter
+    assert borderline.probing and borderline.allowed == 1  # still on probation, small reads
+    assert not borderline.observe(20_000, now=0.3)
+    assert not borderline.observe(20_000, now=0.4)  # 46 kB in 0.4 s... is 115 kB/s: fast after all
+    assert borderline.allowed == 1 and not borderline.probing
+
+    slow_start_slow_link = ConnectionRamp(8, now=0.0)
+    assert not slow_start_slow_link.observe(6_000, now=0.1)
+    assert slow_start_slow_link.observe(20_000, now=0.4)  # 26 kB in 0.4 s = 65 kB/s: slow
+    assert slow_start_slow_link.allowed == 8
+
+    capped = ConnectionRamp(8, now=0.0)
+    assert capped.observe(2_000, now=0.1)  # 20 kB/s, below a quarter: no second look
+    assert capped.allowed == 8
+
+
+def test_time_a_connection_waited_for_the_hash_does_not_count_against_the_link(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection that waits for a buffer the hash still holds brings nothing meanwhile; counted as
+    link time, that once made a 1 GiB download on loopback open eight connections for nothing."""
+    monkeypatch.setattr(constants, "FAST_CONNECTION", 100_000)
+    monkeypatch.setattr(constants, "RAMP_PROBE_SECONDS", 0.1)
+    ramp = ConnectionRamp(8, now=0.0)
+    assert not ramp.observe(11_000, now=0.2, waited=0.1)  # 11 kB in 0.1 s of link time: fast
+    assert ramp.allowed == 1
 
 
 def test_the_ramp_opens_at_once_when_asked_or_when_there_is_one_connection(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hfmirror import constants
-from hfmirror.hashing import PrefixHasher
+from hfmirror.hashing import HandedBlocks, PrefixHasher
 from hfmirror.listing import RemoteFile
 from hfmirror.resume import CheckpointClock, ResumeState, boot_id
 from hfmirror.segments import ConnectionRamp, Segment, SegmentTable, cut_into_pieces
@@ -28,6 +28,16 @@ def test_connections_claim_pieces_in_file_order_and_give_them_back() -> None:
     assert first is not None and second is not None and first.end == second.start == table.rows()[1][0]
     table.release(first)
     assert table.claim(now=0.0) is first  # the earliest unclaimed one comes first again
+
+
+def test_only_the_segment_at_the_end_of_the_finished_prefix_is_at_the_front() -> None:
+    """Only its bytes are the next the hash needs: they, and no others, are handed to it in memory."""
+    table = SegmentTable(cut_into_pieces(0, 64 * MIB, connections=2), 64 * MIB)
+    first, second = table.claim(now=0.0), table.claim(now=0.0)
+    assert first is not None and second is not None
+    assert table.at_front(first) and not table.at_front(second)
+    table.written(first, first.end - first.start, now=0.1)  # the first piece is complete
+    assert table.at_front(second) and not table.at_front(first)
 
 
 def test_the_slow_tail_is_split_but_a_fast_one_is_not(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -275,19 +285,71 @@ def test_the_hash_advances_in_bounded_steps_so_checkpoints_are_not_held_back(
     assert hasher.hexdigest() == hashlib.sha256(content).hexdigest()
 
 
-def test_a_hash_step_ends_early_when_something_more_urgent_is_due(tmp_path: Path) -> None:
-    """A save must not wait for a whole hash step: 8 MiB of sha256 takes 20-30 ms on a busy machine,
-    in which eight fast connections bring several MiB that a kill -9 would lose. So the step stops
-    at the first block after which a save is due (the coordinator saves before it hashes on)."""
+def test_a_hash_step_never_goes_past_the_finished_prefix_it_is_given(tmp_path: Path) -> None:
     content = os.urandom(3 * MIB + 5)
     hasher, fd = _hasher_over(tmp_path, content)
     try:
-        assert hasher.step(len(content), stop_early=lambda: True) == PrefixHasher.BLOCK  # one block
-        assert hasher.step(2 * MIB) == 2 * MIB  # never past the finished prefix it is given
+        assert hasher.step(2 * MIB) == 2 * MIB
+        assert hasher.step(2 * MIB) == 2 * MIB  # nothing final beyond it yet
         assert hasher.step(len(content)) == len(content)
     finally:
         os.close(fd)
     assert hasher.hexdigest() == hashlib.sha256(content).hexdigest()
+
+
+def test_handed_blocks_are_hashed_from_memory_and_the_rest_is_read_back(tmp_path: Path) -> None:
+    """A block a connection hands over is hashed as it is, not read back from the file (that copy of
+    every byte is CPU the hash needs); bytes before it, not handed, are read back. To tell the two
+    apart, the file holds zeros where the handed block holds the content."""
+    content = os.urandom(4 * MIB)
+    on_disk = content[: 2 * MIB] + bytes(2 * MIB)  # the second half differs on disk: only in memory
+    path = tmp_path / "w.bin.incomplete"
+    path.write_bytes(on_disk)
+    fd = os.open(path, os.O_RDONLY)
+    handed = HandedBlocks(2 * MIB, count=2)
+    hasher = PrefixHasher(fd, hashlib.sha256(content).hexdigest(), len(content), handed=handed)
+    try:
+        buffer = handed.borrow(lambda: False)
+        assert buffer is not None and len(buffer) == 2 * MIB
+        buffer[:] = content[2 * MIB :]
+        handed.hand(2 * MIB, buffer, buffer)
+        while hasher.hashed < len(content):
+            hasher.step(len(content))
+    finally:
+        os.close(fd)
+    assert hasher.hexdigest() == hashlib.sha256(content).hexdigest()
+    assert not handed.pending()  # hashed: the buffer is free again
+    assert handed.borrow(lambda: False) is buffer
+
+
+def test_a_connection_waits_for_a_buffer_only_while_the_hash_works_on_handed_blocks(tmp_path: Path) -> None:
+    """Waiting makes a receiver that runs ahead of the hash keep pace with it (no tail left to hash
+    after the last byte). But while the hash still reads back older bytes (a resumed file), waiting
+    would idle the link for as long: then the connection gets None and uses its own buffer."""
+    handed = HandedBlocks(10, count=1)
+    first = handed.borrow(lambda: False)
+    assert first is not None
+    handed.hand(1000, first[:10], first)  # the hash is at 0: reading back 1000 bytes first
+    assert handed.borrow(lambda: False) is None  # no waiting behind the read-back
+
+    handed.hashed_up_to(1005)  # now halfway through the handed block
+    released: list[memoryview | None] = []
+    waiter = threading.Thread(target=lambda: released.append(handed.borrow(lambda: False)))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive()  # waits for the hash, which is working on the handed block
+    handed.hashed_up_to(1010)  # hashed: the buffer comes back, to the one waiting
+    waiter.join(5)
+    assert released == [first]
+
+    stopped = threading.Event()
+    handed.hand(1010, first[:10], first)
+    handed.hashed_up_to(1012)
+    waiter = threading.Thread(target=lambda: released.append(handed.borrow(stopped.is_set)))
+    waiter.start()
+    stopped.set()  # the pass stops: the wait ends without a buffer
+    waiter.join(5)
+    assert not waiter.is_alive() and released[-1] is None
 
 
 def test_bytes_that_cannot_be_read_back_are_an_error(tmp_path: Path) -> None:
