@@ -87,7 +87,8 @@ class ConnectionRamp:
     def __init__(self, connections: int, now: float) -> None:
         self.connections = connections
         self.allowed = connections if constants.RAMP_PROBE_SECONDS <= 0 else 1
-        self.probing = not self.open  # the first, short window: reads are kept small during it
+        self.probing = not self.open  # not judged yet: reads are kept small during the first look
+        self.second_look = False  # not clearly slow at the first look: judged again, with large reads
         self._window = constants.RAMP_PROBE_SECONDS
         self._window_start = now
         self._window_bytes = 0
@@ -98,9 +99,9 @@ class ConnectionRamp:
 
     def read_block(self) -> int:
         """How much a connection should ask one read for now (see READ_BLOCK)."""
-        if self.probing:
+        if self.probing and not self.second_look:
             return constants.PROBE_READ_BLOCK
-        if not self.open:  # judged fast enough alone: CPU, not the network, is what it waits for
+        if not self.open:  # fast enough alone, so far: CPU, not the network, is what it waits for
             return constants.FAST_READ_BLOCK
         return constants.READ_BLOCK
 
@@ -116,9 +117,10 @@ class ConnectionRamp:
         if elapsed < self._window:
             return False
         slow = self._window_bytes < constants.FAST_CONNECTION * elapsed
-        if slow and self.probing and self._window < constants.RAMP_PROBE_SECONDS_MAX:
+        if slow and self.probing and not self.second_look:
             if self._window_bytes >= constants.FAST_CONNECTION / 4 * elapsed:  # not clearly slow
-                self._window = constants.RAMP_PROBE_SECONDS_MAX  # judge again later, on all it brought
+                self.second_look = True
+                self._window = constants.RAMP_PROBE_SECONDS_MAX  # judged on all it brought so far
                 return False
         self.probing = False
         if slow:

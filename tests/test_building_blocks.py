@@ -309,7 +309,8 @@ def test_a_first_connection_not_clearly_slow_is_judged_again_before_more_open(
     monkeypatch.setattr(constants, "RAMP_PROBE_SECONDS_MAX", 0.4)
     borderline = ConnectionRamp(8, now=0.0)
     assert not borderline.observe(6_000, now=0.1)  # 60 kB/s: short of 100 kB/s, not below a quarter
-    assert borderline.probing and borderline.allowed == 1  # still on probation, small reads
+    assert borderline.probing and borderline.allowed == 1  # still on probation ...
+    assert borderline.read_block() == constants.FAST_READ_BLOCK  # ... on a link that fills large reads
     assert not borderline.observe(20_000, now=0.3)
     assert not borderline.observe(20_000, now=0.4)  # 46 kB in 0.4 s... is 115 kB/s: fast after all
     assert borderline.allowed == 1 and not borderline.probing
