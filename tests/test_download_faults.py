@@ -409,3 +409,49 @@ def test_a_capped_connection_brings_in_the_others(fault_server, faults, faulty_r
     # The first request asked for the whole file and was cut short where the pieces begin.
     assert gets[0].range is None and gets[0].bytes_sent < LARGE
     assert faults.bytes_sent(f"*/{WEIGHTS}") <= LARGE + 4 * constants.READ_BLOCK
+
+
+def test_the_resume_state_is_saved_while_the_hash_is_held_up(
+    fault_server, tmp_path: Path, monkeypatch
+) -> None:
+    """The hash runs on a thread of its own, so a save of the resume state never waits for it. When
+    one thread did both, a hash that stalled (a slow read-back, a busy core) held back the saves a
+    kill -9 relies on, and a save's rename, waiting for the file system's journal, held up the hash."""
+    import threading
+
+    from hfmirror.hashing import ContentHasher
+    from hfmirror.resume import ResumeState
+
+    size = 16 * 1024 * 1024
+    folder = make_repo(fault_server.root, "faulty/held-hash", {WEIGHTS: size})
+    release = threading.Event()
+    hash_once = ContentHasher.update
+
+    def held_up(self: ContentHasher, data) -> None:
+        if threading.current_thread().name.startswith("hfmirror-"):  # the download's, not the server's
+            release.wait(60)
+        hash_once(self, data)
+
+    monkeypatch.setattr(ContentHasher, "update", held_up)
+    outcome: list[object] = []
+    worker = threading.Thread(
+        target=lambda: outcome.append(
+            download("faulty/held-hash", endpoints=[fault_server.url], cache_dir=tmp_path, progress=False)
+        ),
+        daemon=True,
+    )
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        saved = 0
+        while saved < size and time.monotonic() < deadline:
+            states = list(tmp_path.rglob("*" + constants.STATE_SUFFIX))
+            saved = ResumeState.saved_bytes(states[0]) if states else 0
+            time.sleep(0.05)
+        assert saved == size, "the resume state stopped being saved while the hash was held up"
+    finally:
+        release.set()
+        worker.join(60)
+    assert outcome and not isinstance(outcome[0], BaseException)
+    blob = next((tmp_path / "models--faulty--held-hash" / "blobs").glob("*[0-9a-f]"))
+    assert blob.read_bytes() == (folder / WEIGHTS).read_bytes()
