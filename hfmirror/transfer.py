@@ -37,11 +37,13 @@ Each job has its own unit, tested through its own methods:
   bytes each connection fetches next. Owns its lock, does no I/O.
 * :class:`~hfmirror.resume.ResumeState` and :class:`~hfmirror.resume.CheckpointClock`: what is saved,
   and when.
-* :class:`~hfmirror.hashing.PrefixHasher`: the hash of the finished prefix.
+* :class:`~hfmirror.hashing.PrefixHasher` and :class:`~hfmirror.hashing.HandedBlocks`: the hash of the
+  finished prefix, and the buffers lent to the connection at its front.
 * :mod:`hfmirror.policy`: what each answer means.
 * Here, on top: ``_Connection`` (one worker: a request, its answer checked, its body written through the
-  table), ``_Pass`` (the coordinator of one pass over the file: starts connections, saves, hashes,
-  stops), and :class:`FileTransfer` (the verify-or-start-over loop, and which endpoint to ask).
+  table), ``_Pass`` (the coordinator of one pass over the file: starts connections and the hash's
+  thread, saves, stops), and :class:`FileTransfer` (the verify-or-start-over loop, and which endpoint
+  to ask).
 """
 
 from __future__ import annotations
@@ -374,7 +376,7 @@ class _Pass:
         return self.table.remaining_bytes / (self.table.active_connections() + 1) / max(rate, 1.0)
 
     def fail(self, error: BaseException) -> None:
-        """A connection's error, handed to the coordinator (the first one is raised)."""
+        """An error of a connection or of the hash, handed to the coordinator (the first one is raised)."""
         with self._error_lock:
             if self.error is None and not self.stop.is_set():
                 self.error = error
