@@ -493,18 +493,21 @@ def _info_ratio(summary: dict, tool: str, text: str) -> dict[str, Any]:
 
 
 def _curl_goal(summary: dict) -> dict[str, Any]:
-    """hfmirror >= 0.8x curl, where the disk is not the limit.
+    """hfmirror >= 0.8x curl, where the machine's bounds are not the limit.
 
-    curl never syncs: on a machine whose disk takes longer to write the file durably than curl takes
-    to fetch it, the ratio to curl measures the disk, and the bound goal above is the one that counts.
+    curl neither syncs nor hashes: on a machine whose disk takes longer to write the file durably, or
+    whose core takes longer to hash it, than curl takes to fetch it, the ratio to curl measures that
+    bound, and the bound goal above is the one that counts.
     """
-    text = "hfmirror >= 0.8x curl's speed (where the disk is not the limit)"
-    durable, curl = (summary.get(name, {}).get("seconds") for name in (DURABLE_WRITE, "curl"))
-    if durable and curl and durable > curl:
+    text = "hfmirror >= 0.8x curl's speed (where neither the disk nor the hash is the limit)"
+    slowest, curl = _slowest_bound(summary), summary.get("curl", {}).get("seconds")
+    bound = summary[slowest]["seconds"] if slowest else None
+    if bound and curl and bound > curl:
         ratio = summary.get("curl", {}).get("hfmirror_speedup")
+        what = "the durable write" if slowest == DURABLE_WRITE else "the sha256 of the file on one core"
         return {
             "goal": text,
-            "measured": f"not applicable: the durable write takes {bl.fmt(durable)} s, curl (no sync) "
+            "measured": f"not applicable: {what} takes {bl.fmt(bound)} s, curl (no sync, no hash) "
             f"{bl.fmt(curl)} s; hfmirror {bl.fmt(ratio)}x curl",
             "met": None,
         }
@@ -534,7 +537,17 @@ def scenario_large(ctx: Context) -> dict[str, Any]:
         "the bounds, the machine itself is the limit: here the server and the client share its cores "
         "(client CPU + server CPU above, against the run's seconds times the cores)."
     )
-    goals = [
+    return {
+        "title": f"1. One {ctx.large_size // bl.MIB} MiB file, unthrottled loopback",
+        "tools": summary,
+        "goals": large_goals(summary),
+        "notes": notes,
+    }
+
+
+def large_goals(summary: dict) -> list[dict[str, Any]]:
+    """The large file's goals, judged from the tools' summary (also to re-judge a stored run)."""
+    return [
         _bound_goal(summary),
         _info_ratio(summary, PIPELINE, f"(context) hfmirror's speed vs '{PIPELINE}'"),
         _bound_goal(summary, tool=PIPELINE),
@@ -542,12 +555,6 @@ def scenario_large(ctx: Context) -> dict[str, Any]:
         _ratio_goal(summary, "curl+sha256sum", 0.8, "(context) hfmirror >= 0.8x curl + sha256sum"),
         _ratio_goal(summary, "huggingface_hub", 1.0, "hfmirror >= 1.0x huggingface_hub's speed"),
     ]
-    return {
-        "title": f"1. One {ctx.large_size // bl.MIB} MiB file, unthrottled loopback",
-        "tools": summary,
-        "goals": goals,
-        "notes": notes,
-    }
 
 
 def scenario_capped(ctx: Context) -> dict[str, Any]:
