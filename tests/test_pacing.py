@@ -156,13 +156,20 @@ def test_a_cancelled_wait_takes_no_slot_and_leaves_the_line() -> None:
 # ------------------------------------------------------------------------------------ end to end
 
 
+def fetch_intact(fault_server, tmp_path: Path, repo_id: str, source: Path, files: dict, **options):
+    """Download ``repo_id`` from the fault server into a cache under ``tmp_path`` and check that every
+    file arrived byte-identical to ``source``; the download's result."""
+    result = download(repo_id, endpoints=[fault_server.url], cache_dir=tmp_path, progress=False, **options)
+    assert all((result.path / name).read_bytes() == (source / name).read_bytes() for name in files)
+    return result
+
+
 @pytest.mark.slow
 def test_many_small_files_use_an_announced_quota_without_tripping_it(fault_server, faults, tmp_path) -> None:
     files = {f"part_{i:03d}.bin": 2000 + i for i in range(40)}
     source = make_repo(fault_server.root, "pacing/many-small", files)
     faults.request_quota(10, 1.0)  # 40 files: four windows of 10
-    result = download("pacing/many-small", endpoints=[fault_server.url], cache_dir=tmp_path, progress=False)
-    assert all((result.path / name).read_bytes() == (source / name).read_bytes() for name in files)
+    result = fetch_intact(fault_server, tmp_path, "pacing/many-small", source, files)
     refused = [r for r in faults.requests("*/resolve/*") if r.status == 429]
     # Pacing to the quota the answers announce: a 429 at most where a window's reset was misjudged.
     assert len(refused) <= 1, [(r.path, r.started) for r in refused]
@@ -207,16 +214,16 @@ def test_a_slow_large_file_gets_the_slots_before_small_ones(
     files.update({f"small-{i}.txt": 1000 + i for i in range(6)})
     source = make_repo(fault_server.root, "pacing/one-large", files)
     faults.limit_bandwidth(512_000, path="*/large.bin")
-    result = download(
+    fetch_intact(
+        fault_server,
+        tmp_path,
         "pacing/one-large",
-        endpoints=[fault_server.url],
-        cache_dir=tmp_path,
-        progress=False,
+        source,
+        files,
         max_workers=4,
         connections=2,
         max_connections=1,
     )
-    assert all((result.path / name).read_bytes() == (source / name).read_bytes() for name in files)
     asked = [
         r.path.rsplit("/", 1)[1]
         for r in sorted(faults.requests("*/resolve/*", "GET"), key=lambda r: r.started)
@@ -239,16 +246,16 @@ def test_the_connection_budget_holds_for_the_whole_run(
     files.update({"config.json": b"{}", "tokenizer.json": 30_000})
     source = make_repo(fault_server.root, "pacing/sharded", files)
     faults.limit_bandwidth(3_000_000, path="*/resolve/*")
-    result = download(
+    fetch_intact(
+        fault_server,
+        tmp_path,
         "pacing/sharded",
-        endpoints=[fault_server.url],
-        cache_dir=tmp_path,
-        progress=False,
+        source,
+        files,
         max_workers=4,
         connections=4,
         max_connections=4,
     )
-    assert all((result.path / name).read_bytes() == (source / name).read_bytes() for name in files)
     gets = faults.requests("*/resolve/*", "GET")
     assert len(gets) > 8, [r.range for r in gets]  # the large files did come in several pieces each
     # HTTP/1.1 carries one request at a time per socket: no more sockets than the budget, ever, also
