@@ -398,6 +398,7 @@ def test_the_page_recycler_asks_in_batches_and_the_rest_on_close(
         recycler = PageRecycler(fd)
         for offset in (300, 600, 900):
             recycler.hashed_up_to(offset)
+            time.sleep(0.05)  # time enough for a thread asked at once to ask: a batch is not due yet
         recycler.close()
     finally:
         os.close(fd)
